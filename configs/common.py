@@ -1,0 +1,128 @@
+"""Defaults shared by every experiment config: the reference's settings (spec sections 1-10).
+
+Experiment files call `get_base_config()` and override what differs. Every number the code uses
+lives here; nothing else hard-codes a hyper-parameter.
+"""
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 133
+  c.input_size = 224           # square H = W; must be divisible by 32 (neck stride 16, Perlin cells)
+  c.batch_size = 64            # global batch (reference: 8 per GPU x 8 GPUs)
+  c.num_epochs = 1000
+  c.total_steps = 0            # > 0 overrides num_epochs
+  c.distributed = False        # call jax.distributed.initialize() (also when launch env vars say so)
+
+  # Optimiser (spec 8.1): clip 0.1 -> AdamW, x0.1 after `lr_drop_epoch` (the reference's off-by-one).
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 1e-4
+  c.optim.grad_clip = 0.1
+  c.optim.lr_drop_epochs = (801,)   # lr *= factor from this epoch on (0-based): 801 epochs at 1e-4
+  c.optim.lr_drop_factor = 0.1
+  c.optim.scale_lr_with_batch = False   # lr *= batch_size / 64 when True
+  c.optim.reference_batch_size = 64
+
+  c.data = ml_collections.ConfigDict()
+  c.data.layout = "mvtec"      # "mvtec" (folders) | "meta" (UniAD json lines) | "visa_csv" | "demo"
+  c.data.root = ""             # dataset root (the folder holding the class folders / image_dir)
+  c.data.classes = ()          # () = every class found
+  c.data.meta_train = ""       # json-lines meta files (layout "meta")
+  c.data.meta_test = ""
+  c.data.visa_csv = ""         # split_csv/1cls.csv (layout "visa_csv")
+  c.data.extra = ()            # more datasets merged into one class list: tuple of dicts like this one
+  c.data.textures = ""         # DTD-layout folder (images/<class>/*.jpg or <class>/*.jpg); "" = scikit-image photos
+  c.data.mean = (0.485, 0.456, 0.406)
+  c.data.std = (0.229, 0.224, 0.225)
+  c.data.skip_bad = False      # skip unreadable files (with a warning) instead of failing at indexing
+  c.data.num_parallel_calls = -1   # tf.data.AUTOTUNE
+  c.data.synthesis = ml_collections.ConfigDict()
+  c.data.synthesis.p_cutpaste = 0.5
+  c.data.synthesis.cutpaste_area = (0.02, 0.15)
+  c.data.synthesis.scar_width = (2, 16)
+  c.data.synthesis.scar_height = (10, 25)
+  c.data.synthesis.scar_angle = 45.0
+  c.data.synthesis.jitter = (0.4, 0.4, 0.4, 0.1)   # brightness, contrast, saturation, hue
+  c.data.synthesis.perlin_scale_exp = (1, 5)       # scale = 2**randint[lo, hi]
+  c.data.synthesis.perlin_threshold = 0.5
+  c.data.synthesis.perlin_rotate = 5.0
+  c.data.synthesis.beta_max = 0.8
+  c.data.synthesis.bgr_textures = True             # the reference blends BGR textures into RGB images
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = "b4"      # b0-b7 | lite0-lite4
+  c.model.backbone_weights = ""   # converted .msgpack; "" = the cached ImageNet weights (lite0-2 offline)
+  c.model.backbone_padding = "static"   # "static" (reference, computed for the nominal resolution) | "same"
+  c.model.hidden_dim = 256
+  c.model.num_heads = 8
+  c.model.ffn_dim = 1024
+  c.model.dropout = 0.1
+  c.model.enc_layers = 4
+  c.model.dec_layers = 4
+  c.model.jitter_scale = 20.0
+  c.model.jitter_prob = 1.0
+  c.model.neighbor_mask = True
+  c.model.neighbor_size = 0    # 0 = h // 2 as the reference does
+  c.model.decoder = "bidirectional"   # | "unidirectional" | "uniad"
+  c.model.restoration = True
+  c.model.refiner = True
+  c.model.refiner_channels = 128
+  c.model.bn_group_size = 16   # refiner BN statistics over groups of this many maps (reference per-GPU 2x8)
+  c.model.dtype = "float32"    # compute dtype of the trainable network: float32 | bfloat16
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.dice_weight = 0.5
+  c.loss.dice_form = "code"    # "code": 1-(sum pt+1)/(sum p^2+sum t^2+1) | "paper": 1-2 sum pt/(sum p^2+sum t^2)
+  c.loss.mse_form = "code"     # "code": mean over both halves | "paper": L_rec + L_res
+
+  c.cache_features = False     # cache frozen features of normal/prompt images (beyond the reference)
+  c.cache_dtype = "float32"    # | "bfloat16"
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_epochs = 10     # 0 = only at the end
+  c.eval.batch_size = 0        # 0 = batch_size
+  c.eval.fusion = "frozen"     # "frozen" (constant from training normals) | "reference" (test-set mid-range)
+  c.eval.alpha = 0.5
+  c.eval.pool_size = 16
+  c.eval.prompt_mode = "class"   # "class" (random train normal of the GT class) | "pool" (cosine, class-agnostic)
+  c.eval.pool_k = 1
+  c.eval.fusion_max_images = 512   # training normals used for the frozen fusion constant
+  c.eval.flip_auroc = False    # the reference's 1-AUROC flip below 0.5
+  c.eval.heatmaps = False
+  c.eval.max_heatmaps_per_class = 16
+
+  c.ckpt = ml_collections.ConfigDict()
+  c.ckpt.every_steps = 1000
+  c.ckpt.keep = 3
+
+  c.log_every_steps = 10
+  return c
+
+
+# Native input normalisation of each backbone family (Lite: TF-Lite's (x - 127) / 128 on 0..255).
+_LITE_MEAN, _LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def set_backbone(c: ml_collections.ConfigDict, name: str) -> None:
+  """Selects backbone `name` (b0-b7, lite0-lite4) and its native input normalisation."""
+  c.model.backbone = name
+  lite = name.startswith("lite")
+  c.data.mean = _LITE_MEAN if lite else _IMAGENET_MEAN
+  c.data.std = _LITE_STD if lite else _IMAGENET_STD
+
+
+def parse_args(arg: str | None, **defaults) -> dict:
+  """'res=224,backbone=b4' -> {'res': 224, 'backbone': 'b4'}; unknown names raise."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in defaults:
+      raise ValueError(f"config argument {item!r}: expected one of {sorted(defaults)} as key=value")
+    out[key] = type(defaults[key])(value) if defaults[key] is not None else value
+  return out

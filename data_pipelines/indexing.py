@@ -1,0 +1,440 @@
+"""Dataset indexing: every supported layout becomes one validated in-memory list of samples.
+
+Layouts (`data.layout`):
+  "mvtec"     folders `<root>/<class>/train/<normal>/*`, `<root>/<class>/test/<defect>/*`, masks
+              `<root>/<class>/ground_truth/<defect>/<stem>[_mask].<ext>`; `<normal>` is `good`
+              or `ok` (MVTec AD, BTAD, custom data). If `<root>` itself holds `train/`, it is one
+              class named after the folder. Extensions: png/jpg/jpeg/bmp/tif/tiff, any case.
+  "meta"      UniAD/OneNIP json-lines `data.meta_train` / `data.meta_test` (spec 1.1), paths
+              relative to `data.root`, read as shipped (duplicates included). `defect` is the
+              image's parent folder name for anomalies.
+  "visa_csv"  VisA's `split_csv/1cls.csv` (`object,split,label,image,mask`), paths relative to
+              root; `defect` is "anomaly" for anomalies.
+
+`data.extra` holds more dataset configs (dicts with the same keys; a missing key takes the default
+of `configs/common.py`, `skip_bad` that of the main config) merged into one class list. A class
+name found in more than one dataset becomes `<tag>_<class>` in every dataset that has it, where
+`tag` is the dataset config's optional `tag` key, else the root folder's name (e.g.
+`mvtec_bottle`, `btad_01`); tags that collide get `_<i>` appended (i = dataset position, 0 = main).
+
+Every image and mask is checked while indexing: it must exist and its header must parse with PIL;
+PNG and JPEG must end with their end marker (catches truncated copies cheaply), other formats are
+fully decoded (measured on the 2.1k real/ files: 0.08 s vs 1.7 s for a full PIL decode of all;
+threads overlap the I/O). Errors are `ValueError`s naming the file; `data.skip_bad=True` turns an unreadable
+image into one warning and skips the sample (an unreadable mask drops only the mask).
+
+Anomalous test images without a mask keep `mask_path=None` (pixel metrics skip them). This departs
+from the reference, which scores them against an all-one mask (spec 1.1).
+"""
+import collections
+import concurrent.futures
+import csv
+import dataclasses
+import functools
+import json
+import logging
+import os
+from typing import Any, Iterable, Optional
+
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+NORMAL_FOLDERS = ("good", "ok")
+_LAYOUTS = ("mvtec", "meta", "visa_csv")
+_DATASET_KEYS_DEFAULTS = {
+    "layout": "mvtec", "root": "", "classes": (), "meta_train": "", "meta_test": "",
+    "visa_csv": "", "skip_bad": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  """One image of the dataset.
+
+  Attributes:
+    path: image file path.
+    cls: class name (after any merge prefix).
+    label: 0 normal, 1 anomalous.
+    mask_path: ground-truth mask path, None when there is none (normals; anomalies without mask).
+    defect: "good" for normals, else the defect type (folder name).
+  """
+  path: str
+  cls: str
+  label: int
+  mask_path: Optional[str] = None
+  defect: str = "good"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetIndex:
+  """The train and test samples of one (possibly merged) dataset.
+
+  Attributes:
+    train: training samples (normals; duplicates of meta files kept).
+    test: test samples.
+    classes: class names; a class's id is its position here.
+  """
+  train: list
+  test: list
+  classes: tuple
+
+  @functools.cached_property
+  def _class_ids(self) -> dict:
+    return {c: i for i, c in enumerate(self.classes)}
+
+  def class_id(self, cls: str) -> int:
+    """Id (position in `classes`) of class `cls`; ValueError naming the classes if unknown."""
+    try:
+      return self._class_ids[cls]
+    except KeyError:
+      raise ValueError(f"unknown class {cls!r}; classes: {list(self.classes)}") from None
+
+  def normal_train_indices(self, cls: str) -> list:
+    """Positions in `train` of the normal (label 0) samples of class `cls`."""
+    return [i for i, s in enumerate(self.train) if s.cls == cls and s.label == 0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Config access
+
+
+def _get(cfg: Any, key: str, default: Any) -> Any:
+  """`cfg[key]` for ConfigDicts and plain mappings, `default` when absent."""
+  if cfg is None:
+    return default
+  try:
+    if key in cfg:
+      return cfg[key]
+  except TypeError:
+    pass
+  return getattr(cfg, key, default)
+
+
+def _dataset_cfg(cfg: Any, parent: Any = None) -> dict:
+  """Plain dict of one dataset's keys; defaults for missing ones (`skip_bad` from `parent`)."""
+  out = {key: _get(cfg, key, default) for key, default in _DATASET_KEYS_DEFAULTS.items()}
+  if parent is not None:
+    out["skip_bad"] = _get(cfg, "skip_bad", _get(parent, "skip_bad", False))
+  out["tag"] = _get(cfg, "tag", "")
+  out["extra"] = _get(cfg, "extra", ())
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# File checks
+
+
+class _Unreadable(Exception):
+  """An image or mask that fails validation (message names the file)."""
+
+
+def _is_image_file(name: str) -> bool:
+  return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _tail(path: str, n: int = 64) -> bytes:
+  with open(path, "rb") as f:
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    f.seek(max(0, size - n))
+    return f.read()
+
+
+def _probe(path: str) -> tuple:
+  """(width, height) of an image file, raising `_Unreadable` naming it if it cannot be read.
+
+  Parses the header with PIL; PNG must end with IEND and JPEG with EOI (a truncated copy does
+  not), anything else (or a JPEG with trailing bytes) is decoded fully.
+  """
+  if not os.path.isfile(path):
+    raise _Unreadable(f"file not found: {path}")
+  if os.path.getsize(path) == 0:
+    raise _Unreadable(f"empty (zero-byte) image file: {path}")
+  try:
+    with Image.open(path) as im:
+      size, fmt = im.size, im.format
+      if fmt == "PNG" and b"IEND" in _tail(path, 12):
+        return size
+      if fmt == "JPEG" and _tail(path, 64).rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+        return size
+      im.load()  # full decode: raises on truncated or corrupt data
+      return size
+  except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError ...)
+    raise _Unreadable(f"unreadable image file {path}: {e}") from None
+
+
+def _probe_all(paths: Iterable[str]) -> dict:
+  """{path: (w, h) or _Unreadable} for every distinct path, probed in threads (I/O bound)."""
+  unique = list(dict.fromkeys(p for p in paths if p))
+
+  def run(p):
+    try:
+      return _probe(p)
+    except _Unreadable as e:
+      return e
+
+  workers = min(16, 4 * (os.cpu_count() or 1))
+  if len(unique) < 32:
+    return {p: run(p) for p in unique}
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    return dict(zip(unique, pool.map(run, unique)))
+
+
+@dataclasses.dataclass
+class _Record:
+  """A sample before validation, with `where` naming its origin for error messages."""
+  split: str
+  path: str
+  cls: str
+  label: int
+  mask_path: Optional[str]
+  defect: str
+  where: str = ""
+
+
+def _validate(records: list, skip_bad: bool, dataset: str) -> list:
+  """Checks the files of `records`; returns (split, Sample) pairs (warns/raises per module doc)."""
+  probes = _probe_all([r.path for r in records] + [r.mask_path for r in records if r.mask_path])
+  out = []
+  missing_mask = collections.defaultdict(list)
+  size_mismatch = []
+  for r in records:
+    where = f" ({r.where})" if r.where else ""
+    img = probes[r.path]
+    if isinstance(img, _Unreadable):
+      if not skip_bad:
+        raise ValueError(f"{img}{where}")
+      logger.warning("skipping %s%s (data.skip_bad=True)", img, where)
+      continue
+    mask_path = r.mask_path
+    if mask_path:
+      msk = probes[mask_path]
+      if isinstance(msk, _Unreadable):
+        if not skip_bad:
+          raise ValueError(f"mask of {r.path}: {msk}{where}")
+        logger.warning("dropping the mask of %s: %s%s (data.skip_bad=True)", r.path, msk, where)
+        mask_path = None
+      elif msk != img:
+        size_mismatch.append((mask_path, msk, r.path, img))
+    if r.label == 1 and r.split == "test" and not mask_path:
+      missing_mask[r.cls].append(r.path)
+    out.append((r.split, Sample(r.path, r.cls, int(r.label), mask_path or None, r.defect)))
+  for cls, paths in missing_mask.items():
+    logger.warning(
+        "%s: class %r has %d anomalous test image(s) without a ground-truth mask (e.g. %s); "
+        "pixel metrics skip them", dataset, cls, len(paths), paths[0])
+  if size_mismatch:
+    m, ms, p, ps = size_mismatch[0]
+    logger.warning(
+        "%s: %d mask(s) differ in size from their image, e.g. mask %s is %dx%d but image %s is "
+        "%dx%d; masks are resized to the input size", dataset, len(size_mismatch), m, *ms, p, *ps)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Layouts
+
+
+def _list_images(folder: str) -> list:
+  return sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                if _is_image_file(n) and os.path.isfile(os.path.join(folder, n)))
+
+
+def _subdirs(folder: str) -> list:
+  return sorted(n for n in os.listdir(folder)
+                if not n.startswith(".") and os.path.isdir(os.path.join(folder, n)))
+
+
+def _mvtec_records(root: str) -> list:
+  """Records of a folder-layout dataset (MVTec AD, BTAD, custom)."""
+  if os.path.isdir(os.path.join(root, "train")):
+    class_dirs = [(os.path.basename(os.path.normpath(root)), os.path.normpath(root))]
+  else:
+    class_dirs = [(c, os.path.join(root, c)) for c in _subdirs(root)]
+  if not class_dirs:
+    raise ValueError(f"no class folders in data.root {root!r} (layout 'mvtec')")
+  records = []
+  for cls, cdir in class_dirs:
+    train_dir = os.path.join(cdir, "train")
+    normal_dirs = ([os.path.join(train_dir, d) for d in _subdirs(train_dir)
+                    if d.lower() in NORMAL_FOLDERS] if os.path.isdir(train_dir) else [])
+    train = [p for d in normal_dirs for p in _list_images(d)]
+    if not train:
+      raise ValueError(
+          f"class {cls!r}: no normal training image in {train_dir}/{{{','.join(NORMAL_FOLDERS)}}} "
+          f"(class folder {cdir})")
+    records += [_Record("train", p, cls, 0, None, "good") for p in train]
+    test_dir = os.path.join(cdir, "test")
+    if not os.path.isdir(test_dir):
+      logger.warning("class %r has no test folder %s", cls, test_dir)
+      continue
+    for defect in _subdirs(test_dir):
+      normal = defect.lower() in NORMAL_FOLDERS
+      masks = {}
+      gt_dir = os.path.join(cdir, "ground_truth", defect)
+      if not normal and os.path.isdir(gt_dir):
+        for m in _list_images(gt_dir):
+          masks.setdefault(os.path.splitext(os.path.basename(m))[0], m)
+      for p in _list_images(os.path.join(test_dir, defect)):
+        stem = os.path.splitext(os.path.basename(p))[0]
+        mask = None if normal else masks.get(stem + "_mask", masks.get(stem))
+        records.append(_Record("test", p, cls, 0 if normal else 1, mask,
+                               "good" if normal else defect))
+  return records
+
+
+def _meta_records(root: str, meta_file: str, split: str) -> list:
+  """Records of one UniAD json-lines meta file (spec 1.1), duplicates kept."""
+  if not meta_file:
+    return []
+  if not os.path.isfile(meta_file):
+    raise ValueError(f"meta file not found: {meta_file} (data.meta_{split})")
+  records = []
+  with open(meta_file, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"line {lineno} of {meta_file}"
+      try:
+        meta = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where} is not JSON ({e}): {line.strip()[:200]}") from None
+      if not isinstance(meta, dict) or not meta.get("filename"):
+        raise ValueError(f"{where} has no 'filename': {line.strip()[:200]}")
+      rel = meta["filename"]
+      parts = rel.replace("\\", "/").split("/")
+      cls = meta.get("clsname") or (parts[-4] if len(parts) >= 4 else None)
+      if not cls:
+        raise ValueError(f"{where} has no 'clsname' and {rel!r} has under 4 path components")
+      try:
+        label = int(meta.get("label", 0))
+      except (TypeError, ValueError):
+        raise ValueError(f"{where}: label {meta.get('label')!r} is not 0/1") from None
+      if label not in (0, 1):
+        raise ValueError(f"{where}: label {label} is not 0/1")
+      mask = meta.get("maskname") or None
+      defect = "good" if label == 0 else (parts[-2] if len(parts) >= 2 else "defective")
+      records.append(_Record(split, os.path.join(root, rel), str(cls), label,
+                             os.path.join(root, mask) if mask else None, defect, where))
+  return records
+
+
+def _visa_records(root: str, csv_file: str) -> list:
+  """Records of VisA's split csv (`object,split,label,image,mask`)."""
+  if not csv_file:
+    raise ValueError("data.visa_csv is empty (layout 'visa_csv')")
+  if not os.path.isfile(csv_file):
+    raise ValueError(f"data.visa_csv not found: {csv_file}")
+  records = []
+  with open(csv_file, newline="", encoding="utf-8") as f:
+    reader = csv.DictReader(f)
+    need = {"object", "split", "label", "image"}
+    if not need <= set(reader.fieldnames or ()):
+      raise ValueError(f"{csv_file}: columns {reader.fieldnames} lack {sorted(need)}")
+    for lineno, row in enumerate(reader, 2):
+      where = f"line {lineno} of {csv_file}"
+      split, lab = row["split"].strip().lower(), row["label"].strip().lower()
+      if split not in ("train", "test"):
+        raise ValueError(f"{where}: split {row['split']!r} is not train/test")
+      if lab not in ("normal", "anomaly"):
+        raise ValueError(f"{where}: label {row['label']!r} is not normal/anomaly")
+      label = int(lab == "anomaly")
+      mask = (row.get("mask") or "").strip()
+      records.append(_Record(split, os.path.join(root, row["image"].strip()), row["object"].strip(),
+                             label, os.path.join(root, mask) if mask else None,
+                             "anomaly" if label else "good", where))
+  return records
+
+
+def _index_one(dcfg: dict) -> tuple:
+  """(train, test, classes) of one dataset config (no merging)."""
+  layout, root = dcfg["layout"], dcfg["root"]
+  if layout == "demo":  # the built-in demo: generated (once) in MVTec layout at data.root
+    if not root:
+      raise ValueError("data.root is empty: layout 'demo' needs the folder to generate the data in")
+    from data_pipelines import demo_data  # pylint: disable=g-import-not-at-top
+    layout, root = "mvtec", demo_data.make_demo_dataset(root)
+  if layout not in _LAYOUTS:
+    raise ValueError(f"unknown data.layout {layout!r}; supported: {list(_LAYOUTS) + ['demo']}")
+  if not root or not os.path.isdir(root):
+    raise ValueError(f"data.root {root!r} does not exist or is not a folder")
+  if layout == "mvtec":
+    records = _mvtec_records(root)
+  elif layout == "meta":
+    if not dcfg["meta_train"]:
+      raise ValueError("data.meta_train is empty (layout 'meta')")
+    records = (_meta_records(root, dcfg["meta_train"], "train")
+               + _meta_records(root, dcfg["meta_test"], "test"))
+  else:
+    records = _visa_records(root, dcfg["visa_csv"])
+  found = list(dict.fromkeys(r.cls for r in records))
+  wanted = list(dcfg["classes"] or ())
+  if wanted:
+    unknown = [c for c in wanted if c not in found]
+    if unknown:
+      raise ValueError(f"data.classes {unknown} not found in {root}; available: {found}")
+    keep = set(wanted)
+    records = [r for r in records if r.cls in keep]
+    found = wanted
+  samples = _validate(records, bool(dcfg["skip_bad"]), f"{layout} dataset {root}")
+  train = [s for split, s in samples if split == "train"]
+  test = [s for split, s in samples if split == "test"]
+  with_normal = {s.cls for s in train if s.label == 0}
+  for c in found:
+    if c not in with_normal:
+      raise ValueError(f"class {c!r} of {root} has no normal training image")
+  return train, test, tuple(found)
+
+
+def index_dataset(data_cfg: Any) -> DatasetIndex:
+  """Indexes and validates `data_cfg` (config.data) and the datasets of `data_cfg.extra`.
+
+  Args:
+    data_cfg: a ConfigDict / mapping with the `data.*` keys of `configs/common.py`.
+
+  Returns:
+    DatasetIndex with the merged class list (see the module doc for the merge naming).
+
+  Raises:
+    ValueError naming the file, folder, class or config key at fault.
+  """
+  main = _dataset_cfg(data_cfg)
+  extra = list(main["extra"] or ())
+  dcfgs = [main] + [_dataset_cfg(e, parent=data_cfg) for e in extra]
+  for i, d in enumerate(dcfgs[1:], 1):
+    if d["extra"]:
+      raise ValueError(f"data.extra[{i - 1}] has its own 'extra'; nesting is not supported")
+  parts = [_index_one(d) for d in dcfgs]
+  if len(parts) == 1:
+    train, test, classes = parts[0]
+    return DatasetIndex(train=train, test=test, classes=classes)
+
+  tags = []
+  for i, d in enumerate(dcfgs):
+    tag = d["tag"] or os.path.basename(os.path.normpath(d["root"])) or f"data{i}"
+    tags.append(tag if tag not in tags else f"{tag}_{i}")
+  count = collections.Counter(c for _, _, classes in parts for c in set(classes))
+  train, test, classes = [], [], []
+  for tag, (tr, te, cl) in zip(tags, parts):
+    rename = {c: (f"{tag}_{c}" if count[c] > 1 else c) for c in cl}
+    for c in cl:
+      if rename[c] in classes:
+        raise ValueError(f"merged class name {rename[c]!r} (from {tag!r}) is not unique; set a "
+                         "distinct 'tag' in the data.extra entries")
+      classes.append(rename[c])
+    train += [dataclasses.replace(s, cls=rename[s.cls]) for s in tr]
+    test += [dataclasses.replace(s, cls=rename[s.cls]) for s in te]
+  return DatasetIndex(train=train, test=test, classes=tuple(classes))
+
+
+def summarize(index: DatasetIndex) -> str:
+  """One line per class: train / test normal / test anomalous / masks counts."""
+  rows = []
+  for c in index.classes:
+    tr = sum(s.cls == c for s in index.train)
+    te = [s for s in index.test if s.cls == c]
+    n_normal, n_anomalous = sum(s.label == 0 for s in te), sum(s.label == 1 for s in te)
+    rows.append(f"{c}: train {tr}, test {n_normal} normal + {n_anomalous} anomalous, "
+                f"{sum(bool(s.mask_path) for s in te)} masks")
+  return "\n".join(rows)

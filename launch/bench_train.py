@@ -1,0 +1,87 @@
+r"""Train-step throughput (images/s) of the jitted, sharded step on this machine's devices.
+
+  python -m launch.bench_train [--backbones lite2,b4] [--batch 8] [--res 224] [--steps 5]
+
+Times the full step (backbone, network, losses, AdamW update) on random batches, for each backbone,
+with and without the frozen-feature cache, in float32 and bfloat16; prints the median over
+`--steps` timed steps after one compiling step. Backbone weights are random (speed does not depend
+on them), so B4 needs no checkpoint. An image counts once per training sample (its synthetic twin and
+its prompt are part of the step's work).
+"""
+import argparse
+import platform
+import statistics
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import common
+from onenip_jax import sharding, train
+from onenip_jax.models.features import FrozenFeatures
+from onenip_jax.models.onenip import OneNIP
+
+
+def bench(backbone: str, dtype: str, cached: bool, batch: int, res: int, steps: int) -> float:
+  cfg = common.get_base_config()
+  common.set_backbone(cfg, backbone)
+  cfg.model.dtype = dtype
+  cfg.input_size, cfg.batch_size, cfg.cache_features = res, batch, cached
+  mesh = sharding.make_mesh()
+  features = FrozenFeatures.from_config(cfg.model)
+  bb = features.backbone.init(jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)))
+  bb = jax.device_put(bb, sharding.replicated(mesh))
+  model = OneNIP.from_config(cfg.model)
+  tx = train.make_optimizer(cfg, 100)
+  repl, split = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  state = jax.jit(lambda: train.init_state(cfg, model, tx, features.channels), out_shardings=repl)()
+  rng = np.random.default_rng(0)
+  img = lambda: rng.normal(size=(batch, res, res, 3)).astype(np.float32)
+  mask = (rng.random((batch, res, res, 1)) > 0.9).astype(np.float32)
+  if cached:
+    n, h = 64, res // 16
+    cache = jax.device_put(jnp.asarray(rng.normal(size=(n, h, h, features.channels)), jnp.float32), repl)
+    host = {"synthetic": img(), "mask": mask, "normal_index": np.arange(batch, dtype=np.int32),
+            "prompt_index": np.arange(batch, dtype=np.int32)[::-1].copy()}
+  else:
+    cache = None
+    host = {"normal": img(), "synthetic": img(), "prompt": img(), "mask": mask}
+  step = jax.jit(train.make_train_step(cfg, model, features, tx),
+                 in_shardings=(repl, split, repl, repl), out_shardings=(repl, repl), donate_argnums=(0,))
+  batch_arrays = sharding.to_global(host, mesh)
+  state, m = step(state, batch_arrays, bb, cache)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, m = step(state, batch_arrays, bb, cache)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  return batch / statistics.median(times)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--backbones", default="lite2,b4")
+  p.add_argument("--dtypes", default="float32,bfloat16")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--res", type=int, default=224)
+  p.add_argument("--steps", type=int, default=5)
+  a = p.parse_args()
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+  print(f"# train step, batch {a.batch} at {a.res}px, {jax.device_count()} x {jax.devices()[0].device_kind}"
+        f" ({platform.processor() or platform.machine()}), jax {jax.__version__}, commit {commit or '?'}")
+  print("| backbone | feature cache | dtype | images/s | s/step |")
+  print("|---|---|---|---|---|")
+  for backbone in a.backbones.split(","):
+    for cached in (False, True):
+      for dtype in a.dtypes.split(","):
+        ips = bench(backbone, dtype, cached, a.batch, a.res, a.steps)
+        print(f"| {backbone} | {'on' if cached else 'off'} | {dtype} | {ips:.1f} | {a.batch / ips:.2f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+  main()

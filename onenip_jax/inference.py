@@ -1,0 +1,146 @@
+"""The one inference path: images -> reconstruction and refiner maps (spec 9).
+
+In-training evaluation, `onenip-eval`, `onenip-export` and `onenip-predict` all go through
+`Predictor`, so their numbers agree to float tolerance on the same images.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from data_pipelines import input_pipeline
+from onenip_jax import sharding
+from onenip_jax.models.features import FrozenFeatures
+from onenip_jax.models.onenip import OneNIP
+
+
+@dataclasses.dataclass
+class PromptPool:
+  """k pre-extracted normal prompts per class (paper section 3.5).
+
+  Attributes:
+    features: (K, h, w, C) frozen features of the prompt images.
+    class_ids: (K,) int, the class of each prompt.
+    descriptors: (K, C) L2-normalised global average of `features`, matched by cosine similarity.
+  """
+  features: np.ndarray
+  class_ids: np.ndarray
+  descriptors: np.ndarray
+
+
+def global_descriptor(feats: jax.Array) -> jax.Array:
+  """(B, h, w, C) -> (B, C) L2-normalised spatial mean: the key for class-agnostic prompt choice."""
+  d = jnp.mean(feats, axis=(1, 2))
+  return d / (jnp.linalg.norm(d, axis=-1, keepdims=True) + 1e-12)
+
+
+@dataclasses.dataclass
+class Predictor:
+  """A trained OneNIP ready for inference on a mesh.
+
+  Attributes:
+    model, features: the network and the frozen feature extractor.
+    variables: {'params', 'batch_stats'} of the network; backbone_vars: of the backbone.
+    mesh: where to run; batches are split over its `data` axis.
+    pool: the prompt pool for class-agnostic prompts (`pool` mode), or None.
+    classes: the class names the pool's class ids refer to (set by exports).
+  """
+  model: OneNIP
+  features: FrozenFeatures
+  variables: dict
+  backbone_vars: dict
+  mesh: jax.sharding.Mesh
+  pool: PromptPool | None = None
+  classes: tuple[str, ...] | None = None
+
+  @functools.cached_property
+  def _features_fn(self):
+    return jax.jit(self.features, in_shardings=(sharding.replicated(self.mesh),
+                                                sharding.data_sharded(self.mesh)),
+                   out_shardings=sharding.data_sharded(self.mesh))
+
+  @functools.cached_property
+  def _infer_fn(self):
+    repl, split = sharding.replicated(self.mesh), sharding.data_sharded(self.mesh)
+
+    def infer(variables, backbone_vars, images, prompts, pool_feats, pool_desc):
+      f = self.features(backbone_vars, images)
+      if prompts is not None:
+        fp, choice = self.features(backbone_vars, prompts), jnp.full(f.shape[:1], -1)
+      else:
+        choice = jnp.argmax(global_descriptor(f) @ pool_desc.T, axis=-1)
+        fp = pool_feats[choice]
+      out = self.model.apply(variables, f, fp, train=False)
+      ref = jax.nn.sigmoid(out["ref_logit"][..., 0]) if out.get("ref_logit") is not None else None
+      return {"rec": out["rec"][..., 0], "ref": ref, "pool_choice": choice}
+
+    return jax.jit(infer, in_shardings=(repl, repl, split, split, repl, repl), out_shardings=split)
+
+  def feature_maps(self, images: jax.Array) -> jax.Array:
+    """Global images (B, H, W, 3) -> frozen features (B, h, w, C)."""
+    return self._features_fn(self.backbone_vars, images)
+
+  def __call__(self, images: jax.Array, prompts: jax.Array | None = None) -> dict:
+    """Maps for a global batch.
+
+    Args:
+      images: (B, H, W, 3) normalised test images, split over `data`.
+      prompts: (B, H, W, 3) normalised prompt images (`class` mode), or None to choose each
+        prompt from the pool by cosine similarity (`pool` mode).
+    Returns:
+      {'rec': (B, H, W) reconstruction error, 'ref': (B, H, W) refiner probability or None,
+       'pool_choice': (B,) index into the pool (-1 in class mode)}.
+    """
+    if prompts is None:
+      if self.pool is None:
+        raise ValueError("pool prompt mode needs a prompt pool (eval.prompt_mode='pool')")
+      pool = (self.pool.features, self.pool.descriptors)
+    else:
+      pool = (np.zeros((1,), np.float32), np.zeros((1,), np.float32))
+    return self._infer_fn(self.variables, self.backbone_vars, images, prompts, *pool)
+
+
+def build_prompt_pool(predictor: Predictor, index, cfg: ml_collections.ConfigDict) -> PromptPool:
+  """Chooses `eval.pool_k` normal training images per class with `seed` and extracts their features."""
+  rng = np.random.default_rng(cfg.seed)
+  chosen = []
+  for cls in index.classes:
+    candidates = [i for i, s in enumerate(index.train) if s.cls == cls]
+    if not candidates:
+      raise ValueError(f"class {cls!r} has no normal training image for the prompt pool")
+    k = min(cfg.eval.pool_k, len(candidates))
+    chosen.extend(int(i) for i in rng.choice(candidates, size=k, replace=False))
+  samples = [index.train[i] for i in chosen]
+  feats = np.zeros((len(samples), cfg.input_size // 16, cfg.input_size // 16,
+                    predictor.features.channels), np.float32)
+  for batch in input_pipeline.make_eval_iterator(samples, index, cfg, batch_size=_eval_batch(cfg),
+                                                 process_index=jax.process_index(),
+                                                 process_count=jax.process_count(),
+                                                 with_prompt=False):
+    g = sharding.to_global({k: batch[k] for k in ("image", "index", "valid")}, predictor.mesh)
+    f = sharding.to_host(predictor.feature_maps(g["image"]))
+    idx, valid = sharding.to_host(g["index"]), sharding.to_host(g["valid"])
+    feats[idx[valid]] = f[valid]
+  class_ids = np.asarray([index.class_id(s.cls) for s in samples], np.int32)
+  return PromptPool(feats, class_ids, np.asarray(global_descriptor(jnp.asarray(feats))))
+
+
+def _eval_batch(cfg: ml_collections.ConfigDict) -> int:
+  return cfg.eval.batch_size or cfg.batch_size
+
+
+def make_predictor(cfg, model, features, variables, backbone_vars, mesh, index=None) -> Predictor:
+  """A Predictor; with `eval.prompt_mode == 'pool'` its pool is built from `index.train`."""
+  predictor = Predictor(model, features, variables, backbone_vars, mesh)
+  if cfg.eval.prompt_mode == "pool":
+    predictor.pool = build_prompt_pool(predictor, index, cfg)
+  elif cfg.eval.prompt_mode != "class":
+    raise ValueError(f"config.eval.prompt_mode={cfg.eval.prompt_mode!r}: use 'class' or 'pool'")
+  return predictor
+
+
+def make_model(cfg: ml_collections.ConfigDict) -> tuple[OneNIP, FrozenFeatures]:
+  return OneNIP.from_config(cfg.model), FrozenFeatures.from_config(cfg.model)

@@ -1,0 +1,40 @@
+"""Frozen backbone + neck: images (B, H, W, 3) -> features (B, H/16, W/16, C), no gradient."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from onenip_jax.models import convert
+from onenip_jax.models.efficientnet import EfficientNet, tap_channels
+from onenip_jax.models.onenip import neck
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenFeatures:
+  """The frozen feature extractor: an EfficientNet's stride-2/4/8/16 taps, resized and concatenated.
+
+  Attributes:
+    backbone: the EfficientNet module (BatchNorm on running statistics).
+    channels: C, the number of concatenated channels (272 for B4, 208 for Lite2).
+  """
+  backbone: EfficientNet
+  channels: int
+
+  @classmethod
+  def from_config(cls, model_cfg: ml_collections.ConfigDict) -> "FrozenFeatures":
+    backbone = EfficientNet(variant=model_cfg.backbone, padding=model_cfg.backbone_padding,
+                            dtype=jnp.dtype(model_cfg.dtype))
+    return cls(backbone, sum(tap_channels(model_cfg.backbone)))
+
+  def load_variables(self, model_cfg: ml_collections.ConfigDict) -> dict:
+    """Backbone variables up to the last tap, from `model.backbone_weights` or the cached ImageNet
+    weights (lite0-2)."""
+    full = convert.load_backbone_variables(model_cfg.backbone, model_cfg.backbone_weights)
+    return convert.feature_variables(full, model_cfg.backbone)
+
+  def __call__(self, variables: dict, images: jax.Array) -> jax.Array:
+    """images (B, H, W, 3) normalised -> (B, H/16, W/16, C) float32, outside the gradient."""
+    taps = self.backbone.apply(variables, images)
+    h, w = images.shape[1] // 16, images.shape[2] // 16
+    return jax.lax.stop_gradient(neck(taps, (h, w)).astype(jnp.float32))

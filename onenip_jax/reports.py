@@ -1,0 +1,235 @@
+"""Metric reports: `metrics.json`, `metrics.md` (paper-style table) and `metrics.csv`.
+
+`metrics.json` layout (values are fractions in [0, 1] or null; n_images an int):
+
+  {"classes": {"<class>": {"i_auroc": f, "i_ap": f, "p_auroc": f, "p_ap": f, "aupro": f,
+                          "i_f1max": f, "p_f1max": f, "n_images": i}, ...},
+   "mean": {same keys},
+   "step": i or null,
+   "config": {...} ({} when no config is given),
+   ...extra keys}
+
+Every file is written to a temporary name in the destination folder and then `os.replace`d,
+so a reader never sees a half-written file.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import pathlib
+import tempfile
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+
+from onenip_jax.metrics import ALL_KEYS, METRIC_KEYS
+
+PathLike = Union[str, os.PathLike]
+
+COLUMN_TITLES = {
+    "i_auroc": "I-AUROC",
+    "i_ap": "I-AP",
+    "p_auroc": "P-AUROC",
+    "p_ap": "P-AP",
+    "aupro": "AUPRO",
+    "i_f1max": "I-F1",
+    "p_f1max": "P-F1",
+}
+RESERVED_KEYS = ("classes", "mean", "step", "config")
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+  """Writes `data` to a temporary file beside `path`, fsyncs it and `os.replace`s it onto `path`.
+
+  Args:
+    path: destination file; its folder must exist.
+    data: the full content.
+  """
+  path = pathlib.Path(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.unlink(tmp)
+    except FileNotFoundError:
+      pass
+    raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+  """`atomic_write_bytes` for UTF-8 text."""
+  atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_safe(obj: Any) -> Any:
+  """Converts `obj` to plain JSON types.
+
+  ConfigDicts (anything with `to_dict()`) and dataclasses become dicts, tuples/sets lists, numpy
+  scalars and arrays Python numbers/lists, paths strings, NaN/inf None; anything else `str()`.
+  """
+  if obj is None or isinstance(obj, (bool, str)):
+    return obj
+  if isinstance(obj, (int, np.integer)):
+    return int(obj)
+  if isinstance(obj, (float, np.floating)):
+    value = float(obj)
+    return value if math.isfinite(value) else None
+  if isinstance(obj, np.bool_):
+    return bool(obj)
+  if isinstance(obj, np.ndarray):
+    return json_safe(obj.tolist())
+  if hasattr(obj, "to_dict") and callable(obj.to_dict):
+    return json_safe(obj.to_dict())
+  if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    return json_safe(dataclasses.asdict(obj))
+  if isinstance(obj, Mapping):
+    return {str(k): json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_safe(v) for v in obj]
+  if isinstance(obj, (set, frozenset)):
+    return [json_safe(v) for v in sorted(obj, key=str)]
+  if isinstance(obj, os.PathLike):
+    return os.fspath(obj)
+  return str(obj)
+
+
+def _check_row(name: str, row: Any, where: str) -> dict:
+  """Validates one metrics row -> a plain dict with exactly ALL_KEYS."""
+  if not isinstance(row, Mapping):
+    raise ValueError(f"{where}: row {name!r} is not a mapping")
+  keys = set(row)
+  if keys != set(ALL_KEYS):
+    raise ValueError(f"{where}: row {name!r} has keys {sorted(keys)}, expected {list(ALL_KEYS)}")
+  out = {}
+  for key in METRIC_KEYS:
+    value = row[key]
+    if value is not None:
+      if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{where}: {name}.{key} = {value!r} is not a number or None")
+      value = float(value)
+      if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"{where}: {name}.{key} = {value} is outside [0, 1]")
+    out[key] = value
+  n = row["n_images"]
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+    raise ValueError(f"{where}: {name}.n_images = {n!r} is not a non-negative int")
+  out["n_images"] = int(n)
+  return out
+
+
+def _check_metrics(metrics: Any, where: str) -> dict:
+  """Validates a `summarize()` result -> {'classes': {...}, 'mean': {...}} of plain rows."""
+  if not isinstance(metrics, Mapping) or "classes" not in metrics or "mean" not in metrics:
+    raise ValueError(f"{where}: expected a mapping with 'classes' and 'mean'")
+  if not isinstance(metrics["classes"], Mapping):
+    raise ValueError(f"{where}: 'classes' is not a mapping")
+  classes = {str(k): _check_row(str(k), v, where) for k, v in metrics["classes"].items()}
+  return {"classes": classes, "mean": _check_row("mean", metrics["mean"], where)}
+
+
+def _percent(value: Optional[float]) -> str:
+  return "-" if value is None else f"{100.0 * value:.2f}"
+
+
+def format_table(metrics: Mapping) -> str:
+  """Paper-style Markdown table: one row per class plus 'mean', values in percent.
+
+  Args:
+    metrics: `summarize()` output (or a loaded `metrics.json`).
+  Returns:
+    The table, lines joined by '\\n' (no trailing newline); '-' marks a metric that is None.
+  """
+  checked = _check_metrics(metrics, "format_table")
+  rows = list(checked["classes"].items()) + [("mean", checked["mean"])]
+  header = ["class"] + [COLUMN_TITLES[k] for k in METRIC_KEYS]
+  cells = [[name] + [_percent(row[k]) for k in METRIC_KEYS] for name, row in rows]
+  cells[-1][0] = "**mean**"
+  widths = [max(len(header[i]), *(len(r[i]) for r in cells)) for i in range(len(header))]
+
+  def line(values):
+    parts = [values[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(values[1:], widths[1:])]
+    return "| " + " | ".join(parts) + " |"
+
+  rule = "|" + "|".join([":" + "-" * (widths[0] + 1)] + ["-" * (w + 1) + ":" for w in widths[1:]])
+  return "\n".join([line(header), rule + "|"] + [line(r) for r in cells])
+
+
+def format_csv(metrics: Mapping) -> str:
+  """CSV with columns class, the metric keys (fractions, empty for None) and n_images."""
+  checked = _check_metrics(metrics, "format_csv")
+  buf = io.StringIO()
+  writer = csv.writer(buf, lineterminator="\n")
+  writer.writerow(["class", *ALL_KEYS])
+  rows = list(checked["classes"].items()) + [("mean", checked["mean"])]
+  for name, row in rows:
+    writer.writerow([name] + ["" if row[k] is None else repr(row[k]) for k in METRIC_KEYS]
+                    + [row["n_images"]])
+  return buf.getvalue()
+
+
+def write_reports(out_dir: PathLike, metrics: Mapping, *, config: Any = None,
+                  step: Optional[int] = None, extra: Optional[Mapping] = None) -> dict:
+  """Writes metrics.json, metrics.md and metrics.csv into `out_dir` (created if missing).
+
+  Args:
+    out_dir: destination folder.
+    metrics: `summarize()` output; validated (exact keys, values in [0, 1] or None).
+    config: ConfigDict (via `to_dict()`), dict or None; stored JSON-safe under "config".
+    step: training step stored under "step" (null if None).
+    extra: more top-level JSON keys; must not clash with classes/mean/step/config.
+  Returns:
+    The JSON document that was written.
+  """
+  checked = _check_metrics(metrics, "write_reports")
+  doc = {"classes": checked["classes"], "mean": checked["mean"],
+         "step": None if step is None else int(step),
+         "config": {} if config is None else json_safe(config)}
+  if extra:
+    clash = [k for k in extra if k in RESERVED_KEYS]
+    if clash:
+      raise ValueError(f"write_reports: extra keys {clash} clash with reserved {RESERVED_KEYS}")
+    doc.update(json_safe(dict(extra)))
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  text = json.dumps(doc, indent=2, allow_nan=False)
+  title = "# Metrics" + ("" if step is None else f" (step {int(step)})")
+  atomic_write_text(out_dir / "metrics.json", text + "\n")
+  atomic_write_text(out_dir / "metrics.md", f"{title}\n\n{format_table(checked)}\n")
+  atomic_write_text(out_dir / "metrics.csv", format_csv(checked))
+  return doc
+
+
+def read_metrics(path: PathLike) -> dict:
+  """Loads and validates a metrics.json (or the one inside a folder).
+
+  Args:
+    path: the file, or a folder holding `metrics.json`.
+  Returns:
+    The JSON document (classes, mean, step, config, extra keys).
+  Raises:
+    FileNotFoundError: the file does not exist.
+    ValueError: the file is not valid JSON or lacks the expected layout; the message names it.
+  """
+  path = pathlib.Path(path)
+  if path.is_dir():
+    path = path / "metrics.json"
+  text = path.read_text(encoding="utf-8")
+  try:
+    doc = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"malformed metrics file {path}: {e}") from None
+  try:
+    checked = _check_metrics(doc, "layout")
+  except ValueError as e:
+    raise ValueError(f"malformed metrics file {path}: {e}") from None
+  doc.update(checked)
+  return doc

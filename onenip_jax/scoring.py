@@ -1,0 +1,63 @@
+"""Anomaly maps, fusion and image scores (spec section 9). Pure jnp, jit-able. Maps are NHWC."""
+from typing import Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jnp.ndarray
+
+
+def anomaly_maps(outputs: Mapping[str, Optional[Array]]) -> Tuple[Array, Optional[Array]]:
+  """Per-pixel maps from the model outputs.
+
+  Args:
+    outputs: dict with 'rec' (B, H, W, 1) and optionally 'ref_logit' (B, H, W, 1).
+
+  Returns:
+    (rec (B, H, W), ref (B, H, W) = sigmoid(ref_logit), or None without a refiner), float32.
+  """
+  rec = outputs["rec"].astype(jnp.float32)[..., 0]
+  logit = outputs.get("ref_logit")
+  ref = None if logit is None else jax.nn.sigmoid(logit.astype(jnp.float32))[..., 0]
+  return rec, ref
+
+
+def mid_range(min_value: Array, max_value: Array) -> Array:
+  """Fusion scale c = (min + max) / 2 of the reconstruction map (spec 9.3)."""
+  return 0.5 * (jnp.asarray(min_value, jnp.float32) + jnp.asarray(max_value, jnp.float32))
+
+
+def fuse(rec: Array, ref: Optional[Array], c: Array, alpha: float = 0.5) -> Array:
+  """S = (1 - alpha) * rec + alpha * c * ref (reference: 0.5 rec + 0.5 c ref); rec when ref is None.
+
+  Args:
+    rec: reconstruction map, any shape.
+    ref: refiner probabilities, same shape as rec, or None.
+    c: scale, scalar (or broadcastable).
+    alpha: refiner weight.
+  """
+  rec = rec.astype(jnp.float32)
+  if ref is None:
+    return rec
+  return (1.0 - alpha) * rec + alpha * jnp.asarray(c, jnp.float32) * ref.astype(jnp.float32)
+
+
+def image_scores(anomaly_map: Array, pool_size: int = 16) -> Array:
+  """Image score: max of the stride-1, VALID, pool_size x pool_size mean-filtered map (spec 9.4).
+
+  Args:
+    anomaly_map: (B, H, W, 1) or (B, H, W).
+    pool_size: box size; must not exceed H or W.
+
+  Returns:
+    (B,) float32.
+  """
+  x = anomaly_map.astype(jnp.float32)
+  if x.ndim == 4:
+    x = x[..., 0]
+  if x.ndim != 3:
+    raise ValueError(f"expected (B, H, W[, 1]), got {anomaly_map.shape}")
+  if pool_size > x.shape[1] or pool_size > x.shape[2]:
+    raise ValueError(f"pool_size {pool_size} exceeds the map size {x.shape[1:]}")
+  summed = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, pool_size, pool_size), (1, 1, 1), "VALID")
+  return jnp.max(summed, axis=(1, 2)) / float(pool_size * pool_size)

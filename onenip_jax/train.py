@@ -1,0 +1,304 @@
+"""OneNIP training: `onenip-train --config configs/X.py[:args] --workdir DIR [--config.key=value]`.
+
+One loop, big_vision style. Everything that decides placement is in this file:
+  * the mesh has one axis, `data`, over every device of every process (`sharding.make_mesh`);
+  * the train state is replicated, batches are split along `data`;
+  * `train_step` is one `jax.jit` with explicit in/out shardings and the state donated.
+
+Per step the frozen backbone sees [normal (B); synthetic (B); prompt (B)] (or only the synthetic
+images when `cache_features=True`), the network reconstructs [normal; synthetic] from the prompt,
+and the loss fuses feature MSE (reconstruction + restoration) and the refiner's Dice loss.
+"""
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags
+from ml_collections import config_flags
+
+from data_pipelines import indexing, input_pipeline
+from onenip_jax import checkpoints, evaluate, losses, sharding
+from onenip_jax.models.features import FrozenFeatures
+from onenip_jax.models.onenip import OneNIP
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (checkpoints, logs, evaluations).")
+
+log = logging.getLogger("onenip")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint holds besides the config (all replicated).
+
+  Attributes:
+    step: () int32, number of optimiser steps taken.
+    params, batch_stats: the trainable network's variables.
+    opt_state: optax state.
+    rng: () PRNG key data (uint32 (2,)); the key of step s is fold_in(rng, s).
+    fusion_c: () float32, the frozen fusion constant (NaN until the end of training).
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+  fusion_c: jax.Array
+
+
+def total_steps(cfg: ml_collections.ConfigDict, spe: int) -> int:
+  """`total_steps` when > 0, else `num_epochs` epochs of `spe` steps."""
+  return int(cfg.total_steps) if cfg.total_steps > 0 else int(cfg.num_epochs * spe)
+
+
+def lr_schedule(cfg: ml_collections.ConfigDict, spe: int) -> optax.Schedule:
+  """The reference's StepLR in steps: lr x `lr_drop_factor` from each of `lr_drop_epochs` on."""
+  o = cfg.optim
+  lr = o.lr * (cfg.batch_size / o.reference_batch_size if o.scale_lr_with_batch else 1.0)
+  return optax.piecewise_constant_schedule(lr, {int(e) * spe: o.lr_drop_factor
+                                                for e in o.lr_drop_epochs})
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, spe: int) -> optax.GradientTransformation:
+  """clip_by_global_norm -> AdamW (spec 8.1); weight decay on every parameter, as the reference."""
+  o = cfg.optim
+  return optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                     optax.adamw(lr_schedule(cfg, spe), b1=o.b1, b2=o.b2, eps=o.eps,
+                                 weight_decay=o.weight_decay))
+
+
+def init_state(cfg, model: OneNIP, tx, channels: int) -> TrainState:
+  """Initial state from `cfg.seed` (deterministic on every process)."""
+  h = cfg.input_size // 16
+  key = jax.random.PRNGKey(cfg.seed)
+  init_key, jitter_key, dropout_key, train_key = jax.random.split(key, 4)
+  feats = jnp.zeros((1, h, h, channels), jnp.float32)
+  variables = model.init({"params": init_key, "jitter": jitter_key, "dropout": dropout_key},
+                         feats, feats, train=False)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                    rng=jax.random.key_data(train_key), fusion_c=jnp.full((), jnp.nan, jnp.float32))
+
+
+def make_train_step(cfg, model: OneNIP, features: FrozenFeatures, tx):
+  """Returns train_step(state, batch, backbone_vars, cache) -> (state, metrics).
+
+  batch (global, split over `data`): `synthetic` (B,H,W,3), `mask` (B,H,W,1), and either `normal`
+  and `prompt` (B,H,W,3) images or `normal_index`/`prompt_index` (B,) rows of `cache`
+  (N_train, h, w, C), the cached frozen features of every training image.
+  """
+
+  def train_step(state: TrainState, batch: dict, backbone_vars: dict, cache):
+    if cache is None:
+      b = batch["synthetic"].shape[0]
+      f = features(backbone_vars, jnp.concatenate([batch["normal"], batch["synthetic"],
+                                                   batch["prompt"]]))
+      f_normal, f_synthetic, f_prompt = f[:b], f[b:2 * b], f[2 * b:]
+    else:
+      f_synthetic = features(backbone_vars, batch["synthetic"])
+      f_normal = cache[batch["normal_index"]].astype(jnp.float32)
+      f_prompt = cache[batch["prompt_index"]].astype(jnp.float32)
+    query = jnp.concatenate([f_normal, f_synthetic])
+    masks = jnp.concatenate([jnp.zeros_like(batch["mask"]), batch["mask"]])
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    jitter_key, dropout_key = jax.random.split(key)
+
+    def loss_fn(params):
+      out, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, query,
+                                 f_prompt, train=True, mutable=["batch_stats"],
+                                 rngs={"jitter": jitter_key, "dropout": dropout_key})
+      total, parts = losses.onenip_loss(out, query, masks, loss_cfg=cfg.loss,
+                                        restoration=cfg.model.restoration)
+      return total, (parts, updates.get("batch_stats", {}))
+
+    (_, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(parts, grad_norm=optax.global_norm(grads))
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state), metrics
+
+  return train_step
+
+
+def compute_feature_cache(cfg, index, features, backbone_vars, mesh) -> jax.Array:
+  """Frozen features of every training image, (N_train, h, w, C) in `cache_dtype`, replicated.
+
+  Each process decodes only its share of the images; the result is gathered on every device.
+  """
+  fn = jax.jit(features, in_shardings=(sharding.replicated(mesh), sharding.data_sharded(mesh)),
+               out_shardings=sharding.data_sharded(mesh))
+  h = cfg.input_size // 16
+  cache = np.zeros((len(index.train), h, h, features.channels), np.float32)
+  for batch in input_pipeline.make_eval_iterator(index.train, index, cfg, batch_size=cfg.batch_size,
+                                                 process_index=jax.process_index(),
+                                                 process_count=jax.process_count(),
+                                                 with_prompt=False):
+    batch = sharding.to_global({k: batch[k] for k in ("image", "index", "valid")}, mesh)
+    f = sharding.to_host(fn(backbone_vars, batch["image"]))
+    idx, valid = sharding.to_host(batch["index"]), sharding.to_host(batch["valid"])
+    cache[idx[valid]] = f[valid]
+  return jax.device_put(jnp.asarray(cache, jnp.dtype(cfg.cache_dtype)), sharding.replicated(mesh))
+
+
+class _Logger:
+  """Process-0 logging of scalars to JSON lines and TensorBoard event files."""
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    if self.enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._jsonl = open(os.path.join(workdir, "train_log.jsonl"), "a", encoding="utf-8")
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self._jsonl.flush()
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, v, step)
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains (resuming from the latest checkpoint in `workdir`), then evaluates; returns the state."""
+  sharding.maybe_initialize_distributed(cfg.distributed)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(cfg.batch_size, mesh)
+  if cfg.data.layout == "demo" and not cfg.data.root:
+    cfg.data.root = os.path.join(os.path.abspath(workdir), "demo_data")
+  index = indexing.index_dataset(cfg.data)
+  spe = input_pipeline.steps_per_epoch(index, cfg.batch_size)
+  num_steps = total_steps(cfg, spe)
+  log.info("%d classes, %d train / %d test images; %d steps (%d per epoch) on %d devices",
+           len(index.classes), len(index.train), len(index.test), num_steps, spe, mesh.devices.size)
+
+  features = FrozenFeatures.from_config(cfg.model)
+  backbone_vars = jax.device_put(features.load_variables(cfg.model), sharding.replicated(mesh))
+  model = OneNIP.from_config(cfg.model)
+  tx = make_optimizer(cfg, spe)
+
+  repl, split = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  state = jax.jit(functools.partial(init_state, cfg, model, tx, features.channels),
+                  out_shardings=repl)()
+  manager = checkpoints.make_manager(workdir, cfg)
+  if manager.latest_step() is not None:
+    state = checkpoints.restore(manager, state)
+    log.info("resumed from step %d", int(state.step))
+  start = int(state.step)
+
+  cache = compute_feature_cache(cfg, index, features, backbone_vars, mesh) if cfg.cache_features else None
+  train_step = jax.jit(make_train_step(cfg, model, features, tx),
+                       in_shardings=(repl, split, repl, repl), out_shardings=(repl, repl),
+                       donate_argnums=(0,))
+
+  stop = {"signal": None}
+
+  def _on_sigterm(signum, _):
+    stop["signal"] = signum
+  previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+
+  logger = _Logger(workdir)
+  eval_every = cfg.eval.every_epochs * spe
+  batches = input_pipeline.make_train_iterator(index, cfg, process_index=jax.process_index(),
+                                               process_count=jax.process_count(), start_step=start,
+                                               decode_clean=cache is None)
+  progress = _progress(start, num_steps)
+  t0, n0 = time.perf_counter(), start
+  try:
+    for step in range(start + 1, num_steps + 1):
+      batch = next(batches)
+      if cache is not None:
+        batch = {k: batch[k] for k in ("synthetic", "mask", "normal_index", "prompt_index")}
+      else:
+        batch = {k: batch[k] for k in ("normal", "synthetic", "prompt", "mask")}
+      state, metrics = train_step(state, sharding.to_global(batch, mesh), backbone_vars, cache)
+      progress.update(1)
+      if step % cfg.log_every_steps == 0 or step == num_steps:
+        scalars = {k: _scalar(v) for k, v in metrics.items()}
+        dt = time.perf_counter() - t0
+        scalars.update(epoch=step / spe, images_per_s=(step - n0) * cfg.batch_size / dt)
+        t0, n0 = time.perf_counter(), step
+        logger.write(step, scalars)
+        progress.set_postfix(loss=f"{scalars['total']:.4f}")
+      if (step % cfg.ckpt.every_steps == 0 and step < num_steps) or stop["signal"] is not None:
+        checkpoints.save(manager, step, state, cfg)
+      if stop["signal"] is not None:
+        log.warning("received signal %d: saved step %d, exiting", stop["signal"], step)
+        sys.exit(128 + stop["signal"])
+      if eval_every and step % eval_every == 0 and step < num_steps:
+        evaluate.evaluate_state(cfg, state, index, features, backbone_vars, mesh,
+                                os.path.join(workdir, "eval", f"step_{step}"))
+  finally:
+    progress.close()
+    signal.signal(signal.SIGTERM, previous_handler)
+
+  if math.isnan(_scalar(state.fusion_c)):
+    c = evaluate.frozen_fusion_constant(cfg, state, index, features, backbone_vars, mesh)
+    state = state.replace(fusion_c=jax.device_put(jnp.float32(c), repl))
+    log.info("frozen fusion constant c = %.5f", c)
+    if manager.latest_step() == num_steps:  # saved by a SIGTERM at the last step, without c
+      manager.delete(num_steps)
+    checkpoints.save(manager, num_steps, state, cfg)
+  result = evaluate.evaluate_state(cfg, state, index, features, backbone_vars, mesh,
+                                   os.path.join(workdir, "eval", f"step_{num_steps}"))
+  logger.write(num_steps, {f"eval/{k}": v for k, v in result["mean"].items() if v is not None})
+  log.info("process %d: final params digest %s", jax.process_index(), _digest(state.params))
+  logger.close()
+  manager.close()
+  return state
+
+
+def _scalar(x: jax.Array) -> float:
+  """A replicated scalar as a Python float (works when the array spans several processes)."""
+  return float(np.asarray(x.addressable_data(0)))
+
+
+def _digest(tree) -> str:
+  """A short fingerprint of this process's copy of a replicated tree (to compare processes)."""
+  leaves = [np.asarray(x.addressable_data(0), np.float64) for x in jax.tree.leaves(tree)]
+  return f"{sum(float(np.abs(x).sum()) for x in leaves):.12e}/{sum(float(x.sum()) for x in leaves):.12e}"
+
+
+def _progress(start: int, total: int):
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, initial=start, unit="step", disable=jax.process_index() != 0,
+              dynamic_ncols=True, mininterval=2.0)
+
+
+def main(argv=None) -> None:
+  """Console entry point `onenip-train`."""
+  app.run(_main, argv=argv if argv is not None else sys.argv)
+
+
+def _main(argv) -> None:
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    raise app.UsageError("onenip-train needs --config configs/X.py[:args] and --workdir DIR")
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  main()

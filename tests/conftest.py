@@ -1,0 +1,20 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported) and the shared real data."""
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+  """`../shared/data` beside the repo root (real MVTec bottle, magnetic tile, DTD textures)."""
+  if not (SHARED_DATA / "real").is_dir():
+    pytest.skip(f"real data not found at {SHARED_DATA}")
+  return SHARED_DATA

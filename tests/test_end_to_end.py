@@ -1,0 +1,174 @@
+"""End to end on ../shared/data (bottle, 64 px, Lite0): train as a user would (subprocesses),
+kill and resume, SIGTERM, two processes through jax.distributed, export, eval and predict."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+STEPS = 6
+ARGS = ["--config=configs/real.py:steps=6,backbone=lite0", "--config.input_size=64",
+        "--config.data.classes=('bottle',)", "--config.log_every_steps=1",
+        "--config.ckpt.every_steps=2", "--config.eval.fusion_max_images=32",
+        "--config.eval.heatmaps=False", "--config.eval.batch_size=32"]
+
+
+def _train(workdir, *extra, wait=True):
+  cmd = [sys.executable, "-m", "onenip_jax.train", f"--workdir={workdir}", *ARGS, *extra]
+  log = open(os.path.join(os.path.dirname(workdir), os.path.basename(workdir) + ".log"), "ab")
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+  if wait:
+    assert proc.wait(timeout=900) == 0, f"training failed, see {log.name}"
+  return proc
+
+
+def _losses(workdir) -> dict:
+  """step -> total loss, the last line of each step winning (a resumed run re-logs steps)."""
+  path = os.path.join(workdir, "train_log.jsonl")
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return {r["step"]: r["total"] for r in rows if "total" in r}
+
+
+def _wait_for_step(proc, workdir, step, timeout=600):
+  t = time.time()
+  while max(_losses(workdir), default=0) < step:
+    assert proc.poll() is None, "training ended before it could be interrupted"
+    assert time.time() - t < timeout
+    time.sleep(0.2)
+
+
+def _checkpoints(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+@pytest.fixture(scope="module")
+def trained(shared_data, tmp_path_factory):
+  """An uninterrupted 6-step run (the reference trajectory)."""
+  workdir = str(tmp_path_factory.mktemp("e2e") / "full")
+  _train(workdir)
+  return workdir
+
+
+def test_losses_are_logged_and_eval_written(trained):
+  losses = _losses(trained)
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  assert all(np.isfinite(v) for v in losses.values())
+  with open(os.path.join(trained, "eval", f"step_{STEPS}", "metrics.json"), encoding="utf-8") as f:
+    m = json.load(f)
+  assert set(m["classes"]) == {"bottle"} and m["step"] == STEPS
+  assert m["classes"]["bottle"]["n_images"] == 83
+  assert m["fusion"] == "frozen" and m["fusion_c"] > 0
+  assert os.path.isdir(os.path.join(trained, "tb"))
+
+
+def test_sigterm_saves_and_sigkill_resumes_the_same_trajectory(trained, tmp_path):
+  workdir = str(tmp_path / "interrupted")
+  proc = _train(workdir, wait=False)
+  _wait_for_step(proc, workdir, 1)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=300) == 128 + signal.SIGTERM
+  stopped = max(_losses(workdir))
+  assert _checkpoints(workdir)[-1] >= stopped  # saved at the step it was stopped at
+  proc = _train(workdir, wait=False)
+  _wait_for_step(proc, workdir, 4)
+  proc.kill()
+  proc.wait()
+  _train(workdir)
+  resumed, reference = _losses(workdir), _losses(trained)
+  assert sorted(resumed) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([resumed[s] for s in range(1, STEPS + 1)],
+                             [reference[s] for s in range(1, STEPS + 1)], rtol=1e-6)
+
+
+def test_two_processes_match_one(trained, tmp_path):
+  """2 CPU processes (jax.distributed on 127.0.0.1) reach the single-process params at step 4."""
+  workdir = str(tmp_path / "two")
+  cmd = [sys.executable, "-m", "launch.local_multiprocess", "--num-processes", "2", "--",
+         f"--workdir={workdir}", *ARGS, "--config.total_steps=4"]
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  logs = [open(os.path.join(workdir, f"process_{i}.log"), encoding="utf-8").read() for i in (0, 1)]
+  assert out.returncode == 0, out.stdout + out.stderr + logs[0][-3000:] + logs[1][-3000:]
+  digests = [[line.split("params digest ")[1] for line in log.splitlines() if "params digest" in line]
+             for log in logs]
+  assert digests[0] and digests[0] == digests[1]
+  from onenip_jax import export, sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh()
+  _, two, _, step_two = export.load_checkpoint(workdir, mesh, 4)
+  _, one, _, step_one = export.load_checkpoint(trained, mesh, 4)
+  assert step_two == step_one == 4
+  a = np.concatenate([np.ravel(x) for x in _leaves(two.variables)])
+  b = np.concatenate([np.ravel(x) for x in _leaves(one.variables)])
+  assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+def _leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_export_eval_and_predict_agree_with_training(trained, tmp_path, shared_data):
+  from onenip_jax import evaluate, export, predict, reports  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / "export")
+  export.main(["--workdir", trained, "--out", out, "--calibrate"])
+  assert sorted(os.listdir(out)) == ["backbone.msgpack", "export.json", "model.msgpack",
+                                     "prompt_pool.npz"]
+  with pytest.raises(FileExistsError):
+    export.main(["--workdir", trained, "--out", out])
+  # Exported evaluation == in-training evaluation (class-mode prompts, frozen fusion constant).
+  evaluate.main(["--exported", out, "--out", str(tmp_path / "eval")])
+  mine = reports.read_metrics(str(tmp_path / "eval"))
+  theirs = reports.read_metrics(os.path.join(trained, "eval", f"step_{STEPS}"))
+  for k, v in theirs["classes"]["bottle"].items():
+    assert mine["classes"]["bottle"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+  # Pool mode (class-agnostic) evaluation, then predict on a folder: same per-image scores.
+  evaluate.main(["--exported", out, "--out", str(tmp_path / "pool"), "--set", "eval.prompt_mode=pool"])
+  pool = reports.read_metrics(str(tmp_path / "pool"))
+  assert pool["pool_class_accuracy"] == 1.0  # one class: the pool can only pick it
+  folder = shared_data / "real" / "bottle" / "test" / "broken_large"
+  pred_dir = tmp_path / "pred"
+  predict.main(["--exported", out, "--out", str(pred_dir), "--heatmaps", str(folder)])
+  with open(pred_dir / "predictions.json", encoding="utf-8") as f:
+    preds = json.load(f)
+  assert len(preds["predictions"]) == 20 and preds["threshold"] is not None
+  assert all(os.path.isfile(p["heatmap"]) for p in preds["predictions"])
+  with open(tmp_path / "pool" / "scores.csv", encoding="utf-8") as f:
+    rows = [line.rstrip("\n").split(",") for line in f][1:]
+  eval_scores = {os.path.basename(r[0]): float(r[4]) for r in rows if r[2] == "broken_large"}
+  for p in preds["predictions"]:
+    assert p["score"] == pytest.approx(eval_scores[os.path.basename(p["path"])], rel=1e-4)
+
+
+def test_bad_exports_and_inputs_fail_clearly(trained, tmp_path):
+  from onenip_jax import export, predict  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / "export")
+  export.main(["--workdir", trained, "--out", out])
+  model = os.path.join(out, "model.msgpack")
+  data = open(model, "rb").read()
+  with open(model, "wb") as f:
+    f.write(data[: len(data) // 2])
+  with pytest.raises(ValueError, match="model.msgpack"):
+    export.load_export(out)
+  meta_path = os.path.join(out, "export.json")
+  meta = json.load(open(meta_path, encoding="utf-8"))
+  meta["format_version"] = 99
+  json.dump(meta, open(meta_path, "w", encoding="utf-8"))
+  with pytest.raises(ValueError, match="format version 99"):
+    export.load_export(out)
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(ValueError, match="no images"):
+    predict.find_images([str(empty)])
+  with pytest.raises(FileNotFoundError, match="nope.png"):
+    predict.find_images([str(tmp_path / "nope.png")])
