@@ -255,7 +255,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
 
   if math.isnan(_scalar(state.fusion_c)):
     c = evaluate.frozen_fusion_constant(cfg, state, index, features, backbone_vars, mesh)
-    state = state.replace(fusion_c=jax.device_put(jnp.float32(c), repl))
+    state = jax.jit(lambda s: s.replace(fusion_c=jnp.float32(c)), out_shardings=repl)(state)
     log.info("frozen fusion constant c = %.5f", c)
     if manager.latest_step() == num_steps:  # saved by a SIGTERM at the last step, without c
       manager.delete(num_steps)

@@ -103,14 +103,24 @@ def test_two_processes_match_one(trained, tmp_path):
   digests = [[line.split("params digest ")[1] for line in log.splitlines() if "params digest" in line]
              for log in logs]
   assert digests[0] and digests[0] == digests[1]
-  from onenip_jax import export, sharding  # pylint: disable=g-import-not-at-top
+  # Same batches, same init: the losses agree to float round-off at every step ...
+  two_losses, one_losses = _losses(workdir), _losses(trained)
+  np.testing.assert_allclose([two_losses[s] for s in range(1, 5)], [one_losses[s] for s in range(1, 5)],
+                             rtol=1e-5)
+  # ... and so do the params. The collectives sum in another order than one device does, and
+  # Adam turns round-off in near-zero gradients (e.g. of the key biases, whose true gradient is 0)
+  # into updates of size ~lr, so the params are compared against the size of the update.
+  from onenip_jax import export, inference, sharding, train  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
-  _, two, _, step_two = export.load_checkpoint(workdir, mesh, 4)
+  cfg, two, _, step_two = export.load_checkpoint(workdir, mesh, 4)
   _, one, _, step_one = export.load_checkpoint(trained, mesh, 4)
   assert step_two == step_one == 4
-  a = np.concatenate([np.ravel(x) for x in _leaves(two.variables)])
-  b = np.concatenate([np.ravel(x) for x in _leaves(one.variables)])
-  assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+  model, features = inference.make_model(cfg)
+  init = train.init_state(cfg, model, train.make_optimizer(cfg, 1), features.channels)
+  p2, p1, p0 = (np.concatenate([np.ravel(x) for x in _leaves(t)])
+                for t in (two.variables["params"], one.variables["params"], init.params))
+  assert np.linalg.norm(p2 - p1) <= 1e-2 * np.linalg.norm(p1 - p0)
+  assert np.abs(p2 - p1).max() <= 1e-3 * np.abs(p1).max()
 
 
 def _leaves(tree):

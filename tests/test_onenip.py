@@ -486,7 +486,7 @@ def test_refiner_matches_torch_eval():
     params[f"conv{i}"] = {"kernel": t(head[conv].weight).transpose(2, 3, 1, 0)}
     params[f"bn{i}"] = {"scale": t(head[bn].weight), "bias": t(head[bn].bias)}
     stats[f"bn{i}"] = {"mean": t(head[bn].running_mean), "var": t(head[bn].running_var)}
-    params[f"deconv{i}"] = {"kernel": t(head[deconv].weight).transpose(2, 3, 0, 1)[::-1, ::-1],
+    params[f"deconv{i}"] = {"kernel": t(head[deconv].weight).transpose(2, 3, 0, 1),
                             "bias": t(head[deconv].bias)}
   params["predictor"] = {"kernel": t(head[8].weight).transpose(2, 3, 1, 0),
                          "bias": t(head[8].bias)}

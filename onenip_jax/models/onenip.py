@@ -306,6 +306,28 @@ class GroupedBatchNorm(nn.Module):
     return y.reshape(x.shape).astype(self.dtype)
 
 
+class Deconv2x2(nn.Module):
+  """ConvTranspose 2x2, stride 2 (no overlap), as one matmul and a depth-to-space reshuffle.
+
+  out[2i + a, 2j + b, o] = sum_c x[i, j, c] kernel[a, b, c, o] + bias[o]: PyTorch's
+  ConvTranspose2d with its weight (in, out, kh, kw) stored as kernel = w.transpose(2, 3, 0, 1).
+  (XLA's lhs-dilated convolution computes the same but is slow on CPU, forward and backward.)
+  xavier_uniform depends only on fan_in + fan_out, the same under PyTorch's ConvTranspose fan
+  convention (fan_in = out*k^2, fan_out = in*k^2).
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: (B, h, w, C) -> (B, 2h, 2w, features)."""
+    b, h, w, c = x.shape
+    kernel = self.param("kernel", xavier_uniform, (2, 2, c, self.features), jnp.float32)
+    bias = self.param("bias", zeros, (self.features,), jnp.float32)
+    y = jnp.einsum("nhwc,abco->nhawbo", x, kernel.astype(self.dtype))
+    return y.reshape(b, 2 * h, 2 * w, self.features) + bias.astype(self.dtype)
+
+
 class Refiner(nn.Module):
   """MaskHead (spec 6): 2 x (Conv3x3 no bias -> BN -> ReLU -> ConvTranspose 2x2/2) -> Conv1x1."""
   channels: int = 128
@@ -322,12 +344,7 @@ class Refiner(nn.Module):
       x = GroupedBatchNorm(self.bn_group_size, dtype=self.dtype, name=f"bn{i}")(
           x, use_running_average=not train, paired_with=paired_with)
       x = nn.relu(x)
-      # xavier_uniform depends only on fan_in + fan_out, which is the same under PyTorch's
-      # ConvTranspose fan convention (fan_in = out*k^2, fan_out = in*k^2) and Flax's. Porting a
-      # PyTorch weight (in, out, kh, kw): kernel = w.transpose(2, 3, 0, 1)[::-1, ::-1].
-      x = nn.ConvTranspose(self.channels, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype,
-                           param_dtype=jnp.float32, kernel_init=xavier_uniform, bias_init=zeros,
-                           name=f"deconv{i}")(x)
+      x = Deconv2x2(self.channels, self.dtype, name=f"deconv{i}")(x)
     return nn.Conv(1, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, kernel_init=xavier_uniform,
                    bias_init=zeros, name="predictor")(x)
 
