@@ -12,14 +12,4 @@ from configs import common
 
 
 def get_config(arg=None):
-  a = common.parse_args(arg, res=224, backbone="b4", layout="meta")
-  c = common.get_base_config()
-  c.input_size = a["res"]
-  common.set_backbone(c, a["backbone"])
-  c.data.layout = a["layout"]
-  c.data.root = "data/BTAD/BTech_Dataset_transformed"
-  if a["layout"] == "meta":
-    c.data.meta_train = "data/BTAD/train.json"
-    c.data.meta_test = "data/BTAD/test.json"
-  c.data.textures = "data/dtd"
-  return c
+  return common.dataset_config(arg, root="data/BTAD/BTech_Dataset_transformed", meta_dir="data/BTAD")[0]

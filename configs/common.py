@@ -126,3 +126,22 @@ def parse_args(arg: str | None, **defaults) -> dict:
       raise ValueError(f"config argument {item!r}: expected one of {sorted(defaults)} as key=value")
     out[key] = type(defaults[key])(value) if defaults[key] is not None else value
   return out
+
+
+def dataset_config(arg: str | None, *, root: str, meta_dir: str, **extra_args) -> tuple:
+  """The shared body of the dataset configs: args `res`, `backbone`, `layout` (+ `extra_args`).
+
+  Returns (config, parsed args). With layout "meta" the UniAD meta files are
+  `<meta_dir>/train.json` and `<meta_dir>/test.json`, image paths relative to `root`.
+  """
+  a = parse_args(arg, res=224, backbone="b4", layout="meta", **extra_args)
+  c = get_base_config()
+  c.input_size = a["res"]
+  set_backbone(c, a["backbone"])
+  c.data.layout = a["layout"]
+  c.data.root = root
+  if a["layout"] == "meta":
+    c.data.meta_train = f"{meta_dir}/train.json"
+    c.data.meta_test = f"{meta_dir}/test.json"
+  c.data.textures = "data/dtd"
+  return c, a

@@ -12,13 +12,4 @@ from configs import common
 
 
 def get_config(arg=None):
-  a = common.parse_args(arg, res=224, backbone="b4")
-  c = common.get_base_config()
-  c.input_size = a["res"]
-  common.set_backbone(c, a["backbone"])
-  c.data.layout = "meta"
-  c.data.root = "data/mvtec+btad+visa"
-  c.data.meta_train = "data/mvtec+btad+visa/train.json"
-  c.data.meta_test = "data/mvtec+btad+visa/test.json"
-  c.data.textures = "data/dtd"
-  return c
+  return common.dataset_config(arg, root="data/mvtec+btad+visa", meta_dir="data/mvtec+btad+visa")[0]

@@ -13,16 +13,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  a = common.parse_args(arg, res=224, backbone="b4", layout="meta")
-  c = common.get_base_config()
-  c.input_size = a["res"]
-  common.set_backbone(c, a["backbone"])
-  c.data.layout = a["layout"]
-  c.data.root = "data/VisA"
-  if a["layout"] == "meta":
-    c.data.meta_train = "data/VisA/train.json"
-    c.data.meta_test = "data/VisA/test.json"
-  else:
+  c, a = common.dataset_config(arg, root="data/VisA", meta_dir="data/VisA")
+  if a["layout"] == "visa_csv":
     c.data.visa_csv = "data/VisA/split_csv/1cls.csv"
-  c.data.textures = "data/dtd"
   return c
