@@ -54,24 +54,28 @@ def test_sharded_step_equals_single_device_and_compiles_once():
   for n in (1, 8):
     mesh = Mesh(np.asarray(jax.devices()[:n]), (sharding.DATA_AXIS,))
     state, step, bb, _ = _setup(cfg, mesh)
-    for i in range(5 if n == 8 else 2):
+    for i in range(5 if n == 8 else 1):
       state, metrics = step(state, sharding.to_global(_batch(i % 2), mesh), bb, None)
-      if n == 8 and i == 1:
-        results["8@2"] = jax.device_get((state.params, state.batch_stats, metrics))
-    if n == 1:
-      results["1@2"] = jax.device_get((state.params, state.batch_stats, metrics))
-    else:
+      if i == 0:  # one step from the same state on the same global batch
+        results[n] = jax.device_get((state.params, state.batch_stats, metrics))
+    if n == 8:
       assert step._cache_size() == 1  # pylint: disable=protected-access
       assert len(state.params["input_proj"]["kernel"].sharding.device_set) == 8
-  p1, s1, m1 = results["1@2"]
-  p8, s8, m8 = results["8@2"]
-  assert _rel(p8, p1) <= 1e-5
+  p1, s1, m1 = results[1]
+  p8, s8, m8 = results[8]
+  for k in ("total", "mse", "dice", "grad_norm"):
+    np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5)
   assert _rel(s8, s1) <= 1e-5
-  np.testing.assert_allclose(m8["total"], m1["total"], rtol=1e-5)
-  # The step really trained: params moved away from the initial values.
+  # Params: Adam's first step is ~lr * g / (|g| + eps), so gradients that are zero in exact
+  # arithmetic (e.g. attention key biases) but differ in round-off (another summation order on 8
+  # devices) move by different tiny amounts. Bound that against the step size itself.
   mesh = Mesh(np.asarray(jax.devices()[:1]), (sharding.DATA_AXIS,))
   init, _, _, _ = _setup(cfg, mesh)
-  assert _rel(p1, jax.device_get(init.params)) > 1e-6
+  flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+  d, update = flat(p8) - flat(p1), flat(p1) - flat(jax.device_get(init.params))
+  assert np.linalg.norm(d) <= 1e-3 * np.linalg.norm(update)
+  assert np.abs(d).max() <= 0.5 * cfg.optim.lr
+  assert np.abs(update).max() > 0.5 * cfg.optim.lr  # the step really trained
 
 
 def test_feature_cache_gives_the_same_losses():
