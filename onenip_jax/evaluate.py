@@ -192,7 +192,8 @@ def main(argv=None) -> None:
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override, e.g. --set eval.prompt_mode=pool (repeatable)")
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)
   from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
   if args.exported:
@@ -212,7 +213,9 @@ def main(argv=None) -> None:
     predictor.pool = inference.build_prompt_pool(predictor, index, cfg)
   elif cfg.eval.prompt_mode == "class":
     predictor.pool = None
-  evaluate_predictor(cfg, predictor, index, out, frozen_c, step=step)
+  result = evaluate_predictor(cfg, predictor, index, out, frozen_c, step=step)
+  print(f"step {step}, {cfg.eval.prompt_mode} prompts -> {out}/metrics.json\n"
+        f"{reports.format_table(result)}")
 
 
 if __name__ == "__main__":

@@ -161,7 +161,8 @@ def main(argv=None) -> None:
   parser.add_argument("--calibrate", action="store_true",
                       help="store the F1-optimal image threshold measured on the config's test set")
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)
   from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
   from onenip_jax import evaluate, metrics  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()

@@ -90,7 +90,8 @@ def main(argv=None) -> None:
   parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images (warned)")
   parser.add_argument("--batch-size", type=int, default=8)
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)
   paths = find_images(args.inputs)
   loaded = load_export(args.exported)
   threshold = args.threshold if args.threshold is not None else loaded.threshold
