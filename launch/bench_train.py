@@ -24,7 +24,11 @@ from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
 
 
-def bench(backbone: str, dtype: str, cached: bool, batch: int, res: int, steps: int) -> float:
+def build(backbone: str, dtype: str, cached: bool, batch: int, res: int):
+  """The jitted train step of `train.py` and its arguments, on random data and random weights.
+
+  Returns (step, (state, batch, backbone_vars, cache)); `step(*args)` -> (state, metrics).
+  """
   cfg = common.get_base_config()
   common.set_backbone(cfg, backbone)
   cfg.model.dtype = dtype
@@ -35,7 +39,7 @@ def bench(backbone: str, dtype: str, cached: bool, batch: int, res: int, steps: 
   bb = jax.device_put(bb, sharding.replicated(mesh))
   model = OneNIP.from_config(cfg.model)
   tx = train.make_optimizer(cfg, 100)
-  repl, split = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  repl = sharding.replicated(mesh)
   state = jax.jit(lambda: train.init_state(cfg, model, tx, features.channels), out_shardings=repl)()
   rng = np.random.default_rng(0)
   img = lambda: rng.normal(size=(batch, res, res, 3)).astype(np.float32)
@@ -48,9 +52,13 @@ def bench(backbone: str, dtype: str, cached: bool, batch: int, res: int, steps: 
   else:
     cache = None
     host = {"normal": img(), "synthetic": img(), "prompt": img(), "mask": mask}
-  step = jax.jit(train.make_train_step(cfg, model, features, tx),
-                 in_shardings=(repl, split, repl, repl), out_shardings=(repl, repl), donate_argnums=(0,))
-  batch_arrays = sharding.to_global(host, mesh)
+  step = train.jit_train_step(cfg, model, features, tx, mesh)
+  return step, (state, sharding.to_global(host, mesh), bb, cache)
+
+
+def bench(backbone: str, dtype: str, cached: bool, batch: int, res: int, steps: int) -> float:
+  """Images/s: `batch` over the median time of `steps` steps after one compiling step."""
+  step, (state, batch_arrays, bb, cache) = build(backbone, dtype, cached, batch, res)
   state, m = step(state, batch_arrays, bb, cache)
   jax.block_until_ready(m)
   times = []

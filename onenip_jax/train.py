@@ -30,6 +30,7 @@ from ml_collections import config_flags
 
 from data_pipelines import indexing, input_pipeline
 from onenip_jax import checkpoints, evaluate, losses, sharding
+from onenip_jax.compile_options import compiler_options
 from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
 
@@ -120,18 +121,29 @@ def make_train_step(cfg, model: OneNIP, features: FrozenFeatures, tx):
       out, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, query,
                                  f_prompt, train=True, mutable=["batch_stats"],
                                  rngs={"jitter": jitter_key, "dropout": dropout_key})
-      total, parts = losses.onenip_loss(out, query, masks, loss_cfg=cfg.loss,
-                                        restoration=cfg.model.restoration)
+      with jax.named_scope("loss"):
+        total, parts = losses.onenip_loss(out, query, masks, loss_cfg=cfg.loss,
+                                          restoration=cfg.model.restoration)
       return total, (parts, updates.get("batch_stats", {}))
 
     (_, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer"):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
     metrics = dict(parts, grad_norm=optax.global_norm(grads))
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state), metrics
 
   return train_step
+
+
+def jit_train_step(cfg, model: OneNIP, features: FrozenFeatures, tx, mesh):
+  """The jitted, sharded train step: state, backbone variables and cache replicated, the batch
+  split over `data`, the state donated (updated in place), XLA options from `compiler_options`."""
+  repl, split = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  return jax.jit(make_train_step(cfg, model, features, tx),
+                 in_shardings=(repl, split, repl, repl), out_shardings=(repl, repl),
+                 donate_argnums=(0,), compiler_options=compiler_options())
 
 
 def compute_feature_cache(cfg, index, features, backbone_vars, mesh) -> jax.Array:
@@ -140,7 +152,7 @@ def compute_feature_cache(cfg, index, features, backbone_vars, mesh) -> jax.Arra
   Each process decodes only its share of the images; the result is gathered on every device.
   """
   fn = jax.jit(features, in_shardings=(sharding.replicated(mesh), sharding.data_sharded(mesh)),
-               out_shardings=sharding.data_sharded(mesh))
+               out_shardings=sharding.data_sharded(mesh), compiler_options=compiler_options())
   h = cfg.input_size // 16
   cache = np.zeros((len(index.train), h, h, features.channels), np.float32)
   for batch in input_pipeline.make_eval_iterator(index.train, index, cfg, batch_size=cfg.batch_size,
@@ -198,7 +210,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
   model = OneNIP.from_config(cfg.model)
   tx = make_optimizer(cfg, spe)
 
-  repl, split = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  repl = sharding.replicated(mesh)
   state = jax.jit(functools.partial(init_state, cfg, model, tx, features.channels),
                   out_shardings=repl)()
   manager = checkpoints.make_manager(workdir, cfg)
@@ -208,9 +220,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
   start = int(state.step)
 
   cache = compute_feature_cache(cfg, index, features, backbone_vars, mesh) if cfg.cache_features else None
-  train_step = jax.jit(make_train_step(cfg, model, features, tx),
-                       in_shardings=(repl, split, repl, repl), out_shardings=(repl, repl),
-                       donate_argnums=(0,))
+  train_step = jit_train_step(cfg, model, features, tx, mesh)
 
   stop = {"signal": None}
 

@@ -37,4 +37,5 @@ class FrozenFeatures:
     """images (B, H, W, 3) normalised -> (B, H/16, W/16, C) float32, outside the gradient."""
     taps = self.backbone.apply(variables, images)
     h, w = images.shape[1] // 16, images.shape[2] // 16
-    return jax.lax.stop_gradient(neck(taps, (h, w)).astype(jnp.float32))
+    with jax.named_scope("neck"):
+      return jax.lax.stop_gradient(neck(taps, (h, w)).astype(jnp.float32))

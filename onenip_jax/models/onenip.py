@@ -439,7 +439,8 @@ class OneNIP(nn.Module):
     x = jnp.concatenate([query, prompt.astype(jnp.float32)]) if use_prompt else query
     x = x.reshape(x.shape[0], n_tok, c)
     if train:
-      x = self._jitter(x)
+      with jax.named_scope("jitter"):
+        x = self._jitter(x)
     x = _dense(d, dt, "input_proj")(x.astype(dt))
     pos = PositionEmbedding(h, w, d, name="pos_embed")().astype(dt)
 
