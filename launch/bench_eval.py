@@ -8,8 +8,9 @@ test images of 224 x 224 px, half of them anomalous with VisA-style masks of sma
 normal training images per class for the prompts), written to a temporary folder.
 
 With --workdir the trained checkpoint is used; without, a freshly initialised network (speed does
-not depend on the weights) with a stand-in fusion constant. Runs the same path as `onenip-eval` (tf.data decode + resize, frozen
-backbone, network, fusion, box-filter scores, per-class metrics) over the config's test set.
+not depend on the weights) with a stand-in fusion constant. Runs the same path as `onenip-eval`
+(tf.data decode + resize, frozen backbone, network, fusion, box-filter scores, per-class metrics,
+one class at a time) over the config's test set.
 """
 import argparse
 import os

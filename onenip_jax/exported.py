@@ -29,6 +29,7 @@ NEAREST's pixels, any non-zero value is a defect.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -75,6 +76,7 @@ def decode_image(path: str, channels: int = 3) -> np.ndarray:
   return np.ascontiguousarray(a[..., :channels], np.uint8)
 
 
+@functools.lru_cache(maxsize=64)
 def _triangle_spans(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
   """(starts (n_out,), weights (n_out, span)) of TF's ScaleAndTranslate, triangle kernel, antialias."""
   f32 = np.float32
@@ -235,7 +237,10 @@ class ExportedPredictor:
                        f"weights (e.g. {missing[0]}); the export is damaged")
     pool = _load_npz(os.path.join(export_dir, POOL_FILE))
     pool["class_ids"] = pool["class_ids"].astype(np.int32)
-    return cls(meta, program, [raw[f"w{i:05d}"] for i in range(n)], pool, batch_size)
+    # On the device once, not copied at every call.
+    weights = jax.device_put([raw[f"w{i:05d}"] for i in range(n)])
+    pool = jax.device_put({k: pool[k] for k in ("features", "descriptors", "class_ids")})
+    return cls(meta, program, weights, pool, batch_size)
 
   @property
   def classes(self) -> tuple[str, ...]:
