@@ -93,6 +93,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.pool_k = 1
   c.eval.fusion_max_images = 512   # training normals used for the frozen fusion constant
   c.eval.flip_auroc = False    # the reference's 1-AUROC flip below 0.5
+  c.eval.maskless = "skip"     # anomalies without a mask: "skip" (out of pixel metrics) | "full" (all-ones masks, official)
   c.eval.heatmaps = False
   c.eval.max_heatmaps_per_class = 16
 

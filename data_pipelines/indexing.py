@@ -23,8 +23,9 @@ fully decoded (measured on the 2.1k real/ files: 0.08 s vs 1.7 s for a full PIL 
 threads overlap the I/O). Errors are `ValueError`s naming the file; `data.skip_bad=True` turns an unreadable
 image into one warning and skips the sample (an unreadable mask drops only the mask).
 
-Anomalous test images without a mask keep `mask_path=None` (pixel metrics skip them). This departs
-from the reference, which scores them against an all-one mask (spec 1.1).
+Anomalous test images without a mask keep `mask_path=None`. By default the pixel metrics skip them
+(and metrics.json counts them); `eval.maskless="full"` scores them against an all-one mask as the
+reference does (spec 1.1).
 """
 import collections
 import concurrent.futures

@@ -7,7 +7,8 @@ single-image inference (`load_image`) see identical pixels:
   -> RGB (gray replicated, alpha dropped), 16-bit -> 8-bit (>> 8)
   -> bilinear antialiased resize to S x S (PIL BILINEAR within ~0.5/255) -> round to uint8
   -> (x / 255 - mean) / std, float32 NHWC.
-Masks: decoded to one channel, nearest resize picking PIL NEAREST's pixels, `> 127` -> {0, 1}.
+Masks: decoded to one channel, nearest resize picking PIL NEAREST's pixels, `> 0` -> {0, 1} (any
+non-zero pixel is a defect: VisA marks defects with small class ids, MVTec with 255).
 
 Randomness is stateless: the training stream is an endless sequence of epochs, epoch e being a
 permutation of `index.train` seeded by (seed, e); stream position q = s * B + j is sample j of
@@ -135,13 +136,13 @@ def resize_nearest(image: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def decode_mask(path: tf.Tensor, size: int) -> tf.Tensor:
-  """Reads a mask file: PIL-exact nearest resize to (size, size), then `> 127`.
+  """Reads a mask file: PIL-exact nearest resize to (size, size), then `> 0`.
 
   Returns:
     tf.float32 (size, size, 1) in {0, 1}.
   """
   m = resize_nearest(decode(tf.io.read_file(path), 1), size)
-  return tf.cast(m > 127, tf.float32)
+  return tf.cast(m > 0, tf.float32)
 
 
 def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
@@ -339,7 +340,7 @@ def eval_positions(n: int, batch_size: int, process_index: int = 0,
 
 def make_eval_iterator(samples: Sequence[indexing.Sample], index: indexing.DatasetIndex, cfg: Any,
                        *, batch_size: int, process_index: int = 0, process_count: int = 1,
-                       with_prompt: bool = True) -> Iterator[dict]:
+                       with_prompt: bool = True, seed_positions=None) -> Iterator[dict]:
   """Iterator over this process's share of `samples`, padded (see the module doc for the keys).
 
   Args:
@@ -350,6 +351,9 @@ def make_eval_iterator(samples: Sequence[indexing.Sample], index: indexing.Datas
     process_index, process_count: this process of how many.
     with_prompt: add a random normal train image of the sample's class, deterministic for
       (seed, position in samples).
+    seed_positions: (len(samples),) positions to seed the prompt draw with instead (evaluating a
+      subset, e.g. one class, with the prompts of the full list); `index` stays the batch row's
+      position in `samples`.
 
   Returns:
     Iterator of dicts of numpy arrays; ceil(len(samples) / batch_size) batches.
@@ -367,6 +371,8 @@ def make_eval_iterator(samples: Sequence[indexing.Sample], index: indexing.Datas
   train_paths = tf.constant([s.path for s in index.train]) if with_prompt else None
   prompts = _PromptTable(index) if with_prompt else None
   pos = eval_positions(n, int(batch_size), process_index, process_count)
+  seed_pos = tf.constant(np.arange(n) if seed_positions is None
+                         else np.asarray(seed_positions, np.int64), tf.int64)
 
   @tf.autograph.experimental.do_not_convert
   def load(k):
@@ -383,7 +389,7 @@ def make_eval_iterator(samples: Sequence[indexing.Sample], index: indexing.Datas
            "label": tf.where(valid, tf.gather(labels, i), 0),
            "class_id": tf.cast(c, tf.int32), "index": tf.cast(k, tf.int32)}
     if with_prompt:
-      p = prompts.draw(c, _seed(seed, _TAG_EVAL_PROMPT, i))
+      p = prompts.draw(c, _seed(seed, _TAG_EVAL_PROMPT, tf.gather(seed_pos, i)))
       out["prompt_index"] = tf.where(valid, tf.cast(p, tf.int32), -1)
       out["prompt"] = tf.cond(valid, lambda: decode_resize(tf.gather(train_paths, p), size),
                               lambda: blank)

@@ -1,10 +1,22 @@
 """Evaluation (spec 9-10) and the `onenip-eval` command.
 
   onenip-eval --workdir DIR                              # latest checkpoint of a training run
-  onenip-eval --exported EXPORT_DIR --config configs/real.py [--out DIR]
+  onenip-eval --exported EXPORT_DIR [--config configs/real.py] [--out DIR] [--flax]
 
 Writes metrics.json / metrics.md / metrics.csv, per-image scores.csv (and heatmaps with --heatmaps) to
 `<workdir>/eval/` (or `<exported>/eval/`) unless --out says otherwise.
+
+With --exported and a serialised predictor in the export (format 2), the evaluation runs through
+`onenip_jax.exported` (jax, numpy and Pillow; no flax, TensorFlow or Orbax is imported) with
+class-agnostic pool prompts; --flax uses the Flax predictor and the tf.data pipeline instead (needed
+for `eval.prompt_mode=class`).
+
+Protocol: maps are float32 from the network to the metrics. A mask pixel is a defect iff non-zero;
+an image's label is that of its resized mask (its own label without a mask). Anomalous test images
+without a mask are left out of the pixel metrics (`eval.maskless="skip"`, the default) or scored
+against an all-ones mask as the official code does (`"full"`); metrics.json reports how many there
+were. Memory: the test set is evaluated one class at a time, so host memory grows with the largest
+class, not with the dataset.
 """
 import argparse
 import csv
@@ -13,49 +25,70 @@ import logging
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from data_pipelines import input_pipeline
-from onenip_jax import heatmaps, inference, metrics, reports, scoring, sharding
+from onenip_jax import metrics, reports, scoring
 
 log = logging.getLogger("onenip")
+MASKLESS_POLICIES = ("skip", "full")
 
 
-def collect_maps(predictor: inference.Predictor, samples, index, cfg) -> dict:
-  """Runs the predictor over `samples` once each; returns host arrays ordered like `samples`.
+def iterate_maps(predictor, samples, index, cfg, seed_positions=None):
+  """Runs the Flax predictor over `samples` once each, yielding one host dict per batch.
 
-  Returns:
-    {'rec', 'ref' (N, H, W) float16 ('ref' None without refiner), 'mask' (N, H, W) bool,
-     'has_mask' (N,), 'label' (N,), 'class_id' (N,), 'pool_choice' (N,)}.
+  Yields:
+    {'index' (b,) positions in `samples`, 'rec', 'ref' (b, H, W) float32 ('ref' None without
+     refiner), 'mask' (b, H, W) bool, 'has_mask', 'label', 'class_id', 'pool_choice' (b,)} of the
+    valid rows of each batch.
   """
-  n, size = len(samples), cfg.input_size
-  out = {"rec": np.zeros((n, size, size), np.float16), "ref": None,
-         "mask": np.zeros((n, size, size), bool), "has_mask": np.zeros(n, bool),
-         "label": np.zeros(n, np.int32), "class_id": np.zeros(n, np.int32),
-         "pool_choice": np.full(n, -1, np.int32)}
+  import jax  # pylint: disable=g-import-not-at-top
+  from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
+  from onenip_jax import inference, sharding  # pylint: disable=g-import-not-at-top
   class_mode = predictor.pool is None
   keys = ("image", "mask", "has_mask", "label", "class_id", "index", "valid")
   keys += ("prompt",) if class_mode else ()
   for batch in input_pipeline.make_eval_iterator(
       samples, index, cfg, batch_size=inference._eval_batch(cfg),  # pylint: disable=protected-access
-      process_index=jax.process_index(), process_count=jax.process_count(), with_prompt=class_mode):
+      process_index=jax.process_index(), process_count=jax.process_count(), with_prompt=class_mode,
+      seed_positions=seed_positions):
     g = sharding.to_global({k: batch[k] for k in keys}, predictor.mesh)
     maps = predictor(g["image"], g.get("prompt"))
     valid = sharding.to_host(g["valid"])
-    idx = sharding.to_host(g["index"])[valid]
-    out["rec"][idx] = sharding.to_host(maps["rec"])[valid]
-    if maps["ref"] is not None:
-      if out["ref"] is None:
-        out["ref"] = np.zeros((n, size, size), np.float16)
-      out["ref"][idx] = sharding.to_host(maps["ref"])[valid]
-    out["pool_choice"][idx] = sharding.to_host(maps["pool_choice"])[valid]
-    out["mask"][idx] = sharding.to_host(g["mask"])[valid][..., 0] > 0.5
+    out = {"index": sharding.to_host(g["index"])[valid],
+           "rec": sharding.to_host(maps["rec"])[valid].astype(np.float32),
+           "ref": None if maps["ref"] is None else
+                  sharding.to_host(maps["ref"])[valid].astype(np.float32),
+           "pool_choice": sharding.to_host(maps["pool_choice"])[valid],
+           "mask": sharding.to_host(g["mask"])[valid][..., 0] > 0.5}
     for k in ("has_mask", "label", "class_id"):
-      out[k][idx] = sharding.to_host(g[k])[valid]
+      out[k] = sharding.to_host(g[k])[valid]
+    yield out
+
+
+def collect_maps(predictor, samples, index, cfg, seed_positions=None) -> dict:
+  """All maps of `samples` as host arrays ordered like `samples` (see `iterate_maps` for the keys)."""
+  n, size = len(samples), cfg.input_size
+  out = {"rec": np.zeros((n, size, size), np.float32), "ref": None,
+         "mask": np.zeros((n, size, size), bool), "has_mask": np.zeros(n, bool),
+         "label": np.zeros(n, np.int32), "class_id": np.zeros(n, np.int32),
+         "pool_choice": np.full(n, -1, np.int32)}
+  for b in iterate_maps(predictor, samples, index, cfg, seed_positions):
+    idx = b["index"]
+    if b["ref"] is not None and out["ref"] is None:
+      out["ref"] = np.zeros((n, size, size), np.float32)
+    for k in ("rec", "ref", "mask", "has_mask", "label", "class_id", "pool_choice"):
+      if b[k] is not None:
+        out[k][idx] = b[k]
   return out
+
+
+def rec_range(predictor, samples, index, cfg) -> tuple[float, float]:
+  """(min, max) of the reconstruction map over `samples`, streamed (no maps kept)."""
+  lo, hi = np.inf, -np.inf
+  for b in iterate_maps(predictor, samples, index, cfg):
+    if len(b["rec"]):
+      lo, hi = min(lo, float(b["rec"].min())), max(hi, float(b["rec"].max()))
+  return lo, hi
 
 
 def fused_maps(maps: dict, rows: np.ndarray, c: float, alpha: float) -> np.ndarray:
@@ -68,45 +101,90 @@ def fused_maps(maps: dict, rows: np.ndarray, c: float, alpha: float) -> np.ndarr
 
 def image_scores(anomaly_maps: np.ndarray, pool_size: int, chunk: int = 64) -> np.ndarray:
   """(N, H, W) -> (N,) max of the stride-1 `pool_size` box-filtered map."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   return np.concatenate([
       np.asarray(scoring.image_scores(jnp.asarray(anomaly_maps[i:i + chunk, ..., None]), pool_size))
       for i in range(0, len(anomaly_maps), chunk)]) if len(anomaly_maps) else np.zeros(0)
 
 
-def score_and_report(maps: dict, index, samples, cfg, c: float, out_dir: str, *, step=None,
-                     extra=None) -> dict:
-  """Per-class metrics of fused maps with constant `c`; writes the reports (process 0)."""
-  per_class, score_rows = {}, [("path", "class", "defect", "label", "score")]
-  for cid, cls in enumerate(index.classes):
-    rows = np.flatnonzero(maps["class_id"] == cid)
-    if not len(rows):
-      continue
-    s = fused_maps(maps, rows, c, cfg.eval.alpha)
-    has_mask = maps["has_mask"][rows]
-    # Image label from the resized mask (spec 10); images without a mask keep their own label.
-    labels = np.where(has_mask, maps["mask"][rows].any(axis=(1, 2)), maps["label"][rows] > 0)
-    scores = image_scores(s, cfg.eval.pool_size)
-    score_rows += [(samples[i].path, cls, samples[i].defect, int(l), f"{v:.7g}")
-                   for i, l, v in zip(rows, labels, scores)]
-    pix = has_mask | (labels == 0)
-    per_class[cls] = metrics.class_metrics(
-        scores, labels.astype(np.int32), s[pix] if pix.any() else None,
-        maps["mask"][rows][pix] if pix.any() else None, flip_auroc=cfg.eval.flip_auroc)
-    if cfg.eval.heatmaps and jax.process_index() == 0:
-      _write_heatmaps(os.path.join(out_dir, "heatmaps", cls), [samples[i] for i in rows], s,
-                      maps["mask"][rows], scores, cfg)
-  result = metrics.summarize(per_class)
-  if jax.process_index() == 0:
-    reports.write_reports(out_dir, result, config=cfg, step=step, extra=extra)
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows(score_rows)
-    reports.atomic_write_text(os.path.join(out_dir, "scores.csv"), text.getvalue())
-  return result
+def class_protocol(scores, anomaly_maps, masks, has_mask, sample_labels, maskless: str,
+                   flip_auroc: bool = False) -> tuple[dict, np.ndarray, int]:
+  """Metrics of one class under the evaluation protocol (module doc).
+
+  Args:
+    scores: (N,) image scores; anomaly_maps: (N, H, W) float32; masks: (N, H, W) bool.
+    has_mask, sample_labels: (N,) whether the image has a mask file; its label (> 0 anomalous).
+    maskless: "skip" (anomalies without mask left out of pixel metrics) or "full" (all-ones masks).
+  Returns:
+    (class_metrics dict, (N,) int32 image labels, number of anomalies without mask).
+  """
+  if maskless not in MASKLESS_POLICIES:
+    raise ValueError(f"config.eval.maskless={maskless!r}: use one of {MASKLESS_POLICIES}")
+  has_mask = np.asarray(has_mask, bool)
+  labels = np.where(has_mask, masks.reshape(len(masks), -1).any(axis=1),
+                    np.asarray(sample_labels) > 0).astype(np.int32)
+  maskless_anomalies = ~has_mask & (labels > 0)
+  if maskless == "full":
+    masks = masks.copy()
+    masks[maskless_anomalies] = True
+    pix = np.ones(len(labels), bool)
+  else:
+    pix = ~maskless_anomalies
+  pix_all = bool(pix.all())
+  result = metrics.class_metrics(
+      scores, labels, (anomaly_maps if pix_all else anomaly_maps[pix]) if pix.any() else None,
+      (masks if pix_all else masks[pix]) if pix.any() else None, flip_auroc=flip_auroc)
+  return result, labels, int(maskless_anomalies.sum())
 
 
-def _write_heatmaps(out_dir, samples, anomaly_maps, masks, scores, cfg) -> None:
+class ReportBuilder:
+  """Accumulates per-class results (one class at a time) and writes the reports."""
+
+  def __init__(self, cfg, out_dir: str):
+    self.cfg, self.out_dir = cfg, out_dir
+    self.per_class, self.maskless = {}, {}
+    self.score_rows = [("path", "class", "defect", "label", "score")]
+    self.pool_hits = self.pool_total = 0
+
+  def add_class(self, cls, samples, anomaly_maps, scores, masks, has_mask, *, pool_class_ids=None,
+                class_ids=None, load_image=None, write_files=True) -> None:
+    """Scores one class; `pool_class_ids`/`class_ids` (N,) count the pool's class accuracy."""
+    e = self.cfg.eval
+    result, labels, n_maskless = class_protocol(
+        scores, anomaly_maps, masks, has_mask, [s.label for s in samples],
+        e.get("maskless", "skip"), e.flip_auroc)
+    self.per_class[cls] = result
+    self.maskless[cls] = n_maskless
+    self.score_rows += [(s.path, cls, s.defect, int(l), f"{v:.7g}")
+                        for s, l, v in zip(samples, labels, scores)]
+    if pool_class_ids is not None:
+      self.pool_hits += int(np.sum(np.asarray(pool_class_ids) == np.asarray(class_ids)))
+      self.pool_total += len(samples)
+    if e.heatmaps and write_files and load_image is not None:
+      _write_heatmaps(os.path.join(self.out_dir, "heatmaps", cls), samples, anomaly_maps, masks,
+                      scores, self.cfg, load_image)
+
+  def finish(self, *, step=None, extra=None, write_files=True) -> dict:
+    result = metrics.summarize(self.per_class)
+    extra = dict(extra or {})
+    extra["maskless_anomalies"] = {"policy": self.cfg.eval.get("maskless", "skip"),
+                                   "count": int(sum(self.maskless.values())),
+                                   "per_class": dict(self.maskless)}
+    if self.pool_total:
+      extra["pool_class_accuracy"] = self.pool_hits / self.pool_total
+    if write_files:
+      reports.write_reports(self.out_dir, result, config=self.cfg, step=step, extra=extra)
+      text = io.StringIO()
+      csv.writer(text, lineterminator="\n").writerows(self.score_rows)
+      reports.atomic_write_text(os.path.join(self.out_dir, "scores.csv"), text.getvalue())
+    result.update(extra)
+    return result
+
+
+def _write_heatmaps(out_dir, samples, anomaly_maps, masks, scores, cfg, load_image) -> None:
   """Up to `eval.max_heatmaps_per_class` PNGs (defective images first, then normal ones) and a
-  contact sheet of them."""
+  contact sheet of them; `load_image(path)` gives the uint8 (H, W, 3) model input."""
+  from onenip_jax import heatmaps  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
   vmax = float(np.percentile(anomaly_maps, 99.9)) if anomaly_maps.size else 1.0
   n = cfg.eval.max_heatmaps_per_class
@@ -116,46 +194,106 @@ def _write_heatmaps(out_dir, samples, anomaly_maps, masks, scores, cfg) -> None:
   paths = []
   for i in chosen:
     sample = samples[i]
-    image = input_pipeline.load_image(sample.path, cfg.input_size, None, None)
     stem = os.path.splitext(os.path.basename(sample.path))[0]
     path = os.path.join(out_dir, f"{sample.defect}_{stem}.png")
-    heatmaps.save_heatmap(path, image, anomaly_maps[i], masks[i] if masks[i].any() else None,
-                          float(scores[i]), vmin=float(anomaly_maps.min()), vmax=vmax,
+    heatmaps.save_heatmap(path, load_image(sample.path), anomaly_maps[i],
+                          masks[i] if masks[i].any() else None, float(scores[i]),
+                          vmin=float(anomaly_maps.min()), vmax=vmax,
                           title=f"{sample.cls}/{sample.defect}")
     paths.append(path)
   if paths:
     heatmaps.contact_sheet(paths, os.path.join(out_dir, "contact_sheet.png"))
 
 
-def fusion_constant(cfg, maps: dict, frozen_c: float) -> tuple[float, str]:
-  """The fusion constant: the stored frozen one, or the test-set mid-range ('reference' mode)."""
+def _tf_image_loader(cfg):
+  from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
+  return lambda path: input_pipeline.load_image(path, cfg.input_size, None, None)
+
+
+def fusion_constant(cfg, predictor, samples, index, frozen_c: float) -> tuple[float, str]:
+  """The fusion constant: the stored frozen one, or the test-set mid-range ('reference' mode,
+  one extra streamed pass over `samples`)."""
   mode = cfg.eval.fusion
   if mode == "frozen" and not np.isnan(frozen_c):
     return float(frozen_c), "frozen"
   if mode not in ("frozen", "reference"):
     raise ValueError(f"config.eval.fusion={mode!r}: use 'frozen' or 'reference'")
-  rec = maps["rec"]
-  return float(scoring.mid_range(rec.min(), rec.max())), "reference"
+  return float(scoring.mid_range(*rec_range(predictor, samples, index, cfg))), "reference"
+
+
+def class_rows(samples, classes) -> list[tuple[str, np.ndarray]]:
+  """[(class, positions in samples)] for the classes present, in `classes` order."""
+  cls = np.asarray([s.cls for s in samples])
+  return [(c, np.flatnonzero(cls == c)) for c in classes if np.any(cls == c)]
 
 
 def evaluate_predictor(cfg, predictor, index, out_dir: str, frozen_c: float, *, step=None,
                        samples=None) -> dict:
-  """Scores `samples` (default: the test set) and writes the reports to `out_dir`."""
+  """Scores `samples` (default: the test set) one class at a time; writes the reports to `out_dir`."""
+  import jax  # pylint: disable=g-import-not-at-top
   samples = index.test if samples is None else samples
-  maps = collect_maps(predictor, samples, index, cfg)
-  c, mode = fusion_constant(cfg, maps, frozen_c)
-  extra = {"fusion": mode, "fusion_c": c, "prompt_mode": cfg.eval.prompt_mode}
-  if predictor.pool is not None:
-    picked = predictor.pool.class_ids[maps["pool_choice"]]
-    extra["pool_class_accuracy"] = float(np.mean(picked == maps["class_id"]))
-  result = score_and_report(maps, index, samples, cfg, c, out_dir, step=step, extra=extra)
+  c, mode = fusion_constant(cfg, predictor, samples, index, frozen_c)
+  builder = ReportBuilder(cfg, out_dir)
+  main_process = jax.process_index() == 0
+  for cls, rows in class_rows(samples, index.classes):
+    subset = [samples[i] for i in rows]
+    maps = collect_maps(predictor, subset, index, cfg, seed_positions=rows)
+    s = fused_maps(maps, np.arange(len(rows)), c, cfg.eval.alpha)
+    del maps["rec"], maps["ref"]
+    pool = predictor.pool
+    builder.add_class(
+        cls, subset, s, image_scores(s, cfg.eval.pool_size), maps["mask"], maps["has_mask"],
+        pool_class_ids=None if pool is None else pool.class_ids[maps["pool_choice"]],
+        class_ids=maps["class_id"], load_image=_tf_image_loader(cfg), write_files=main_process)
+    del s, maps
+  extra = {"fusion": mode, "fusion_c": c, "prompt_mode": cfg.eval.prompt_mode, "backend": "flax"}
+  result = builder.finish(step=step, extra=extra, write_files=main_process)
   log.info("eval step %s (%s fusion c=%.4f, %s prompts) -> %s\n%s", step, mode, c,
            cfg.eval.prompt_mode, out_dir, reports.format_table(result))
   return result
 
 
+def evaluate_exported(cfg, model, index, out_dir: str, *, samples=None) -> dict:
+  """`evaluate_predictor` through the serialised predictor (`onenip_jax.exported.ExportedPredictor`):
+  numpy/PIL preprocessing, pool prompts, the export's frozen fusion constant."""
+  from onenip_jax import exported  # pylint: disable=g-import-not-at-top
+  samples = index.test if samples is None else samples
+  if tuple(index.classes) != model.classes:
+    raise ValueError(f"the dataset's classes {index.classes} differ from the exported model's "
+                     f"{model.classes}")
+  size = model.input_size
+  builder = ReportBuilder(cfg, out_dir)
+  for cls, rows in class_rows(samples, index.classes):
+    subset = [samples[i] for i in rows]
+    n = len(subset)
+    maps = np.zeros((n, size, size), np.float32)
+    scores = np.zeros(n, np.float32)
+    picked = np.zeros(n, np.int32)
+    for i in range(0, n, model.batch_size):
+      chunk = subset[i:i + model.batch_size]
+      out = model(np.stack([model.preprocess(s.path) for s in chunk]))
+      maps[i:i + len(chunk)], scores[i:i + len(chunk)] = out["map"], out["score"]
+      picked[i:i + len(chunk)] = out["class_id"]
+    masks = np.zeros((n, size, size), bool)
+    has_mask = np.asarray([bool(s.mask_path) for s in subset])
+    for j, s in enumerate(subset):
+      if s.mask_path:
+        masks[j] = exported.load_mask(s.mask_path, size)
+    builder.add_class(cls, subset, maps, scores, masks, has_mask, pool_class_ids=picked,
+                      class_ids=np.full(n, index.class_id(cls)),
+                      load_image=lambda p: exported.load_image(p, size))
+    del maps, masks
+  c = float(model.meta["fusion_c"])
+  extra = {"fusion": "frozen", "fusion_c": c, "prompt_mode": "pool", "backend": "exported"}
+  result = builder.finish(step=model.meta.get("step"), extra=extra)
+  log.info("eval of the serialised predictor (frozen fusion c=%.4f, pool prompts) -> %s\n%s", c,
+           out_dir, reports.format_table(result))
+  return result
+
+
 def evaluate_state(cfg, state, index, features, backbone_vars, mesh, out_dir: str) -> dict:
   """Evaluation of a train state (periodic and final evaluation during training)."""
+  from onenip_jax import inference  # pylint: disable=g-import-not-at-top
   model, _ = inference.make_model(cfg)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   predictor = inference.make_predictor(cfg, model, features, variables, backbone_vars, mesh, index)
@@ -167,18 +305,21 @@ def evaluate_state(cfg, state, index, features, backbone_vars, mesh, out_dir: st
 def frozen_fusion_constant(cfg, state, index, features, backbone_vars, mesh) -> float:
   """Mid-range of the reconstruction map over (up to `eval.fusion_max_images`) normal TRAINING
   images with class-mode prompts: a fusion constant that uses no test-set statistics."""
+  from onenip_jax import inference  # pylint: disable=g-import-not-at-top
   model, _ = inference.make_model(cfg)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   predictor = inference.Predictor(model, features, variables, backbone_vars, mesh)
   n = len(index.train)
   rows = np.linspace(0, n - 1, min(n, cfg.eval.fusion_max_images)).round().astype(int)
-  maps = collect_maps(predictor, [index.train[i] for i in np.unique(rows)], index, cfg)
-  return float(scoring.mid_range(maps["rec"].min(), maps["rec"].max()))
+  lo, hi = rec_range(predictor, [index.train[i] for i in np.unique(rows)], index, cfg)
+  return float(scoring.mid_range(lo, hi))
 
 
 def main(argv=None) -> None:
   """`onenip-eval`: evaluate a checkpoint (--workdir) or an export (--exported)."""
-  from onenip_jax import export  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
+  from onenip_jax import exported  # pylint: disable=g-import-not-at-top
   from onenip_jax.config_loading import load_config  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(prog="onenip-eval", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,12 +330,31 @@ def main(argv=None) -> None:
   parser.add_argument("--out", help="output directory for the reports")
   parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
   parser.add_argument("--heatmaps", action="store_true", help="write heatmap PNGs per class")
+  parser.add_argument("--flax", action="store_true",
+                      help="with --exported: use the Flax predictor and tf.data, not the "
+                           "serialised predictor")
+  parser.add_argument("--batch-size", type=int, default=8,
+                      help="images per call of the serialised predictor")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override, e.g. --set eval.prompt_mode=pool (repeatable)")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
-  from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
+  if args.exported and not args.flax and exported.has_program(args.exported):
+    model = exported.ExportedPredictor.load(args.exported, args.batch_size)
+    cfg = load_config(args.config, args.set, base=ml_collections.ConfigDict(model.meta["config"]))
+    cfg.unlock()
+    cfg.eval.heatmaps = cfg.eval.heatmaps or args.heatmaps
+    if cfg.eval.prompt_mode != "pool":
+      log.info("the serialised predictor uses pool prompts (eval.prompt_mode=%r needs --flax)",
+               cfg.eval.prompt_mode)
+      cfg.eval.prompt_mode = "pool"
+    out = args.out or os.path.join(args.exported, "eval")
+    result = evaluate_exported(cfg, model, indexing.index_dataset(cfg.data), out)
+    print(f"step {model.meta.get('step')}, pool prompts, serialised predictor -> {out}/metrics.json"
+          f"\n{reports.format_table(result)}")
+    return
+  from onenip_jax import export, inference, sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
   if args.exported:
     loaded = export.load_export(args.exported, mesh)

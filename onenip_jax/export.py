@@ -1,17 +1,35 @@
 """Self-contained export of a trained model, and loading it back: `onenip-export`.
 
-  onenip-export --workdir DIR --out EXPORT_DIR [--step N] [--calibrate]
+  onenip-export --workdir DIR --out EXPORT_DIR [--step N] [--threshold-fraction F] [--target-fpr P]
+                [--threshold-dir DIR | --calibrate-on-test]
 
 EXPORT_DIR holds everything inference needs and nothing of training (no optimiser state):
-  export.json        format version, classes, input size, normalisation, fusion constant,
-                     thresholds, checkpoint step and the full config
-  model.msgpack      the network's params and batch statistics
-  backbone.msgpack   the frozen backbone's variables
-  prompt_pool.npz    per-class prompt features for class-agnostic (pool) prompts
+  export.json              format and package version, classes, input size, preprocessing (resize
+                           method, mean, std), fusion constant, thresholds (each with how it was
+                           made), checkpoint step, the serialised program's platforms, the config
+  predictor.jaxexport      `jax.export` serialisation of the whole pool-mode predictor and
+  predictor_weights.npz    its weights (see `onenip_jax.exported`, which runs them with jax,
+                           numpy and Pillow only)
+  model.msgpack            the network's params and batch statistics (Flax path)
+  backbone.msgpack         the frozen backbone's variables (Flax path)
+  prompt_pool.npz          per-class prompt features for class-agnostic (pool) prompts
 The directory is written under a temporary name and renamed, so it is complete or absent.
+
+Thresholds on the image score (an image is anomalous iff score > threshold), one per class and a
+global one, never from the test set by default:
+  default            the `--target-fpr` quantile of the pool-mode scores of a `--threshold-fraction`
+                     of each class's normal training images (not the prompt-pool images). These were
+                     seen in training (the training split holds none out), so the thresholds are
+                     somewhat optimistic (low); use --threshold-dir for unseen images.
+  --threshold-dir    a labelled validation folder `DIR/<class>/good/*` (normal) and
+                     `DIR/<class>/<defect>/*` (anomalous): F1-optimal where a class has both, else
+                     the normal-score quantile.
+  --calibrate-on-test  F1-optimal on the config's TEST set (optimistic; for comparisons only).
+export.json records the source, method, image counts and target of each threshold.
 """
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import os
@@ -24,10 +42,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from onenip_jax import checkpoints, inference, sharding
+from onenip_jax import checkpoints, exported, inference, sharding
 from onenip_jax.config_loading import load_config
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = exported.FORMAT_VERSION
 log = logging.getLogger("onenip")
 
 
@@ -38,7 +56,12 @@ class LoadedModel:
   classes: tuple[str, ...]
   fusion_c: float
   step: int
-  threshold: float | None
+  thresholds: dict | None
+
+  @property
+  def threshold(self) -> float | None:
+    """The global threshold (None without one)."""
+    return exported.threshold_value(self.thresholds, None)
 
 
 def load_checkpoint(workdir: str, mesh, step=None, *, config=None, overrides=()):
@@ -72,8 +95,67 @@ def _write_bytes(path: str, data: bytes) -> None:
     f.write(data)
 
 
+def _host_tree(tree):
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array)
+                      else np.asarray(x), tree)
+
+
+def serialize_predictor(predictor: inference.Predictor, cfg,
+                        platforms=("cpu", "cuda", "tpu")) -> tuple[bytes, list, tuple]:
+  """`jax.export` of `Predictor.fused` (pool prompts, fusion, image score) with symbolic B and K.
+
+  The weights are the program's first argument (a flat list), not embedded constants: see
+  `onenip_jax.exported` for why. Platforms the installed jax cannot lower for are left out.
+
+  Returns:
+    (serialised program, weight leaves in the program's order, platforms lowered for).
+  """
+  leaves, treedef = jax.tree.flatten({"model": _host_tree(predictor.variables),
+                                      "backbone": _host_tree(predictor.backbone_vars)})
+  alpha, pool_size = float(cfg.eval.alpha), int(cfg.eval.pool_size)
+
+  def predict(weights, images, pool_feats, pool_desc, pool_class_ids, fusion_c):
+    w = jax.tree.unflatten(treedef, weights)
+    return predictor.fused(w["model"], w["backbone"], images, pool_feats, pool_desc,
+                           pool_class_ids, fusion_c, alpha=alpha, pool_size=pool_size)
+
+  b, k = jax.export.symbolic_shape("b, k")
+  size, pool = cfg.input_size, predictor.pool
+  specs = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves],
+           jax.ShapeDtypeStruct((b, size, size, 3), np.float32),
+           jax.ShapeDtypeStruct((k,) + pool.features.shape[1:], np.float32),
+           jax.ShapeDtypeStruct((k, pool.descriptors.shape[1]), np.float32),
+           jax.ShapeDtypeStruct((k,), np.int32), jax.ShapeDtypeStruct((), np.float32))
+
+  def lower(plats):
+    return jax.export.export(jax.jit(predict), platforms=plats)(*specs)
+
+  try:
+    program = lower(tuple(platforms))
+  except Exception as e:  # a platform's lowering rules are missing from this jax
+    log.warning("lowering for %s failed (%s); trying each platform alone", platforms, e)
+    ok = []
+    for p in platforms:
+      try:
+        lower((p,))
+        ok.append(p)
+      except Exception as e2:  # pylint: disable=broad-except
+        log.warning("cannot lower the predictor for %s: %s", p, e2)
+    if not ok:
+      raise
+    program = lower(tuple(ok))
+  return bytes(program.serialize()), leaves, tuple(program.platforms)
+
+
+def package_version() -> str:
+  try:
+    return importlib.metadata.version("onenip-jax")
+  except importlib.metadata.PackageNotFoundError:
+    return "unknown"
+
+
 def write_export(out_dir: str, cfg, predictor: inference.Predictor, classes, fusion_c: float,
-                 step: int, threshold: float | None = None, overwrite: bool = False) -> None:
+                 step: int, thresholds: dict | None = None, overwrite: bool = False) -> None:
   """Writes the export directory atomically (temporary sibling directory, then rename)."""
   if os.path.exists(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it")
@@ -81,17 +163,28 @@ def write_export(out_dir: str, cfg, predictor: inference.Predictor, classes, fus
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
   try:
-    host = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), predictor.variables)
+    host = _host_tree(predictor.variables)
     _write_bytes(os.path.join(tmp, "model.msgpack"), flax.serialization.msgpack_serialize(host))
-    bb = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), predictor.backbone_vars)
+    bb = _host_tree(predictor.backbone_vars)
     _write_bytes(os.path.join(tmp, "backbone.msgpack"), flax.serialization.msgpack_serialize(bb))
     pool = predictor.pool
-    np.savez(os.path.join(tmp, "prompt_pool.npz"), features=pool.features,
+    np.savez(os.path.join(tmp, exported.POOL_FILE), features=pool.features,
              class_ids=pool.class_ids, descriptors=pool.descriptors)
-    meta = {"format_version": FORMAT_VERSION, "classes": list(classes), "step": step,
-            "input_size": cfg.input_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+    program, leaves, platforms = serialize_predictor(predictor, cfg)
+    _write_bytes(os.path.join(tmp, exported.PROGRAM_FILE), program)
+    np.savez(os.path.join(tmp, exported.WEIGHTS_FILE),
+             **{f"w{i:05d}": x for i, x in enumerate(leaves)})
+    meta = {"format_version": FORMAT_VERSION, "package_version": package_version(),
+            "classes": list(classes), "step": step, "input_size": cfg.input_size,
+            "preprocessing": {"resize": exported.RESIZE_METHOD, "resize_masks": "pil-nearest",
+                              "mask_defect": "non-zero", "scale": 1 / 255,
+                              "mean": list(cfg.data.mean), "std": list(cfg.data.std)},
+            "mean": list(cfg.data.mean), "std": list(cfg.data.std),
             "fusion_c": fusion_c, "alpha": cfg.eval.alpha, "pool_size": cfg.eval.pool_size,
-            "threshold": threshold, "backbone": cfg.model.backbone,
+            "thresholds": thresholds, "backbone": cfg.model.backbone,
+            "program": {"file": exported.PROGRAM_FILE, "weights": exported.WEIGHTS_FILE,
+                        "n_weights": len(leaves), "platforms": list(platforms),
+                        "jax_version": jax.__version__, "prompts": "pool"},
             "config": json.loads(cfg.to_json_best_effort())}
     with open(os.path.join(tmp, "export.json"), "w", encoding="utf-8") as f:
       json.dump(meta, f, indent=1)
@@ -101,6 +194,96 @@ def write_export(out_dir: str, cfg, predictor: inference.Predictor, classes, fus
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+# ------------------------------------------------------------------------------------------------
+# Thresholds
+
+
+def normal_quantile(scores: np.ndarray, target_fpr: float) -> float:
+  """The lowest threshold t among the scores with #(normal score > t) <= target_fpr * n."""
+  s = np.sort(np.asarray(scores, np.float64))[::-1]
+  k = int(np.floor(target_fpr * len(s) + 1e-9))
+  return float(s[min(k, len(s) - 1)])
+
+
+def _threshold_entry(scores, labels, source: str, target_fpr: float, note: str = "") -> dict:
+  scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0
+  normal = scores[~labels]
+  if labels.any() and normal.size:
+    from onenip_jax import metrics  # pylint: disable=g-import-not-at-top
+    f1, t = metrics.f1_max(scores, labels)
+    # f1_max predicts anomalous iff score >= t; the export's rule is score > threshold.
+    entry = {"value": float(np.nextafter(t, -np.inf)), "method": "f1-max", "f1": f1}
+  elif normal.size:
+    entry = {"value": normal_quantile(normal, target_fpr), "method": "normal-quantile",
+             "target_fpr": target_fpr}
+  else:
+    raise ValueError(f"no normal image to set a threshold from ({source})")
+  value = entry["value"]
+  entry.update({"source": source, "n_normal": int(normal.size), "n_anomalous": int(labels.sum()),
+                "fpr_on_source": float(np.mean(normal > value)) if normal.size else None})
+  if note:
+    entry["note"] = note
+  return entry
+
+
+def _class_scores(predictor, samples, index, cfg, fusion_c: float) -> dict:
+  """{class: (pool-mode image scores (n,), labels (n,))}, evaluated one class at a time."""
+  from onenip_jax import evaluate  # pylint: disable=g-import-not-at-top
+  out = {}
+  for cls, rows in evaluate.class_rows(samples, index.classes):
+    subset = [samples[i] for i in rows]
+    maps = evaluate.collect_maps(predictor, subset, index, cfg)
+    s = evaluate.fused_maps(maps, np.arange(len(subset)), fusion_c, cfg.eval.alpha)
+    labels = np.where(maps["has_mask"], maps["mask"].any(axis=(1, 2)), maps["label"] > 0)
+    out[cls] = (evaluate.image_scores(s, cfg.eval.pool_size), labels.astype(np.int32))
+  return out
+
+
+def make_thresholds(predictor, samples, index, cfg, fusion_c: float, source: str,
+                    target_fpr: float, note: str = "") -> dict:
+  """{'global': entry, 'per_class': {class: entry}} from `samples` (see the module doc)."""
+  by_class = _class_scores(predictor, samples, index, cfg, fusion_c)
+  per_class = {c: _threshold_entry(s, l, source, target_fpr, note) for c, (s, l) in by_class.items()}
+  scores = np.concatenate([s for s, _ in by_class.values()])
+  labels = np.concatenate([l for _, l in by_class.values()])
+  return {"global": _threshold_entry(scores, labels, source, target_fpr, note),
+          "per_class": per_class}
+
+
+def threshold_normals(index, pool: inference.PromptPool, fraction: float, seed: int) -> list:
+  """A `fraction` (at least 1) of each class's normal training images, prompt images excluded."""
+  rng = np.random.default_rng(seed + 1)
+  taken = set(pool.paths)
+  chosen = []
+  for cls in index.classes:
+    cand = [s for s in index.train if s.cls == cls and s.label == 0 and s.path not in taken]
+    if not cand:
+      raise ValueError(f"class {cls!r} has no normal training image outside the prompt pool to "
+                       "set a threshold from; pass --threshold-dir or --threshold-fraction 0")
+    n = max(1, int(round(fraction * len(cand))))
+    chosen += [cand[i] for i in sorted(rng.choice(len(cand), size=n, replace=False))]
+  return chosen
+
+
+def validation_samples(folder: str, classes) -> list:
+  """Samples of a labelled validation folder `<folder>/<class>/good/*`, `<folder>/<class>/<defect>/*`."""
+  from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
+  samples = []
+  for cls in classes:
+    d = os.path.join(folder, cls)
+    if not os.path.isdir(d):
+      raise FileNotFoundError(f"validation folder {folder} has no folder for class {cls!r} ({d})")
+    for sub in sorted(os.listdir(d)):
+      files = sorted(f for f in os.listdir(os.path.join(d, sub))
+                     if f.lower().endswith(indexing.IMAGE_EXTENSIONS)) \
+          if os.path.isdir(os.path.join(d, sub)) else []
+      label = 0 if sub in indexing.NORMAL_FOLDERS else 1
+      samples += [indexing.Sample(os.path.join(d, sub, f), cls, label, None, sub) for f in files]
+    if not any(s.cls == cls and s.label == 0 for s in samples):
+      raise ValueError(f"validation folder {d} has no normal images (expected {d}/good/)")
+  return samples
 
 
 def _read(path: str, what: str) -> bytes:
@@ -113,14 +296,7 @@ def _read(path: str, what: str) -> bytes:
 def load_export(export_dir: str, mesh=None) -> LoadedModel:
   """Loads an export with no training state; clear errors for missing, truncated or foreign files."""
   mesh = mesh or sharding.make_mesh()
-  meta_path = os.path.join(export_dir, "export.json")
-  try:
-    meta = json.loads(_read(meta_path, "export.json"))
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{meta_path} is not valid JSON ({e}); the export is damaged") from e
-  if meta.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{meta_path}: export format version {meta.get('format_version')!r} is not "
-                     f"supported by this onenip-jax (expects {FORMAT_VERSION}); re-export the model")
+  meta = exported.read_meta(export_dir)
   cfg = ml_collections.ConfigDict(meta["config"])
   model, features = inference.make_model(cfg)
   variables = _restore_msgpack(os.path.join(export_dir, "model.msgpack"))
@@ -136,8 +312,12 @@ def load_export(export_dir: str, mesh=None) -> LoadedModel:
   predictor = inference.Predictor(model, features, jax.device_put(variables, repl),
                                   jax.device_put(backbone_vars, repl), mesh, pool,
                                   tuple(meta["classes"]))
+  thresholds = meta.get("thresholds")
+  if thresholds is None and meta.get("threshold") is not None:  # format 1: one test-set threshold
+    thresholds = {"global": {"value": meta["threshold"], "method": "f1-max", "source": "test-set"},
+                  "per_class": {}}
   return LoadedModel(predictor, cfg, tuple(meta["classes"]), float(meta["fusion_c"]),
-                     int(meta["step"]), meta.get("threshold"))
+                     int(meta["step"]), thresholds)
 
 
 def _restore_msgpack(path: str) -> dict:
@@ -158,13 +338,25 @@ def main(argv=None) -> None:
   parser.add_argument("--out", required=True, help="export directory to create")
   parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
-  parser.add_argument("--calibrate", action="store_true",
-                      help="store the F1-optimal image threshold measured on the config's test set")
+  parser.add_argument("--threshold-fraction", type=float, default=0.1,
+                      help="fraction of each class's normal training images scored for the "
+                           "thresholds (default 0.1; 0 = no thresholds)")
+  parser.add_argument("--target-fpr", type=float, default=0.01,
+                      help="false-positive rate the normal-image thresholds aim at (default 0.01)")
+  how = parser.add_mutually_exclusive_group()
+  how.add_argument("--threshold-dir", help="labelled validation folder <DIR>/<class>/good|<defect>/")
+  how.add_argument("--calibrate-on-test", action="store_true",
+                   help="F1-optimal thresholds on the config's TEST set (optimistic)")
+  parser.add_argument("--calibrate", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.calibrate:
+    parser.error("--calibrate fitted the threshold on the test set; it is now --calibrate-on-test "
+                 "(default: thresholds from normal training images)")
+  if not 0.0 <= args.threshold_fraction <= 1.0 or not 0.0 <= args.target_fpr < 1.0:
+    parser.error("--threshold-fraction must be in [0, 1] and --target-fpr in [0, 1)")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
   from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
-  from onenip_jax import evaluate, metrics  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
   cfg, predictor, fusion_c, step = load_checkpoint(args.workdir, mesh, args.step)
   if np.isnan(fusion_c):
@@ -172,16 +364,25 @@ def main(argv=None) -> None:
                      "(training did not finish); finish training or pass --step of a final checkpoint")
   index = indexing.index_dataset(cfg.data)
   predictor.pool = inference.build_prompt_pool(predictor, index, cfg)
-  threshold = None
-  if args.calibrate:
-    maps = evaluate.collect_maps(predictor, index.test, index, cfg)
-    s = evaluate.fused_maps(maps, np.arange(len(index.test)), fusion_c, cfg.eval.alpha)
-    scores = evaluate.image_scores(s, cfg.eval.pool_size)
-    labels = np.where(maps["has_mask"], maps["mask"].any(axis=(1, 2)), maps["label"] > 0)
-    _, threshold = metrics.f1_max(scores, labels.astype(np.int32))
-    threshold = float(threshold)
-    log.info("F1-optimal image threshold on %d images: %.5f", len(scores), threshold)
-  write_export(args.out, cfg, predictor, index.classes, fusion_c, step, threshold, args.overwrite)
+  thresholds = None
+  if args.calibrate_on_test:
+    thresholds = make_thresholds(predictor, index.test, index, cfg, fusion_c, "test-set",
+                                 args.target_fpr, "fitted on the test set: optimistic")
+  elif args.threshold_dir:
+    samples = validation_samples(args.threshold_dir, index.classes)
+    thresholds = make_thresholds(predictor, samples, index, cfg, fusion_c,
+                                 f"validation-folder:{args.threshold_dir}", args.target_fpr)
+  elif args.threshold_fraction > 0:
+    samples = threshold_normals(index, predictor.pool, args.threshold_fraction, cfg.seed)
+    thresholds = make_thresholds(
+        predictor, samples, index, cfg, fusion_c, "train-normals", args.target_fpr,
+        f"{args.threshold_fraction:g} of each class's normal training images (prompt images "
+        "excluded); they were seen in training")
+  if thresholds:
+    log.info("thresholds (%s): global %.5f; %s", thresholds["global"]["source"],
+             thresholds["global"]["value"],
+             ", ".join(f"{c} {e['value']:.5f}" for c, e in thresholds["per_class"].items()))
+  write_export(args.out, cfg, predictor, index.classes, fusion_c, step, thresholds, args.overwrite)
   log.info("exported step %d to %s", step, args.out)
 
 

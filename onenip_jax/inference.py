@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from data_pipelines import input_pipeline
-from onenip_jax import sharding
+from onenip_jax import scoring, sharding
 from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
 
@@ -25,10 +25,12 @@ class PromptPool:
     features: (K, h, w, C) frozen features of the prompt images.
     class_ids: (K,) int, the class of each prompt.
     descriptors: (K, C) L2-normalised global average of `features`, matched by cosine similarity.
+    paths: the K prompt image files when known (kept out of threshold calibration).
   """
   features: np.ndarray
   class_ids: np.ndarray
   descriptors: np.ndarray
+  paths: tuple[str, ...] = ()
 
 
 def global_descriptor(feats: jax.Array) -> jax.Array:
@@ -62,22 +64,39 @@ class Predictor:
                                                 sharding.data_sharded(self.mesh)),
                    out_shardings=sharding.data_sharded(self.mesh))
 
+  def infer(self, variables, backbone_vars, images, prompts, pool_feats, pool_desc) -> dict:
+    """The pure inference function (jit- and `jax.export`-able); see `__call__` for the maps."""
+    f = self.features(backbone_vars, images)
+    if prompts is not None:
+      fp, choice = self.features(backbone_vars, prompts), jnp.full(f.shape[:1], -1)
+    else:
+      choice = jnp.argmax(global_descriptor(f) @ pool_desc.T, axis=-1)
+      fp = pool_feats[choice]
+    out = self.model.apply(variables, f, fp, train=False)
+    ref = jax.nn.sigmoid(out["ref_logit"][..., 0]) if out.get("ref_logit") is not None else None
+    return {"rec": out["rec"][..., 0], "ref": ref, "pool_choice": choice}
+
+  def fused(self, variables, backbone_vars, images, pool_feats, pool_desc, pool_class_ids,
+            fusion_c, *, alpha: float, pool_size: int):
+    """Pool-mode prediction as one pure function (what `onenip-export` serialises).
+
+    Args:
+      images: (B, H, W, 3) normalised images.
+      pool_feats: (K, h, w, C) prompt features; pool_desc: (K, C) their descriptors;
+        pool_class_ids: (K,) int32 class of each prompt.
+      fusion_c: () float32 fusion constant.
+    Returns:
+      (anomaly map (B, H, W) float32, image score (B,) float32, matched class id (B,) int32).
+    """
+    maps = self.infer(variables, backbone_vars, images, None, pool_feats, pool_desc)
+    s = scoring.fuse(maps["rec"], maps["ref"], fusion_c, alpha)
+    return s, scoring.image_scores(s, pool_size), pool_class_ids[maps["pool_choice"]]
+
   @functools.cached_property
   def _infer_fn(self):
     repl, split = sharding.replicated(self.mesh), sharding.data_sharded(self.mesh)
-
-    def infer(variables, backbone_vars, images, prompts, pool_feats, pool_desc):
-      f = self.features(backbone_vars, images)
-      if prompts is not None:
-        fp, choice = self.features(backbone_vars, prompts), jnp.full(f.shape[:1], -1)
-      else:
-        choice = jnp.argmax(global_descriptor(f) @ pool_desc.T, axis=-1)
-        fp = pool_feats[choice]
-      out = self.model.apply(variables, f, fp, train=False)
-      ref = jax.nn.sigmoid(out["ref_logit"][..., 0]) if out.get("ref_logit") is not None else None
-      return {"rec": out["rec"][..., 0], "ref": ref, "pool_choice": choice}
-
-    return jax.jit(infer, in_shardings=(repl, repl, split, split, repl, repl), out_shardings=split)
+    return jax.jit(self.infer, in_shardings=(repl, repl, split, split, repl, repl),
+                   out_shardings=split)
 
   def feature_maps(self, images: jax.Array) -> jax.Array:
     """Global images (B, H, W, 3) -> frozen features (B, h, w, C)."""
@@ -125,7 +144,8 @@ def build_prompt_pool(predictor: Predictor, index, cfg: ml_collections.ConfigDic
     idx, valid = sharding.to_host(g["index"]), sharding.to_host(g["valid"])
     feats[idx[valid]] = f[valid]
   class_ids = np.asarray([index.class_id(s.cls) for s in samples], np.int32)
-  return PromptPool(feats, class_ids, np.asarray(global_descriptor(jnp.asarray(feats))))
+  return PromptPool(feats, class_ids, np.asarray(global_descriptor(jnp.asarray(feats))),
+                    tuple(s.path for s in samples))
 
 
 def _eval_batch(cfg: ml_collections.ConfigDict) -> int:

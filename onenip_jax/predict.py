@@ -1,12 +1,20 @@
 """Single-image inference from an export: `onenip-predict`.
 
-  onenip-predict --exported EXPORT_DIR [--out DIR] [--threshold T] [--heatmaps] [--skip-bad] IMAGE_OR_FOLDER...
+  onenip-predict --exported EXPORT_DIR [--out DIR] [--threshold T] [--heatmaps] [--save-maps]
+                 [--skip-bad] [--flax] IMAGE_OR_FOLDER...
 
 Each image is resized to the model's input size (any size or channel count), paired with the most
-similar prompt of the export's prompt pool (class-agnostic: no label needed), and scored. Writes
-`predictions.json` and `predictions.csv` (path, score, anomalous, matched class) and, with
---heatmaps, one PNG per image. The decision threshold is --threshold, else the F1-optimal one stored
-by `onenip-export --calibrate`; without either, only scores are written.
+similar prompt of the export's prompt pool (class-agnostic: no label needed), and scored. With a
+serialised predictor in the export (format 2) this runs through `onenip_jax.exported` (jax, numpy
+and Pillow only; no flax, TensorFlow or Orbax is imported); --flax, or an older export, uses the
+Flax predictor and tf.data decoding instead (same scores to float tolerance).
+
+Results are written as they come, batch by batch: `predictions.csv` (path, score, anomalous,
+matched class, threshold), with --heatmaps one PNG per image (one colour scale for the run, set by
+the first batch), with --save-maps the raw float32 (H, W) anomaly map of each image as `.npy`; at the
+end `predictions.json` with all rows. An image is anomalous iff its score > the threshold:
+--threshold for every image, else the export's threshold of the matched class (else its global
+one); without any, only scores are written.
 """
 import argparse
 import csv
@@ -16,9 +24,6 @@ import os
 import sys
 
 import numpy as np
-
-from onenip_jax import evaluate, heatmaps, sharding
-from onenip_jax.export import load_export
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 log = logging.getLogger("onenip")
@@ -41,42 +46,100 @@ def find_images(inputs) -> list[str]:
   return paths
 
 
-def predict(loaded, paths, *, batch_size: int = 8, skip_bad: bool = False):
-  """Returns (results list of dicts, fused maps (N, H, W) float32, images (N, H, W, 3) uint8)."""
-  from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
-  cfg, predictor = loaded.config, loaded.predictor
-  size, mean, std = cfg.input_size, cfg.data.mean, cfg.data.std
-  n_dev = predictor.mesh.devices.size
-  batch_size = max(n_dev, (batch_size + n_dev - 1) // n_dev * n_dev)
-  good, images = [], []
-  for p in paths:
-    try:
-      images.append(input_pipeline.load_image(p, size, None, None))
-      good.append(p)
-    except Exception as e:  # decoding errors of many kinds
-      if not skip_bad:
-        raise ValueError(f"cannot read image {p}: {e} (pass --skip-bad to skip it)") from e
-      log.warning("skipping unreadable image %s: %s", p, e)
-  results, maps_out = [], []
-  for i in range(0, len(good), batch_size):
-    raw = np.stack(images[i:i + batch_size])
+class ExportedScorer:
+  """The serialised predictor (`onenip_jax.exported`) behind the scorer interface used by `predict`."""
+
+  def __init__(self, export_dir: str, batch_size: int):
+    from onenip_jax import exported  # pylint: disable=g-import-not-at-top
+    self._exported = exported
+    self.model = exported.ExportedPredictor.load(export_dir, batch_size)
+    meta = self.model.meta
+    self.classes, self.input_size = self.model.classes, self.model.input_size
+    self.fusion_c, self.step, self.thresholds = meta["fusion_c"], meta.get("step"), meta.get(
+        "thresholds")
+    self.backend = "exported"
+
+  def load(self, path: str) -> np.ndarray:
+    """An image file -> uint8 (H, W, 3) model input pixels."""
+    return self._exported.load_image(path, self.input_size)
+
+  def __call__(self, raw: np.ndarray):
+    """uint8 (B, H, W, 3) -> (maps (B, H, W) float32, scores (B,), matched class names)."""
+    pre = self.model.meta["preprocessing"]
+    out = self.model(self._exported.normalize(raw, pre["mean"], pre["std"]))
+    return out["map"], out["score"], [self.classes[int(k)] for k in out["class_id"]]
+
+
+class FlaxScorer:
+  """The Flax predictor and tf.data decoding (legacy exports, or --flax)."""
+
+  def __init__(self, export_dir: str, batch_size: int):
+    from onenip_jax import export, sharding  # pylint: disable=g-import-not-at-top
+    self._sharding = sharding
+    self.loaded = export.load_export(export_dir)
+    self.classes, self.input_size = self.loaded.classes, self.loaded.config.input_size
+    self.fusion_c, self.step, self.thresholds = (self.loaded.fusion_c, self.loaded.step,
+                                                 self.loaded.thresholds)
+    n_dev = self.loaded.predictor.mesh.devices.size
+    self.batch_size = max(n_dev, (batch_size + n_dev - 1) // n_dev * n_dev)
+    self.backend = "flax"
+
+  def load(self, path: str) -> np.ndarray:
+    from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
+    return input_pipeline.load_image(path, self.input_size, None, None)
+
+  def __call__(self, raw: np.ndarray):
+    from onenip_jax import evaluate  # pylint: disable=g-import-not-at-top
+    cfg, predictor = self.loaded.config, self.loaded.predictor
     n = len(raw)
-    x = (raw.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], np.float32)])
-    g = sharding.to_global({"image": x}, predictor.mesh)
+    mean, std = np.asarray(cfg.data.mean, np.float32), np.asarray(cfg.data.std, np.float32)
+    x = (raw.astype(np.float32) / np.float32(255.0) - mean) / std
+    pad = -n % self.batch_size
+    x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], np.float32)])
+    g = self._sharding.to_global({"image": x}, predictor.mesh)
     maps = predictor(g["image"])
-    host = {k: (sharding.to_host(v)[:n] if v is not None else None) for k, v in maps.items()}
-    host = {"rec": host["rec"].astype(np.float16), "ref": None if host["ref"] is None
-            else host["ref"].astype(np.float16)}
-    s = evaluate.fused_maps(host, np.arange(n), loaded.fusion_c, cfg.eval.alpha)
-    scores = evaluate.image_scores(s, cfg.eval.pool_size)
-    choice = sharding.to_host(maps["pool_choice"])[:n]
-    for j in range(n):
-      results.append({"path": good[i + j], "score": float(scores[j]),
-                      "matched_class": loaded.classes[int(predictor.pool.class_ids[choice[j]])]})
-    maps_out.append(s)
-  maps_all = np.concatenate(maps_out) if maps_out else np.zeros((0, size, size), np.float32)
-  return results, maps_all, np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    host = {k: None if maps[k] is None else self._sharding.to_host(maps[k])[:n].astype(np.float32)
+            for k in ("rec", "ref")}
+    s = evaluate.fused_maps(host, np.arange(n), self.fusion_c, cfg.eval.alpha)
+    choice = self._sharding.to_host(maps["pool_choice"])[:n]
+    names = [self.classes[int(predictor.pool.class_ids[c])] for c in choice]
+    return s, evaluate.image_scores(s, cfg.eval.pool_size), names
+
+
+def threshold_for(scorer, cls: str, override: float | None) -> float | None:
+  """--threshold, else the export's threshold of class `cls`, else its global one, else None."""
+  if override is not None:
+    return override
+  from onenip_jax.exported import threshold_value  # pylint: disable=g-import-not-at-top
+  return threshold_value(scorer.thresholds, cls)
+
+
+def predict(scorer, paths, *, batch_size: int = 8, skip_bad: bool = False):
+  """Yields, per batch of `batch_size` readable images, (rows, maps (b, H, W) f32, images (b, H, W, 3) u8).
+
+  Rows are {'path', 'score', 'matched_class'}. Only one batch is held at a time.
+  """
+  for i in range(0, len(paths), batch_size):
+    good, images = [], []
+    for p in paths[i:i + batch_size]:
+      try:
+        images.append(scorer.load(p))
+        good.append(p)
+      except Exception as e:  # decoding errors of many kinds
+        if not skip_bad:
+          raise ValueError(f"cannot read image {p}: {e} (pass --skip-bad to skip it)") from e
+        log.warning("skipping unreadable image %s: %s", p, e)
+    if not good:
+      continue
+    raw = np.stack(images)
+    maps, scores, names = scorer(raw)
+    rows = [{"path": p, "score": float(v), "matched_class": c}
+            for p, v, c in zip(good, scores, names)]
+    yield rows, maps, raw
+
+
+def _stem(path: str) -> str:
+  return os.path.splitext(os.path.relpath(path).replace(os.sep, "_").lstrip("._"))[0]
 
 
 def main(argv=None) -> None:
@@ -85,44 +148,63 @@ def main(argv=None) -> None:
   parser.add_argument("inputs", nargs="+", help="image files or folders")
   parser.add_argument("--exported", required=True, help="directory written by onenip-export")
   parser.add_argument("--out", default="predictions", help="output directory")
-  parser.add_argument("--threshold", type=float, help="decision threshold on the image score")
+  parser.add_argument("--threshold", type=float, help="decision threshold on the image score "
+                                                     "(default: the export's, per matched class)")
   parser.add_argument("--heatmaps", action="store_true", help="write a heatmap PNG per image")
+  parser.add_argument("--save-maps", action="store_true",
+                      help="write each raw float32 (H, W) anomaly map as maps/<name>.npy")
   parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images (warned)")
+  parser.add_argument("--flax", action="store_true",
+                      help="use the Flax predictor and tf.data even if the export is serialised")
   parser.add_argument("--batch-size", type=int, default=8)
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
+  from onenip_jax import exported  # pylint: disable=g-import-not-at-top
   paths = find_images(args.inputs)
-  loaded = load_export(args.exported)
-  threshold = args.threshold if args.threshold is not None else loaded.threshold
-  results, maps, images = predict(loaded, paths, batch_size=args.batch_size, skip_bad=args.skip_bad)
-  for r in results:
-    r["anomalous"] = None if threshold is None else bool(r["score"] > threshold)
+  if not args.flax and exported.has_program(args.exported):
+    scorer = ExportedScorer(args.exported, args.batch_size)
+  else:
+    scorer = FlaxScorer(args.exported, args.batch_size)
   os.makedirs(args.out, exist_ok=True)
-  if args.heatmaps:
-    vmax = float(np.percentile(maps, 99.9)) if maps.size else 1.0
-    for r, m, img in zip(results, maps, images):
-      name = os.path.splitext(os.path.relpath(r["path"]).replace(os.sep, "_").lstrip("._"))[0]
-      r["heatmap"] = os.path.join(args.out, "heatmaps", name + ".png")
-      os.makedirs(os.path.dirname(r["heatmap"]), exist_ok=True)
-      heatmaps.save_heatmap(r["heatmap"], img, m, None, r["score"], vmin=0.0, vmax=vmax,
-                            title=r["matched_class"])
-  payload = {"threshold": threshold, "fusion_c": loaded.fusion_c, "step": loaded.step,
-             "predictions": results}
+  results, vmax = [], None
+  csv_path = os.path.join(args.out, "predictions.csv")
+  with open(csv_path, "w", newline="", encoding="utf-8") as f:
+    w = csv.writer(f)
+    w.writerow(["path", "score", "anomalous", "matched_class", "threshold"])
+    for rows, maps, images in predict(scorer, paths, batch_size=args.batch_size,
+                                      skip_bad=args.skip_bad):
+      for r, m, img in zip(rows, maps, images):
+        t = threshold_for(scorer, r["matched_class"], args.threshold)
+        r["threshold"], r["anomalous"] = t, None if t is None else bool(r["score"] > t)
+        if args.save_maps:
+          r["map"] = os.path.join(args.out, "maps", _stem(r["path"]) + ".npy")
+          os.makedirs(os.path.dirname(r["map"]), exist_ok=True)
+          np.save(r["map"], np.asarray(m, np.float32))
+        if args.heatmaps:
+          from onenip_jax import heatmaps  # pylint: disable=g-import-not-at-top
+          if vmax is None:
+            vmax = float(np.percentile(maps, 99.9)) or 1.0
+          r["heatmap"] = os.path.join(args.out, "heatmaps", _stem(r["path"]) + ".png")
+          os.makedirs(os.path.dirname(r["heatmap"]), exist_ok=True)
+          heatmaps.save_heatmap(r["heatmap"], img, m, None, r["score"], vmin=0.0, vmax=vmax,
+                                title=r["matched_class"])
+        w.writerow([r["path"], f"{r['score']:.7g}", r["anomalous"], r["matched_class"],
+                    "" if t is None else f"{t:.7g}"])
+      f.flush()
+      results += rows
+  global_t = args.threshold if args.threshold is not None else threshold_for(scorer, None, None)
+  payload = {"threshold": global_t, "thresholds": None if args.threshold is not None
+             else scorer.thresholds, "fusion_c": scorer.fusion_c, "step": scorer.step,
+             "backend": scorer.backend, "predictions": results}
   tmp = os.path.join(args.out, ".predictions.json.tmp")
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(payload, f, indent=1)
   os.replace(tmp, os.path.join(args.out, "predictions.json"))
-  tmp = os.path.join(args.out, ".predictions.csv.tmp")
-  with open(tmp, "w", newline="", encoding="utf-8") as f:
-    w = csv.writer(f)
-    w.writerow(["path", "score", "anomalous", "matched_class"])
-    for r in results:
-      w.writerow([r["path"], f"{r['score']:.6f}", r["anomalous"], r["matched_class"]])
-  os.replace(tmp, os.path.join(args.out, "predictions.csv"))
   flagged = sum(bool(r["anomalous"]) for r in results)
-  print(f"{len(results)} images scored -> {args.out}/predictions.json"
-        + (f"; {flagged} above threshold {threshold:.5f}" if threshold is not None else ""))
+  print(f"{len(results)} images scored ({scorer.backend} predictor) -> {args.out}/predictions.json"
+        + (f"; {flagged} above threshold" if any(r["threshold"] is not None for r in results)
+           else ""))
 
 
 if __name__ == "__main__":

@@ -131,18 +131,20 @@ def _leaves(tree):
 def test_export_eval_and_predict_agree_with_training(trained, tmp_path, shared_data):
   from onenip_jax import evaluate, export, predict, reports  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / "export")
-  export.main(["--workdir", trained, "--out", out, "--calibrate"])
+  export.main(["--workdir", trained, "--out", out])
   assert sorted(os.listdir(out)) == ["backbone.msgpack", "export.json", "model.msgpack",
+                                     "predictor.jaxexport", "predictor_weights.npz",
                                      "prompt_pool.npz"]
   with pytest.raises(FileExistsError):
     export.main(["--workdir", trained, "--out", out])
-  # Exported evaluation == in-training evaluation (class-mode prompts, frozen fusion constant).
-  evaluate.main(["--exported", out, "--out", str(tmp_path / "eval")])
+  # Exported evaluation (Flax path) == in-training evaluation (class-mode prompts, frozen constant).
+  evaluate.main(["--exported", out, "--out", str(tmp_path / "eval"), "--flax"])
   mine = reports.read_metrics(str(tmp_path / "eval"))
   theirs = reports.read_metrics(os.path.join(trained, "eval", f"step_{STEPS}"))
   for k, v in theirs["classes"]["bottle"].items():
     assert mine["classes"]["bottle"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
-  # Pool mode (class-agnostic) evaluation, then predict on a folder: same per-image scores.
+  # Pool mode (class-agnostic) evaluation through the serialised predictor, then predict on a
+  # folder: same per-image scores.
   evaluate.main(["--exported", out, "--out", str(tmp_path / "pool"), "--set", "eval.prompt_mode=pool"])
   pool = reports.read_metrics(str(tmp_path / "pool"))
   assert pool["pool_class_accuracy"] == 1.0  # one class: the pool can only pick it
