@@ -77,6 +77,7 @@ def score_and_report(maps: dict, index, samples, cfg, c: float, out_dir: str, *,
                      extra=None) -> dict:
   """Per-class metrics of fused maps with constant `c`; writes the reports (process 0)."""
   per_class, score_rows = {}, [("path", "class", "defect", "label", "score")]
+  empty = empty_defect_masks(maps, samples, cfg.input_size)
   for cid, cls in enumerate(index.classes):
     rows = np.flatnonzero(maps["class_id"] == cid)
     if not len(rows):
@@ -96,12 +97,27 @@ def score_and_report(maps: dict, index, samples, cfg, c: float, out_dir: str, *,
       _write_heatmaps(os.path.join(out_dir, "heatmaps", cls), [samples[i] for i in rows], s,
                       maps["mask"][rows], scores, cfg)
   result = metrics.summarize(per_class)
+  extra = dict(extra or {}, n_empty_defect_masks=len(empty), empty_defect_masks=empty)
   if jax.process_index() == 0:
     reports.write_reports(out_dir, result, config=cfg, step=step, extra=extra)
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows(score_rows)
     reports.atomic_write_text(os.path.join(out_dir, "scores.csv"), text.getvalue())
   return result
+
+
+def empty_defect_masks(maps: dict, samples, size: int) -> list:
+  """Paths of defect images whose mask is all zero at `size` px (each warned about by name).
+
+  Such an image is scored as normal (the image label comes from the resized mask, spec 10):
+  an empty mask file, or a defect too small to survive the resize.
+  """
+  rows = np.flatnonzero(maps["has_mask"] & (maps["label"] > 0) & ~maps["mask"].any(axis=(1, 2)))
+  paths = [samples[i].path for i in rows]
+  for i in rows:
+    log.warning("the mask of defect image %s (%s) is all zero at %d px: the image counts as "
+                "normal in the metrics", samples[i].path, samples[i].mask_path, size)
+  return paths
 
 
 def _write_heatmaps(out_dir, samples, anomaly_maps, masks, scores, cfg) -> None:
@@ -179,7 +195,7 @@ def frozen_fusion_constant(cfg, state, index, features, backbone_vars, mesh) -> 
 def main(argv=None) -> None:
   """`onenip-eval`: evaluate a checkpoint (--workdir) or an export (--exported)."""
   from onenip_jax import export  # pylint: disable=g-import-not-at-top
-  from onenip_jax.config_loading import load_config  # pylint: disable=g-import-not-at-top
+  from onenip_jax.config_loading import ConfigKeyError, load_config  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(prog="onenip-eval", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   src = parser.add_mutually_exclusive_group(required=True)
@@ -196,15 +212,18 @@ def main(argv=None) -> None:
   logging.getLogger("absl").setLevel(logging.WARNING)
   from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
-  if args.exported:
-    loaded = export.load_export(args.exported, mesh)
-    cfg = load_config(args.config, args.set, base=loaded.config)
-    predictor, frozen_c, step = loaded.predictor, loaded.fusion_c, loaded.step
-    out = args.out or os.path.join(args.exported, "eval")
-  else:
-    cfg, predictor, frozen_c, step = export.load_checkpoint(args.workdir, mesh, args.step,
-                                                            config=args.config, overrides=args.set)
-    out = args.out or os.path.join(args.workdir, "eval")
+  try:
+    if args.exported:
+      loaded = export.load_export(args.exported, mesh)
+      cfg = load_config(args.config, args.set, base=loaded.config)
+      predictor, frozen_c, step = loaded.predictor, loaded.fusion_c, loaded.step
+      out = args.out or os.path.join(args.exported, "eval")
+    else:
+      cfg, predictor, frozen_c, step = export.load_checkpoint(
+          args.workdir, mesh, args.step, config=args.config, overrides=args.set)
+      out = args.out or os.path.join(args.workdir, "eval")
+  except ConfigKeyError as e:
+    parser.error(str(e))
   cfg.unlock()
   cfg.eval.heatmaps = cfg.eval.heatmaps or args.heatmaps
   index = indexing.index_dataset(cfg.data)

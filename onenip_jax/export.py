@@ -51,7 +51,10 @@ def load_checkpoint(workdir: str, mesh, step=None, *, config=None, overrides=())
   template = jax.jit(lambda: train.init_state(stored, model, tx, features.channels),
                      out_shardings=sharding.replicated(mesh))()
   manager = checkpoints.make_manager(workdir, stored)
-  state = checkpoints.restore(manager, template, step)
+  if step is None:  # the newest intact checkpoint (a damaged one is reported and skipped)
+    state, _, _ = checkpoints.restore_latest(manager, template)
+  else:
+    state = checkpoints.restore(manager, template, step)
   manager.close()
   backbone_vars = jax.device_put(features.load_variables(stored.model), sharding.replicated(mesh))
   variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -72,11 +75,35 @@ def _write_bytes(path: str, data: bytes) -> None:
     f.write(data)
 
 
+def check_out_dir(out_dir: str, overwrite: bool, workdir: str | None = None) -> None:
+  """Refuses an export destination that exists (unless `overwrite`) or that is not an export.
+
+  `overwrite` replaces only a folder holding an `export.json`, and never `workdir` or a folder
+  containing it.
+
+  Raises:
+    FileExistsError / ValueError naming the folder.
+  """
+  out = os.path.realpath(out_dir)
+  if workdir is not None:
+    work = os.path.realpath(workdir)
+    if out == work or work.startswith(out.rstrip(os.sep) + os.sep):
+      raise ValueError(f"--out {out_dir} is the training workdir {workdir} or a folder holding "
+                       "it; export to another folder")
+  if not os.path.lexists(out_dir):
+    return
+  if not overwrite:
+    raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace an earlier export")
+  if not os.path.isdir(out_dir) or not os.path.isfile(os.path.join(out_dir, "export.json")):
+    raise ValueError(f"--overwrite replaces only an earlier export, and {out_dir} holds no "
+                     "export.json; choose another --out or remove it yourself")
+
+
 def write_export(out_dir: str, cfg, predictor: inference.Predictor, classes, fusion_c: float,
-                 step: int, threshold: float | None = None, overwrite: bool = False) -> None:
+                 step: int, threshold: float | None = None, overwrite: bool = False,
+                 workdir: str | None = None) -> None:
   """Writes the export directory atomically (temporary sibling directory, then rename)."""
-  if os.path.exists(out_dir) and not overwrite:
-    raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it")
+  check_out_dir(out_dir, overwrite, workdir)
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
@@ -163,6 +190,10 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
+  try:  # before any work: a wrong --out should not cost the time of loading and calibrating
+    check_out_dir(args.out, args.overwrite, args.workdir)
+  except (FileExistsError, ValueError) as e:
+    parser.error(str(e))
   from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
   from onenip_jax import evaluate, metrics  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
@@ -170,7 +201,8 @@ def main(argv=None) -> None:
   if np.isnan(fusion_c):
     raise ValueError(f"{args.workdir}: the checkpoint at step {step} has no frozen fusion constant "
                      "(training did not finish); finish training or pass --step of a final checkpoint")
-  index = indexing.index_dataset(cfg.data)
+  index = indexing.index_dataset(cfg.data,
+                                 verify_cache=os.path.join(args.workdir, "verified_images.json"))
   predictor.pool = inference.build_prompt_pool(predictor, index, cfg)
   threshold = None
   if args.calibrate:
@@ -181,7 +213,8 @@ def main(argv=None) -> None:
     _, threshold = metrics.f1_max(scores, labels.astype(np.int32))
     threshold = float(threshold)
     log.info("F1-optimal image threshold on %d images: %.5f", len(scores), threshold)
-  write_export(args.out, cfg, predictor, index.classes, fusion_c, step, threshold, args.overwrite)
+  write_export(args.out, cfg, predictor, index.classes, fusion_c, step, threshold, args.overwrite,
+               args.workdir)
   log.info("exported step %d to %s", step, args.out)
 
 

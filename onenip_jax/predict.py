@@ -96,6 +96,10 @@ def main(argv=None) -> None:
   loaded = load_export(args.exported)
   threshold = args.threshold if args.threshold is not None else loaded.threshold
   results, maps, images = predict(loaded, paths, batch_size=args.batch_size, skip_bad=args.skip_bad)
+  if not results:
+    print(f"onenip-predict: error: none of the {len(paths)} image(s) could be read, nothing was "
+          "scored", file=sys.stderr)
+    sys.exit(1)
   for r in results:
     r["anomalous"] = None if threshold is None else bool(r["score"] > threshold)
   os.makedirs(args.out, exist_ok=True)

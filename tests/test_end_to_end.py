@@ -134,7 +134,7 @@ def test_export_eval_and_predict_agree_with_training(trained, tmp_path, shared_d
   export.main(["--workdir", trained, "--out", out, "--calibrate"])
   assert sorted(os.listdir(out)) == ["backbone.msgpack", "export.json", "model.msgpack",
                                      "prompt_pool.npz"]
-  with pytest.raises(FileExistsError):
+  with pytest.raises(SystemExit):  # --out exists (checked before any work)
     export.main(["--workdir", trained, "--out", out])
   # Exported evaluation == in-training evaluation (class-mode prompts, frozen fusion constant).
   evaluate.main(["--exported", out, "--out", str(tmp_path / "eval")])
