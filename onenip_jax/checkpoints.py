@@ -132,7 +132,9 @@ def describe_damage(manager: ocp.CheckpointManager, step: int, error: BaseExcept
   item = re.search(r'Error reading "([^"]+)"', text)
   reason = next((m.strip().splitlines()[0] for m in reversed(messages) if m.strip()),
                 type(error).__name__)
-  reason = re.sub(r"\s+See full TensorStore details.*", "", reason)[:240]
+  reason = re.sub(r"\s+See full TensorStore details.*", "", reason)
+  reason = re.sub(r'Error reading "[^"]*" in OCDBT database at local file "[^"]*":\s*', "",
+                  reason)[:200]
   return (f"checkpoint step {step} is damaged: cannot read {file}"
           + (f" (array {item.group(1)})" if item else "") + f": {reason}")
 

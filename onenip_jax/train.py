@@ -205,6 +205,10 @@ def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> Tr
     sharding.check_batch_size(cfg.batch_size, mesh)
     if cfg.data.layout == "demo" and not cfg.data.root:
       cfg.data.root = os.path.join(os.path.abspath(workdir), "demo_data")
+    manager = checkpoints.make_manager(workdir, cfg)
+    stored = checkpoints.latest_config(manager)  # (step, config) of the newest checkpoint
+    if stored is not None:  # before any work: a resume with another model or data fails at once
+      run_control.check_resume(stored[1], cfg, workdir, stored[0])
     index = indexing.index_dataset(cfg.data,
                                    verify_cache=os.path.join(workdir, "verified_images.json"))
     spe = input_pipeline.steps_per_epoch(index, cfg.batch_size)
@@ -221,8 +225,7 @@ def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> Tr
     repl, split = sharding.replicated(mesh), sharding.data_sharded(mesh)
     state = jax.jit(functools.partial(init_state, cfg, model, tx, features.channels),
                     out_shardings=repl)()
-    manager = checkpoints.make_manager(workdir, cfg)
-    state = _resume(manager, state, cfg, workdir, num_steps, repl)
+    state = _resume(manager, state, cfg, workdir, num_steps, repl, stored)
     start = int(_scalar(state.step))
     run = _Run(cfg, workdir, guard, index, features, backbone_vars, mesh, manager, repl)
 
@@ -249,15 +252,13 @@ def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> Tr
   return state
 
 
-def _resume(manager, state: TrainState, cfg, workdir: str, num_steps: int, repl) -> TrainState:
-  """The newest intact checkpoint of `workdir` (config checked first) or `state` if none.
+def _resume(manager, state: TrainState, cfg, workdir: str, num_steps: int, repl,
+            stored) -> TrainState:
+  """The newest intact checkpoint of `workdir` or `state` if there is none.
 
-  A state trained further than it was (an extended run) drops its fusion constant, which
-  belongs to the old final step.
+  `stored` is the (step, config) already checked against `cfg`. A state trained further than
+  it was (an extended run) drops its fusion constant, which belongs to the old final step.
   """
-  stored = checkpoints.latest_config(manager)
-  if stored is not None:
-    run_control.check_resume(stored[1], cfg, workdir, stored[0])
   restored = checkpoints.restore_latest(manager, state, move_damaged=jax.process_index() == 0)
   if restored is None:
     return state
@@ -300,6 +301,7 @@ def _train_loop(run: _Run, logger, state, start, num_steps, spe, train_step, cac
   batches = input_pipeline.make_train_iterator(index, cfg, process_index=jax.process_index(),
                                                process_count=jax.process_count(), start_step=start,
                                                decode_clean=cache is None)
+  log.info("training steps %d to %d", start + 1, num_steps)
   progress = _progress(start, num_steps)
   t0, n0, done, saved = time.perf_counter(), start, start, start
   try:
