@@ -263,7 +263,7 @@ def _resume(manager, state: TrainState, cfg, workdir: str, num_steps: int, repl,
   if restored is None:
     return state
   state, stored_cfg, step = restored
-  if stored is None or step != stored[0]:  # fell back to an older checkpoint: check its own config too
+  if stored is None or step != stored[0]:  # fell back to an older one: check its config too
     run_control.check_resume(stored_cfg, cfg, workdir, step)
   if step > num_steps:
     raise run_control.ConfigMismatch(

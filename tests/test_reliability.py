@@ -71,7 +71,8 @@ def finished(shared_data, tmp_path_factory):
   """A 3-step run stopped by SIGTERM in the fusion-constant pass, then restarted to the end."""
   workdir = str(tmp_path_factory.mktemp("reliability") / "run")
   proc = _start(workdir)
-  _wait_for(proc, workdir, "computing the frozen fusion constant")
+  _wait_for(proc, workdir, "3/3 [")  # the progress bar's last step ...
+  time.sleep(3)  # ... then the fusion-constant pass (its compile alone takes longer than this)
   proc.send_signal(signal.SIGTERM)
   stopped = {"rc": proc.wait(timeout=300), "checkpoints": _checkpoints(workdir)}
   stopped["restart_rc"], stopped["restart_log"] = _run(workdir)
@@ -188,7 +189,7 @@ def test_export_checks_out_first_and_overwrites_only_exports(extended, tmp_path,
 def test_sigint_saves_and_exits_promptly(shared_data, tmp_path):
   workdir = str(tmp_path / "sigint")
   proc = _start(workdir)
-  _wait_for(proc, workdir, "training steps 1 to 3")
+  _wait_for(proc, workdir, "1/3 [")
   proc.send_signal(signal.SIGINT)
   _wait_for(proc, workdir, "saved step", timeout=300)
   t = time.time()
@@ -200,7 +201,7 @@ def test_sigint_saves_and_exits_promptly(shared_data, tmp_path):
 def test_second_sigint_aborts_at_once(shared_data, tmp_path):
   workdir = str(tmp_path / "twice")
   proc = _start(workdir)
-  _wait_for(proc, workdir, "training steps 1 to 3")  # the first step compiles for many seconds
+  _wait_for(proc, workdir, "0/3 [")  # the progress bar starts: the first step compiles for long
   proc.send_signal(signal.SIGINT)
   time.sleep(0.5)
   t = time.time()
