@@ -1,16 +1,31 @@
 """Orbax checkpoints of the train state (params, batch stats, optimiser state, step, RNG) + config.
 
 Saves are atomic (Orbax writes to a temporary directory and renames), so a run killed at any time
-restarts from the last complete checkpoint.
+restarts from the last complete checkpoint. A checkpoint that cannot be read is reported in one
+line naming its step and file, and the newest intact one is used instead (`restore_latest`).
 """
 import json
+import logging
+import os
+import re
+import shutil
 
 import ml_collections
 import orbax.checkpoint as ocp
 
+log = logging.getLogger("onenip")
+
+_REPLACED = ".replaced"   # `<step>.replaced`: a step being rewritten by `replace` (see there)
+DAMAGED = ".damaged"      # `<step>.damaged`: a step moved aside by `restore_latest`
+
+
+class CheckpointError(ValueError):
+  """No checkpoint of a work directory can be read (the message names each step and file)."""
+
 
 def make_manager(workdir: str, cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   """`<workdir>/checkpoints`, keeping the last `ckpt.keep`; saves are synchronous (safe on SIGTERM)."""
+  _recover_replaced(f"{workdir}/checkpoints")
   options = ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep, create=True,
                                          enable_async_checkpointing=False)
   return ocp.CheckpointManager(f"{workdir}/checkpoints", options=options)
@@ -23,6 +38,33 @@ def save(manager: ocp.CheckpointManager, step: int, state, cfg: ml_collections.C
   manager.wait_until_finished()
 
 
+def replace(manager: ocp.CheckpointManager, step: int, state, cfg: ml_collections.ConfigDict) -> None:
+  """Saves `state` as `step` when that step exists already (e.g. adding the fusion constant).
+
+  The old step is renamed `<step>.replaced` first and deleted only after the new one is
+  complete; a run killed in between gets the old one back from `make_manager`.
+  """
+  path = os.path.join(str(manager.directory), str(step))
+  if os.path.isdir(path):
+    os.replace(path, path + _REPLACED)
+    manager.reload()
+  save(manager, step, state, cfg)
+  shutil.rmtree(path + _REPLACED, ignore_errors=True)
+
+
+def _recover_replaced(directory: str) -> None:
+  """Finishes or undoes a `replace` that was killed half-way."""
+  if not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    if name.endswith(_REPLACED) and name[:-len(_REPLACED)].isdigit():
+      old, new = os.path.join(directory, name), os.path.join(directory, name[:-len(_REPLACED)])
+      if os.path.isdir(new):
+        shutil.rmtree(old, ignore_errors=True)
+      else:
+        os.replace(old, new)
+
+
 def restore(manager: ocp.CheckpointManager, template, step: int | None = None):
   """Restores the state at `step` (default: latest) into the structure/shardings of `template`."""
   step = manager.latest_step() if step is None else step
@@ -30,12 +72,81 @@ def restore(manager: ocp.CheckpointManager, template, step: int | None = None):
   return restored.state
 
 
+def restore_latest(manager: ocp.CheckpointManager, template, *, move_damaged: bool = False):
+  """(state, stored config dict, step) of the newest checkpoint that reads back, or None if none.
+
+  A damaged checkpoint is logged in one line (step and file) and the next older one is tried.
+  With `move_damaged`, the damaged steps newer than the one restored are renamed
+  `<step>.damaged` (kept for inspection), so that later saves and resumes skip them.
+
+  Raises:
+    CheckpointError when checkpoints exist but none can be read (nothing is moved then: a
+    template that matches no checkpoint is more likely a changed model than damage).
+  """
+  failures, damaged = [], []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(template), config=ocp.args.JsonRestore()))
+    except Exception as e:  # Orbax / TensorStore / JSON errors of many types
+      failures.append(describe_damage(manager, step, e))
+      damaged.append(step)
+      log.warning("%s; trying the previous checkpoint", failures[-1])
+      continue
+    if damaged:
+      log.warning("resuming from step %d, the newest intact checkpoint", step)
+      if move_damaged:
+        for d in damaged:
+          path = os.path.join(str(manager.directory), str(d))
+          os.replace(path, path + DAMAGED)
+          log.warning("moved the damaged checkpoint aside to %s", path + DAMAGED)
+        manager.reload()
+    return restored.state, dict(restored.config), step
+  if failures:
+    raise CheckpointError("no checkpoint can be read: " + "; ".join(failures))
+  return None
+
+
+def latest_config(manager: ocp.CheckpointManager):
+  """(step, config dict) stored with the newest checkpoint whose config reads back, or None."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+      return step, dict(restored.config)
+    except Exception as e:  # pylint: disable=broad-except
+      log.warning("%s; trying the previous checkpoint", describe_damage(manager, step, e))
+  return None
+
+
+def describe_damage(manager: ocp.CheckpointManager, step: int, error: BaseException) -> str:
+  """One line naming the step, the file and the reason of a failed restore (no TensorStore dump)."""
+  step_dir = os.path.join(str(manager.directory), str(step))
+  messages = []
+  e = error
+  while e is not None and len(messages) < 10:
+    messages.append(str(e))
+    e = e.__cause__ or e.__context__
+  text = "\n".join(messages)
+  file = re.search(r'(?:local file|path|file)\W+(' + re.escape(step_dir) + r'[^"\'\s,)]*)', text)
+  file = file.group(1) if file else step_dir
+  item = re.search(r'Error reading "([^"]+)"', text)
+  reason = next((m.strip().splitlines()[0] for m in reversed(messages) if m.strip()),
+                type(error).__name__)
+  reason = re.sub(r"\s+See full TensorStore details.*", "", reason)
+  reason = re.sub(r'Error reading "[^"]*" in OCDBT database at local file "[^"]*":\s*', "",
+                  reason)[:200]
+  return (f"checkpoint step {step} is damaged: cannot read {file}"
+          + (f" (array {item.group(1)})" if item else "") + f": {reason}")
+
+
 def restore_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
   """The config stored with a checkpoint, e.g. for `onenip-eval --workdir`."""
   options = ocp.CheckpointManagerOptions(read_only=True, create=False)
   with ocp.CheckpointManager(f"{workdir}/checkpoints", options=options) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
+    if step is None:  # the newest config that reads back
+      found = latest_config(manager)
+      if found is None:
+        raise FileNotFoundError(f"no readable checkpoint under {workdir}/checkpoints")
+      return ml_collections.ConfigDict(found[1])
     restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   return ml_collections.ConfigDict(restored.config)

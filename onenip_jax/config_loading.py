@@ -6,11 +6,15 @@ import os
 import ml_collections
 
 
+class ConfigKeyError(ValueError):
+  """An override names a key the config does not have."""
+
+
 def load_config(spec: str | None, overrides=(), base: ml_collections.ConfigDict | None = None):
   """Config from `path.py[:arg]` (or a copy of `base` when spec is None) with `key=value` overrides.
 
   Raises:
-    FileNotFoundError / ValueError naming the file or the key at fault.
+    FileNotFoundError / ValueError (ConfigKeyError for an unknown key) naming the file or key.
   """
   if spec:
     path, _, arg = spec.partition(":")
@@ -37,11 +41,11 @@ def set_key(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> None:
   *parents, leaf = dotted.split(".")
   node = cfg
   for p in parents:
-    if p not in node:
-      raise ValueError(f"unknown config key {dotted!r}")
+    if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+      raise ConfigKeyError(f"unknown config key {dotted!r}")
     node = node[p]
   if leaf not in node:
-    raise ValueError(f"unknown config key {dotted!r}")
+    raise ConfigKeyError(f"unknown config key {dotted!r}")
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):

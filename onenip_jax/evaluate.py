@@ -142,7 +142,7 @@ class ReportBuilder:
 
   def __init__(self, cfg, out_dir: str):
     self.cfg, self.out_dir = cfg, out_dir
-    self.per_class, self.maskless = {}, {}
+    self.per_class, self.maskless, self.empty_masks = {}, {}, []
     self.score_rows = [("path", "class", "defect", "label", "score")]
     self.pool_hits = self.pool_total = 0
 
@@ -155,6 +155,7 @@ class ReportBuilder:
         e.get("maskless", "skip"), e.flip_auroc)
     self.per_class[cls] = result
     self.maskless[cls] = n_maskless
+    self.empty_masks += empty_defect_masks(samples, masks, has_mask, self.cfg.input_size)
     self.score_rows += [(s.path, cls, s.defect, int(l), f"{v:.7g}")
                         for s, l, v in zip(samples, labels, scores)]
     if pool_class_ids is not None:
@@ -170,6 +171,7 @@ class ReportBuilder:
     extra["maskless_anomalies"] = {"policy": self.cfg.eval.get("maskless", "skip"),
                                    "count": int(sum(self.maskless.values())),
                                    "per_class": dict(self.maskless)}
+    extra.update(n_empty_defect_masks=len(self.empty_masks), empty_defect_masks=list(self.empty_masks))
     if self.pool_total:
       extra["pool_class_accuracy"] = self.pool_hits / self.pool_total
     if write_files:
@@ -179,6 +181,22 @@ class ReportBuilder:
       reports.atomic_write_text(os.path.join(self.out_dir, "scores.csv"), text.getvalue())
     result.update(extra)
     return result
+
+
+def empty_defect_masks(samples, masks, has_mask, size: int) -> list:
+  """Paths of defect images whose mask is all zero at `size` px, each warned about by name.
+
+  Such an image is scored as normal (its label comes from the resized mask): an empty mask file,
+  or a defect too small to survive the resize. masks: (N, H, W) bool; has_mask: (N,) bool.
+  """
+  empty = np.asarray(has_mask, bool) & ~np.asarray(masks).reshape(len(masks), -1).any(axis=1)
+  paths = []
+  for s, e in zip(samples, empty):
+    if e and s.label > 0:
+      log.warning("the mask of defect image %s (%s) is all zero at %d px: the image counts as "
+                  "normal in the metrics", s.path, s.mask_path, size)
+      paths.append(s.path)
+  return paths
 
 
 def _write_heatmaps(out_dir, samples, anomaly_maps, masks, scores, cfg, load_image) -> None:
@@ -320,7 +338,7 @@ def main(argv=None) -> None:
   import ml_collections  # pylint: disable=g-import-not-at-top
   from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
   from onenip_jax import exported  # pylint: disable=g-import-not-at-top
-  from onenip_jax.config_loading import load_config  # pylint: disable=g-import-not-at-top
+  from onenip_jax.config_loading import ConfigKeyError, load_config  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(prog="onenip-eval", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   src = parser.add_mutually_exclusive_group(required=True)
@@ -342,7 +360,10 @@ def main(argv=None) -> None:
   logging.getLogger("absl").setLevel(logging.WARNING)
   if args.exported and not args.flax and exported.has_program(args.exported):
     model = exported.ExportedPredictor.load(args.exported, args.batch_size)
-    cfg = load_config(args.config, args.set, base=ml_collections.ConfigDict(model.meta["config"]))
+    try:
+      cfg = load_config(args.config, args.set, base=ml_collections.ConfigDict(model.meta["config"]))
+    except ConfigKeyError as e:
+      parser.error(str(e))
     cfg.unlock()
     cfg.eval.heatmaps = cfg.eval.heatmaps or args.heatmaps
     if cfg.eval.prompt_mode != "pool":
@@ -356,15 +377,18 @@ def main(argv=None) -> None:
     return
   from onenip_jax import export, inference, sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
-  if args.exported:
-    loaded = export.load_export(args.exported, mesh)
-    cfg = load_config(args.config, args.set, base=loaded.config)
-    predictor, frozen_c, step = loaded.predictor, loaded.fusion_c, loaded.step
-    out = args.out or os.path.join(args.exported, "eval")
-  else:
-    cfg, predictor, frozen_c, step = export.load_checkpoint(args.workdir, mesh, args.step,
-                                                            config=args.config, overrides=args.set)
-    out = args.out or os.path.join(args.workdir, "eval")
+  try:
+    if args.exported:
+      loaded = export.load_export(args.exported, mesh)
+      cfg = load_config(args.config, args.set, base=loaded.config)
+      predictor, frozen_c, step = loaded.predictor, loaded.fusion_c, loaded.step
+      out = args.out or os.path.join(args.exported, "eval")
+    else:
+      cfg, predictor, frozen_c, step = export.load_checkpoint(
+          args.workdir, mesh, args.step, config=args.config, overrides=args.set)
+      out = args.out or os.path.join(args.workdir, "eval")
+  except ConfigKeyError as e:
+    parser.error(str(e))
   cfg.unlock()
   cfg.eval.heatmaps = cfg.eval.heatmaps or args.heatmaps
   index = indexing.index_dataset(cfg.data)

@@ -74,7 +74,10 @@ def load_checkpoint(workdir: str, mesh, step=None, *, config=None, overrides=())
   template = jax.jit(lambda: train.init_state(stored, model, tx, features.channels),
                      out_shardings=sharding.replicated(mesh))()
   manager = checkpoints.make_manager(workdir, stored)
-  state = checkpoints.restore(manager, template, step)
+  if step is None:  # the newest intact checkpoint (a damaged one is reported and skipped)
+    state, _, _ = checkpoints.restore_latest(manager, template)
+  else:
+    state = checkpoints.restore(manager, template, step)
   manager.close()
   backbone_vars = jax.device_put(features.load_variables(stored.model), sharding.replicated(mesh))
   variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -154,11 +157,35 @@ def package_version() -> str:
     return "unknown"
 
 
+def check_out_dir(out_dir: str, overwrite: bool, workdir: str | None = None) -> None:
+  """Refuses an export destination that exists (unless `overwrite`) or that is not an export.
+
+  `overwrite` replaces only a folder holding an `export.json`, and never `workdir` or a folder
+  containing it.
+
+  Raises:
+    FileExistsError / ValueError naming the folder.
+  """
+  out = os.path.realpath(out_dir)
+  if workdir is not None:
+    work = os.path.realpath(workdir)
+    if out == work or work.startswith(out.rstrip(os.sep) + os.sep):
+      raise ValueError(f"--out {out_dir} is the training workdir {workdir} or a folder holding "
+                       "it; export to another folder")
+  if not os.path.lexists(out_dir):
+    return
+  if not overwrite:
+    raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace an earlier export")
+  if not os.path.isdir(out_dir) or not os.path.isfile(os.path.join(out_dir, "export.json")):
+    raise ValueError(f"--overwrite replaces only an earlier export, and {out_dir} holds no "
+                     "export.json; choose another --out or remove it yourself")
+
+
 def write_export(out_dir: str, cfg, predictor: inference.Predictor, classes, fusion_c: float,
-                 step: int, thresholds: dict | None = None, overwrite: bool = False) -> None:
+                 step: int, thresholds: dict | None = None, overwrite: bool = False,
+                 workdir: str | None = None) -> None:
   """Writes the export directory atomically (temporary sibling directory, then rename)."""
-  if os.path.exists(out_dir) and not overwrite:
-    raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it")
+  check_out_dir(out_dir, overwrite, workdir)
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
@@ -356,13 +383,18 @@ def main(argv=None) -> None:
     parser.error("--threshold-fraction must be in [0, 1] and --target-fpr in [0, 1)")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
   logging.getLogger("absl").setLevel(logging.WARNING)
+  try:  # before any work: a wrong --out should not cost the time of loading and calibrating
+    check_out_dir(args.out, args.overwrite, args.workdir)
+  except (FileExistsError, ValueError) as e:
+    parser.error(str(e))
   from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
   cfg, predictor, fusion_c, step = load_checkpoint(args.workdir, mesh, args.step)
   if np.isnan(fusion_c):
     raise ValueError(f"{args.workdir}: the checkpoint at step {step} has no frozen fusion constant "
                      "(training did not finish); finish training or pass --step of a final checkpoint")
-  index = indexing.index_dataset(cfg.data)
+  index = indexing.index_dataset(cfg.data,
+                                 verify_cache=os.path.join(args.workdir, "verified_images.json"))
   predictor.pool = inference.build_prompt_pool(predictor, index, cfg)
   thresholds = None
   if args.calibrate_on_test:
@@ -382,7 +414,8 @@ def main(argv=None) -> None:
     log.info("thresholds (%s): global %.5f; %s", thresholds["global"]["source"],
              thresholds["global"]["value"],
              ", ".join(f"{c} {e['value']:.5f}" for c, e in thresholds["per_class"].items()))
-  write_export(args.out, cfg, predictor, index.classes, fusion_c, step, thresholds, args.overwrite)
+  write_export(args.out, cfg, predictor, index.classes, fusion_c, step, thresholds,
+               args.overwrite, args.workdir)
   log.info("exported step %d to %s", step, args.out)
 
 

@@ -193,6 +193,10 @@ def main(argv=None) -> None:
                     "" if t is None else f"{t:.7g}"])
       f.flush()
       results += rows
+  if not results:
+    print(f"onenip-predict: error: none of the {len(paths)} image(s) could be read, nothing was "
+          "scored", file=sys.stderr)
+    sys.exit(1)
   global_t = args.threshold if args.threshold is not None else threshold_for(scorer, None, None)
   payload = {"threshold": global_t, "thresholds": None if args.threshold is not None
              else scorer.thresholds, "fusion_c": scorer.fusion_c, "step": scorer.step,

@@ -9,6 +9,7 @@ Per step the frozen backbone sees [normal (B); synthetic (B); prompt (B)] (or on
 images when `cache_features=True`), the network reconstructs [normal; synthetic] from the prompt,
 and the loss fuses feature MSE (reconstruction + restoration) and the refiner's Dice loss.
 """
+import dataclasses
 import functools
 import json
 import logging
@@ -29,7 +30,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipelines import indexing, input_pipeline
-from onenip_jax import checkpoints, evaluate, losses, sharding
+from onenip_jax import checkpoints, evaluate, losses, run_control, sharding
 from onenip_jax.compile_options import compiler_options
 from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
@@ -192,49 +193,127 @@ class _Logger:
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains (resuming from the latest checkpoint in `workdir`), then evaluates; returns the state."""
-  sharding.maybe_initialize_distributed(cfg.distributed)
-  os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh()
-  sharding.check_batch_size(cfg.batch_size, mesh)
-  if cfg.data.layout == "demo" and not cfg.data.root:
-    cfg.data.root = os.path.join(os.path.abspath(workdir), "demo_data")
-  index = indexing.index_dataset(cfg.data)
-  spe = input_pipeline.steps_per_epoch(index, cfg.batch_size)
-  num_steps = total_steps(cfg, spe)
-  log.info("%d classes, %d train / %d test images; %d steps (%d per epoch) on %d devices",
-           len(index.classes), len(index.train), len(index.test), num_steps, spe, mesh.devices.size)
+  """Trains (resuming from the latest checkpoint in `workdir`), then evaluates; returns the state.
 
-  features = FrozenFeatures.from_config(cfg.model)
-  backbone_vars = jax.device_put(features.load_variables(cfg.model), sharding.replicated(mesh))
-  model = OneNIP.from_config(cfg.model)
-  tx = make_optimizer(cfg, spe)
+  A SIGTERM or SIGINT at any moment saves what is done and ends the process with 128 + signum
+  (`run_control`); running the same command again goes on from there. A workdir trained to
+  fewer steps than `cfg` asks for is extended: the new final step is saved with a new fusion
+  constant and evaluated.
+  """
+  with run_control.SignalGuard() as guard:
+    try:
+      return _train_and_evaluate(cfg, workdir, guard)
+    except run_control.Interrupted as e:
+      log.warning("stopped by %s; run the same command again to continue",
+                  signal.Signals(e.signum).name)
+      run_control.exit_now(128 + e.signum)
 
-  repl = sharding.replicated(mesh)
-  state = jax.jit(functools.partial(init_state, cfg, model, tx, features.channels),
-                  out_shardings=repl)()
-  manager = checkpoints.make_manager(workdir, cfg)
-  if manager.latest_step() is not None:
-    state = checkpoints.restore(manager, state)
-    log.info("resumed from step %d", int(state.step))
-  start = int(state.step)
 
-  cache = compute_feature_cache(cfg, index, features, backbone_vars, mesh) if cfg.cache_features else None
-  train_step = jit_train_step(cfg, model, features, tx, mesh)
+def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> TrainState:
+  with guard.interruptible():  # start-up: nothing to save, a restart redoes it
+    sharding.maybe_initialize_distributed(cfg.distributed)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(cfg.batch_size, mesh)
+    if cfg.data.layout == "demo" and not cfg.data.root:
+      cfg.data.root = os.path.join(os.path.abspath(workdir), "demo_data")
+    manager = checkpoints.make_manager(workdir, cfg)
+    stored = checkpoints.latest_config(manager)  # (step, config) of the newest checkpoint
+    if stored is not None:  # before any work: a resume with another model or data fails at once
+      run_control.check_resume(stored[1], cfg, workdir, stored[0])
+    index = indexing.index_dataset(cfg.data,
+                                   verify_cache=os.path.join(workdir, "verified_images.json"))
+    spe = input_pipeline.steps_per_epoch(index, cfg.batch_size)
+    num_steps = total_steps(cfg, spe)
+    log.info("%d classes, %d train / %d test images; %d steps (%d per epoch) on %d devices",
+             len(index.classes), len(index.train), len(index.test), num_steps, spe,
+             mesh.devices.size)
 
-  stop = {"signal": None}
+    features = FrozenFeatures.from_config(cfg.model)
+    backbone_vars = jax.device_put(features.load_variables(cfg.model), sharding.replicated(mesh))
+    model = OneNIP.from_config(cfg.model)
+    tx = make_optimizer(cfg, spe)
 
-  def _on_sigterm(signum, _):
-    stop["signal"] = signum
-  previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+    repl = sharding.replicated(mesh)
+    state = jax.jit(functools.partial(init_state, cfg, model, tx, features.channels),
+                    out_shardings=repl)()
+    state = _resume(manager, state, cfg, workdir, num_steps, repl, stored)
+    start = int(_scalar(state.step))
+    run = _Run(cfg, workdir, guard, index, features, backbone_vars, mesh, manager, repl)
+
+    cache = (compute_feature_cache(cfg, index, features, backbone_vars, mesh)
+             if cfg.cache_features and start < num_steps else None)
+    train_step = jit_train_step(cfg, model, features, tx, mesh)
 
   logger = _Logger(workdir)
+  try:
+    state = _train_loop(run, logger, state, start, num_steps, spe, train_step, cache)
+    if start < num_steps or math.isnan(_scalar(state.fusion_c)):
+      state = _add_fusion_constant(run, state, num_steps)
+    with guard.interruptible():  # the final state is saved: a restart only evaluates again
+      log.info("final evaluation of step %d", num_steps)
+      result = evaluate.evaluate_state(cfg, state, index, features, backbone_vars, mesh,
+                                       os.path.join(workdir, "eval", f"step_{num_steps}"))
+      logger.write(num_steps, {f"eval/{k}": v for k, v in result["mean"].items() if v is not None})
+    log.info("process %d: final params digest %s", jax.process_index(), _digest(state.params))
+  finally:
+    logger.close()
+    manager.close()
+  return state
+
+
+def _resume(manager, state: TrainState, cfg, workdir: str, num_steps: int, repl,
+            stored) -> TrainState:
+  """The newest intact checkpoint of `workdir` or `state` if there is none.
+
+  `stored` is the (step, config) already checked against `cfg`. A state trained further than
+  it was (an extended run) drops its fusion constant, which belongs to the old final step.
+  """
+  restored = checkpoints.restore_latest(manager, state, move_damaged=jax.process_index() == 0)
+  if restored is None:
+    return state
+  state, stored_cfg, step = restored
+  if stored is None or step != stored[0]:  # fell back to an older one: check its config too
+    run_control.check_resume(stored_cfg, cfg, workdir, step)
+  if step > num_steps:
+    raise run_control.ConfigMismatch(
+        f"{workdir} holds a checkpoint at step {step}, beyond the {num_steps} steps this config "
+        "asks for (total_steps / num_epochs): ask for more steps to extend the run, evaluate it "
+        "with `onenip-eval --workdir`, or start a new run with another --workdir")
+  log.info("resumed from step %d", step)
+  if step < num_steps and not math.isnan(_scalar(state.fusion_c)):
+    log.info("extending the finished run from step %d to %d", step, num_steps)
+    state = jax.jit(lambda s: s.replace(fusion_c=jnp.full((), jnp.nan, jnp.float32)),
+                    out_shardings=repl)(state)
+  return state
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What the phases of `train_and_evaluate` share."""
+  cfg: ml_collections.ConfigDict
+  workdir: str
+  guard: run_control.SignalGuard
+  index: indexing.DatasetIndex
+  features: FrozenFeatures
+  backbone_vars: Any
+  mesh: jax.sharding.Mesh
+  manager: Any
+  repl: jax.sharding.Sharding
+
+
+def _train_loop(run: _Run, logger, state, start, num_steps, spe, train_step, cache) -> TrainState:
+  """Steps start+1 .. num_steps; checkpoints every `ckpt.every_steps` and when a signal came."""
+  if start >= num_steps:
+    return state
+  cfg, guard, index, manager = run.cfg, run.guard, run.index, run.manager
   eval_every = cfg.eval.every_epochs * spe
   batches = input_pipeline.make_train_iterator(index, cfg, process_index=jax.process_index(),
                                                process_count=jax.process_count(), start_step=start,
                                                decode_clean=cache is None)
+  log.info("training steps %d to %d", start + 1, num_steps)
   progress = _progress(start, num_steps)
-  t0, n0 = time.perf_counter(), start
+  t0, n0, done, saved = time.perf_counter(), start, start, start
   try:
     for step in range(start + 1, num_steps + 1):
       batch = next(batches)
@@ -242,7 +321,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
         batch = {k: batch[k] for k in ("synthetic", "mask", "normal_index", "prompt_index")}
       else:
         batch = {k: batch[k] for k in ("normal", "synthetic", "prompt", "mask")}
-      state, metrics = train_step(state, sharding.to_global(batch, mesh), backbone_vars, cache)
+      state, metrics = train_step(state, sharding.to_global(batch, run.mesh), run.backbone_vars,
+                                  cache)
+      done = step
       progress.update(1)
       if step % cfg.log_every_steps == 0 or step == num_steps:
         scalars = {k: _scalar(v) for k, v in metrics.items()}
@@ -251,32 +332,60 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
         t0, n0 = time.perf_counter(), step
         logger.write(step, scalars)
         progress.set_postfix(loss=f"{scalars['total']:.4f}")
-      if (step % cfg.ckpt.every_steps == 0 and step < num_steps) or stop["signal"] is not None:
+      stop = _any_process(guard.requested)
+      if (step % cfg.ckpt.every_steps == 0 and step < num_steps) or stop:
         checkpoints.save(manager, step, state, cfg)
-      if stop["signal"] is not None:
-        log.warning("received signal %d: saved step %d, exiting", stop["signal"], step)
-        sys.exit(128 + stop["signal"])
+        saved = step
+      if stop:
+        log.warning("saved step %d", step)
+        raise run_control.Interrupted(guard.signum or signal.SIGTERM)
       if eval_every and step % eval_every == 0 and step < num_steps:
-        evaluate.evaluate_state(cfg, state, index, features, backbone_vars, mesh,
-                                os.path.join(workdir, "eval", f"step_{step}"))
+        with guard.interruptible():
+          evaluate.evaluate_state(cfg, state, index, run.features, run.backbone_vars, run.mesh,
+                                  os.path.join(run.workdir, "eval", f"step_{step}"))
+  except run_control.Interrupted:
+    if saved < done:  # stopped during a periodic evaluation
+      checkpoints.save(manager, done, state, cfg)
+      log.warning("saved step %d", done)
+    raise
   finally:
     progress.close()
-    signal.signal(signal.SIGTERM, previous_handler)
-
-  if math.isnan(_scalar(state.fusion_c)):
-    c = evaluate.frozen_fusion_constant(cfg, state, index, features, backbone_vars, mesh)
-    state = jax.jit(lambda s: s.replace(fusion_c=jnp.float32(c)), out_shardings=repl)(state)
-    log.info("frozen fusion constant c = %.5f", c)
-    if manager.latest_step() == num_steps:  # saved by a SIGTERM at the last step, without c
-      manager.delete(num_steps)
-    checkpoints.save(manager, num_steps, state, cfg)
-  result = evaluate.evaluate_state(cfg, state, index, features, backbone_vars, mesh,
-                                   os.path.join(workdir, "eval", f"step_{num_steps}"))
-  logger.write(num_steps, {f"eval/{k}": v for k, v in result["mean"].items() if v is not None})
-  log.info("process %d: final params digest %s", jax.process_index(), _digest(state.params))
-  logger.close()
-  manager.close()
   return state
+
+
+def _add_fusion_constant(run: _Run, state: TrainState, num_steps: int) -> TrainState:
+  """Computes the frozen fusion constant and saves the final state with it (step num_steps).
+
+  Stopped by a signal, the final state is saved without it; the restart computes it.
+  """
+  cfg, manager = run.cfg, run.manager
+  try:
+    with run.guard.interruptible():
+      log.info("computing the frozen fusion constant of step %d", num_steps)
+      c = evaluate.frozen_fusion_constant(cfg, state, run.index, run.features, run.backbone_vars,
+                                          run.mesh)
+  except run_control.Interrupted:
+    if manager.latest_step() != num_steps:
+      checkpoints.save(manager, num_steps, state, cfg)
+      log.warning("saved step %d (without its fusion constant)", num_steps)
+    raise
+  state = jax.jit(lambda s: s.replace(fusion_c=jnp.float32(c)), out_shardings=run.repl)(state)
+  log.info("frozen fusion constant c = %.5f", c)
+  if manager.latest_step() == num_steps:  # saved without c by a signal in the previous run
+    checkpoints.replace(manager, num_steps, state, cfg)
+  else:
+    checkpoints.save(manager, num_steps, state, cfg)
+  log.info("saved the final step %d", num_steps)
+  run.guard.check()
+  return state
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process if `flag` is True on any (a signal may reach only some processes)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def _scalar(x: jax.Array) -> float:
@@ -298,7 +407,39 @@ def _progress(start: int, total: int):
 
 def main(argv=None) -> None:
   """Console entry point `onenip-train`."""
-  app.run(_main, argv=argv if argv is not None else sys.argv)
+  app.run(_main, argv=argv if argv is not None else sys.argv, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with an unknown `--config.KEY` reported in one line (not a traceback)."""
+  try:
+    return flags.FLAGS(argv)
+  except (KeyError, AttributeError) as e:  # raised by config_flags for a key the config lacks
+    print(f"onenip-train: error: {_unknown_config_key(argv) or e}", file=sys.stderr)
+    sys.exit(2)
+  except flags.Error as e:
+    print(f"onenip-train: error: {e}\nPass --helpshort or --helpfull to see help on flags.",
+          file=sys.stderr)
+    sys.exit(2)
+
+
+def _unknown_config_key(argv) -> str | None:
+  """'unknown config key ...' for the first `--config.KEY=...` of `argv` that the config lacks."""
+  from onenip_jax import config_loading  # pylint: disable=g-import-not-at-top
+  spec = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv[:-1])
+               if a == "--config" or a.startswith("--config=")), None)
+  try:
+    cfg = config_loading.load_config(spec)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  for a in argv:
+    if a.startswith("--config.") and "=" in a:
+      key = a[len("--config."):].split("=", 1)[0]
+      try:
+        config_loading.set_key(ml_collections.ConfigDict(cfg.to_dict()), key, "0")
+      except config_loading.ConfigKeyError as e:
+        return f"{e} (from {a})"
+  return None
 
 
 def _main(argv) -> None:
@@ -307,7 +448,11 @@ def _main(argv) -> None:
   logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("onenip-train needs --config configs/X.py[:args] and --workdir DIR")
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (run_control.ConfigMismatch, checkpoints.CheckpointError) as e:
+    log.error("%s", e)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ def test_export_eval_and_predict_agree_with_training(trained, tmp_path, shared_d
   assert sorted(os.listdir(out)) == ["backbone.msgpack", "export.json", "model.msgpack",
                                      "predictor.jaxexport", "predictor_weights.npz",
                                      "prompt_pool.npz"]
-  with pytest.raises(FileExistsError):
+  with pytest.raises(SystemExit):  # --out exists (checked before any work)
     export.main(["--workdir", trained, "--out", out])
   # Exported evaluation (Flax path) == in-training evaluation (class-mode prompts, frozen constant).
   evaluate.main(["--exported", out, "--out", str(tmp_path / "eval"), "--flax"])

@@ -327,3 +327,81 @@ def test_unreadable_mask(tmp_path, caplog):
     idx = indexing.index_dataset(_cfg(root=str(root), skip_bad=True))
   assert len(_warnings(caplog, str(bad))) == 1
   assert [s.mask_path is None for s in idx.test if s.label == 1] == [False, True]
+
+
+# ------------------------------------------------------------------------------------------------
+# Full decode, every damaged file named, verification cache (issue 10, case 5)
+
+
+def _damage_middle(path: pathlib.Path, n: int = 48, seed: int = 1):
+  """Overwrites `n` bytes in the middle of the file with noise: header and end marker intact."""
+  data = bytearray(path.read_bytes())
+  m = len(data) // 2
+  data[m:m + n] = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+  path.write_bytes(bytes(data))
+
+
+def _png_bad_crc(path: pathlib.Path):
+  """Flips the checksum of the first IDAT chunk: the pixels decode, libpng (TF) refuses it."""
+  data = bytearray(path.read_bytes())
+  i = data.index(b"IDAT")
+  length = int.from_bytes(data[i - 4:i], "big")
+  data[i + 4 + length] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name, corrupt", [
+    ("002.png", _damage_middle),
+    ("002.jpg", _damage_middle),
+    ("002.png", _png_bad_crc),
+])
+def test_image_damaged_in_the_middle_fails_at_indexing(tmp_path, name, corrupt):
+  root = _mvtec_tree(tmp_path / "d", classes=("a",), n_train=2)
+  bad = _img(root / "a" / "train" / "good" / name, size=(96, 96), seed=5)
+  corrupt(bad)
+  with pytest.raises(ValueError, match=str(bad)):
+    indexing.index_dataset(_cfg(root=str(root)))
+  idx = indexing.index_dataset(_cfg(root=str(root), skip_bad=True))
+  assert str(bad) not in [s.path for s in idx.train] and len(idx.train) == 2
+
+
+def test_every_damaged_file_is_named(tmp_path):
+  root = _mvtec_tree(tmp_path / "d", classes=("a",), n_train=3)
+  bad = [root / "a" / "train" / "good" / "000.png", root / "a" / "test" / "crack" / "001.png",
+         root / "a" / "ground_truth" / "crack" / "000_mask.png"]
+  for p in bad:
+    _truncate(p)
+  with pytest.raises(ValueError) as e:
+    indexing.index_dataset(_cfg(root=str(root)))
+  assert "3 unreadable file(s)" in str(e.value)
+  for p in bad:
+    assert str(p) in str(e.value)
+
+
+def test_verification_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
+  root = _mvtec_tree(tmp_path / "d", classes=("a",), n_train=3)
+  cache = tmp_path / "work" / "verified_images.json"
+  first = indexing.index_dataset(_cfg(root=str(root)), verify_cache=str(cache))
+  assert len(json.loads(cache.read_text())["files"]) == 3 + 3 + 2   # train, test, masks
+  decoded = []
+  real_probe = indexing._probe  # pylint: disable=protected-access
+  monkeypatch.setattr(indexing, "_probe", lambda p: decoded.append(p) or real_probe(p))
+  again = indexing.index_dataset(_cfg(root=str(root)), verify_cache=str(cache))
+  assert decoded == [] and again == first
+  changed = root / "a" / "train" / "good" / "001.png"
+  _damage_middle(changed)  # new content and mtime: decoded again, and found damaged
+  os.utime(changed, ns=(1, 1))
+  with pytest.raises(ValueError, match=str(changed)):
+    indexing.index_dataset(_cfg(root=str(root)), verify_cache=str(cache))
+  assert decoded == [str(changed)]
+
+
+def test_real_data_verifies_in_seconds(shared_data, tmp_path):
+  import time  # pylint: disable=g-import-not-at-top
+  t = time.perf_counter()
+  indexing.index_dataset(_cfg(root=str(shared_data / "real")), verify_cache=str(tmp_path / "v.json"))
+  full = time.perf_counter() - t
+  t = time.perf_counter()
+  indexing.index_dataset(_cfg(root=str(shared_data / "real")), verify_cache=str(tmp_path / "v.json"))
+  cached = time.perf_counter() - t
+  assert full < 30 and cached < full, (full, cached)
