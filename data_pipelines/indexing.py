@@ -141,12 +141,22 @@ def _is_image_file(name: str) -> bool:
   return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _tensorflow():
+  """TensorFlow where it is installed, else None: a machine that evaluates an export with the
+  serialised predictor has none, and decodes (so verifies) with PIL."""
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return tf
+
+
 def _probe(path: str) -> tuple:
   """(width, height) of an image file after decoding all of it; `_Unreadable` naming it if not.
 
   The decoder is the one the pipelines use (TF for PNG and JPEG, which is stricter than PIL on
-  damaged JPEG data; PIL for anything else), so a file damaged anywhere fails here, not at the
-  training step that first reads it.
+  damaged JPEG data; PIL for anything else, and for everything where TF is not installed), so a
+  file damaged anywhere fails here, not at the training step that first reads it.
   """
   if not os.path.isfile(path):
     raise _Unreadable(f"file not found: {path}")
@@ -155,8 +165,8 @@ def _probe(path: str) -> tuple:
   if not data:
     raise _Unreadable(f"empty (zero-byte) image file: {path}")
   try:
-    if data[:4] == b"\x89PNG" or data[:3] == b"\xff\xd8\xff":
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf = _tensorflow() if data[:4] == b"\x89PNG" or data[:3] == b"\xff\xd8\xff" else None
+    if tf is not None:
       if data[:4] == b"\x89PNG":
         shape = tf.io.decode_png(data, channels=0, dtype=tf.uint16).shape
       else:

@@ -313,25 +313,31 @@ def _train_loop(run: _Run, logger, state, start, num_steps, spe, train_step, cac
                                                decode_clean=cache is None)
   log.info("training steps %d to %d", start + 1, num_steps)
   progress = _progress(start, num_steps)
-  t0, n0, done, saved = time.perf_counter(), start, start, start
+  lr = lr_schedule(cfg, spe)   # logged: the rate of the update of step s is lr(s - 1)
+  keys = (("synthetic", "mask", "normal_index", "prompt_index") if cache is not None
+          else ("normal", "synthetic", "prompt", "mask"))
+  t0, n0, done, saved, wait, in_flight = time.perf_counter(), start, start, start, 0.0, None
   try:
     for step in range(start + 1, num_steps + 1):
-      batch = next(batches)
-      if cache is not None:
-        batch = {k: batch[k] for k in ("synthetic", "mask", "normal_index", "prompt_index")}
-      else:
-        batch = {k: batch[k] for k in ("normal", "synthetic", "prompt", "mask")}
-      state, metrics = train_step(state, sharding.to_global(batch, run.mesh), run.backbone_vars,
-                                  cache)
-      done = step
+      # The device runs step - 1 while the host fetches and places this step's batch; `wait` is
+      # the time the host spent on that, which stalls the device only where it exceeds the step.
+      t_fetch = time.perf_counter()
+      batch = sharding.to_global({k: v for k, v in next(batches).items() if k in keys}, run.mesh)
+      wait += time.perf_counter() - t_fetch
+      if in_flight is not None:   # at most two steps in flight: the loop never races ahead
+        jax.block_until_ready(in_flight)
+      state, metrics = train_step(state, batch, run.backbone_vars, cache)
+      in_flight, done = metrics, step
       progress.update(1)
       if step % cfg.log_every_steps == 0 or step == num_steps:
         scalars = {k: _scalar(v) for k, v in metrics.items()}
         dt = time.perf_counter() - t0
-        scalars.update(epoch=step / spe, images_per_s=(step - n0) * cfg.batch_size / dt)
-        t0, n0 = time.perf_counter(), step
+        scalars.update(epoch=step / spe, images_per_s=(step - n0) * cfg.batch_size / dt,
+                       data_wait_s=wait / (step - n0), lr=float(lr(step - 1)))
+        t0, n0, wait = time.perf_counter(), step, 0.0
         logger.write(step, scalars)
-        progress.set_postfix(loss=f"{scalars['total']:.4f}")
+        progress.set_postfix(loss=f"{scalars['total']:.4f}", img_s=f"{scalars['images_per_s']:.1f}",
+                             wait=f"{scalars['data_wait_s']:.2f}s")
       stop = _any_process(guard.requested)
       if (step % cfg.ckpt.every_steps == 0 and step < num_steps) or stop:
         checkpoints.save(manager, step, state, cfg)
