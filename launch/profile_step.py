@@ -26,13 +26,16 @@ from launch import bench_train
 
 # (substring of op_name, part), first match wins.
 _PARTS = (
-    ("threefry", "random numbers"), ("_bernoulli", "random numbers"), ("random_bits", "random numbers"),
-    ("/jitter/", "jitter"), ("Dropout", "dropout (mask + apply)"),
+    ("threefry", "random numbers"), ("_bernoulli", "random numbers"),
+    ("random_bits", "random numbers"), ("/jitter/", "jitter"), ("Dropout", "dropout (mask + apply)"),
     ("EfficientNet", "backbone + neck"), ("/neck/", "backbone + neck"),
     ("encoder_layer", "encoder"), ("decoder_layer", "decoder"), ("final_attn", "final attention"),
-    ("refiner", "refiner"), ("input_proj", "projections, position embedding"),
-    ("output_proj", "projections, position embedding"), ("decoder_norm", "projections, position embedding"),
-    ("pos_embed", "projections, position embedding"), ("(loss)", "losses"), ("/loss/", "losses"), ("/optimizer/", "optimiser update"),
+    ("refiner", "refiner"),
+    ("input_proj", "projections, position embedding"),
+    ("output_proj", "projections, position embedding"),
+    ("decoder_norm", "projections, position embedding"),
+    ("pos_embed", "projections, position embedding"),
+    ("(loss)", "losses"), ("/loss/", "losses"), ("/optimizer/", "optimiser update"),
 )
 
 

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from onenip_jax.models import dropout as dropout_lib
-from onenip_jax.models.dropout import Dropout
 from onenip_jax.models.resize import resize_align_corners
 
 Dtype = Any
@@ -125,7 +124,7 @@ class MultiheadAttention(nn.Module):
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    probs = Dropout(self.dropout)(probs, deterministic=deterministic)
+    probs = dropout_lib.Dropout(self.dropout)(probs, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, nq, d)
     return proj("out_proj", out, xavier_uniform)
 
@@ -170,7 +169,7 @@ class EncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, pos: Array, mask: Optional[Array], *, deterministic: bool) -> Array:
     """x: (B, N, D); pos: (N, D); mask: (N, N) bool or None. Returns (B, N, D)."""
-    drop = lambda y: Dropout(self.dropout)(y, deterministic=deterministic)
+    drop = lambda y: dropout_lib.Dropout(self.dropout)(y, deterministic=deterministic)
     qk = x + pos
     a = MultiheadAttention(self.hidden_dim, self.num_heads, self.dropout, self.dtype,
                            name="self_attn")(qk, qk, x, mask, deterministic=deterministic)
@@ -194,7 +193,7 @@ class PromptDecoderLayer(nn.Module):
   def __call__(self, p: Array, x: Array, pos: Array, mask: Optional[Array], *,
                deterministic: bool) -> Tuple[Array, Array]:
     """p, x: (B, N, D); pos: (N, D); mask: (N, N) bool or None. Returns the updated (p, x)."""
-    drop = lambda y: Dropout(self.dropout)(y, deterministic=deterministic)
+    drop = lambda y: dropout_lib.Dropout(self.dropout)(y, deterministic=deterministic)
     mha = lambda name: MultiheadAttention(self.hidden_dim, self.num_heads, self.dropout, self.dtype,
                                           name=name)
     a = mha("cross_attn_prompt_to_image")(p + pos, x + pos, x, mask, deterministic=deterministic)
@@ -223,7 +222,7 @@ class UniADDecoderLayer(nn.Module):
   def __call__(self, out: Array, memory: Array, pos: Array, mask: Optional[Array], *,
                deterministic: bool) -> Array:
     """out, memory: (B, N, D); pos: (N, D); mask: (N, N) bool or None. Returns (B, N, D)."""
-    drop = lambda y: Dropout(self.dropout)(y, deterministic=deterministic)
+    drop = lambda y: dropout_lib.Dropout(self.dropout)(y, deterministic=deterministic)
     mha = lambda name: MultiheadAttention(self.hidden_dim, self.num_heads, self.dropout, self.dtype,
                                           name=name)
     emb = self.param("learned_embed", xavier_uniform, (self.num_tokens, self.hidden_dim),
@@ -465,7 +464,7 @@ class OneNIP(nn.Module):
 
     f = MultiheadAttention(d, self.num_heads, self.dropout, dt, name="final_attn")(
         p + pos, tgt + pos, tgt, None, deterministic=det)
-    p = p + Dropout(self.dropout)(f, deterministic=det)
+    p = p + dropout_lib.Dropout(self.dropout)(f, deterministic=det)
     p = _layer_norm(dt, "decoder_norm")(p)
     recon = _dense(c, dt, "output_proj")(p).astype(jnp.float32).reshape(bq, h, w, c)
 
