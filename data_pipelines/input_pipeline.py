@@ -26,15 +26,14 @@ Batch keys (numpy, b = per-process batch, H = W = input_size):
 Images are normalised after batching (one vectorised op per batch); the map functions are not
 autograph-converted (tracing the synthesis graph with autograph took 3x longer).
 """
-import io
 import math
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image
 
 from data_pipelines import indexing
+from data_pipelines.pil_decode import pil_decode
 
 # Stream tags folded into the seed so that the random draws are independent.
 _TAG_EPOCH, _TAG_PROMPT, _TAG_SYNTH, _TAG_EVAL_PROMPT = 0, 1, 2, 3
@@ -45,30 +44,10 @@ _TAG_EPOCH, _TAG_PROMPT, _TAG_SYNTH, _TAG_EVAL_PROMPT = 0, 1, 2, 3
 
 
 def _pil_decode(contents: bytes, channels: int) -> np.ndarray:
-  """Decodes any PIL-readable image to uint8 (H, W, channels) (16-bit -> 8-bit by >> 8)."""
-  if isinstance(contents, np.ndarray):  # tf.numpy_function passes a 0-d object array
+  """`pil_decode` for `tf.numpy_function`, which passes the bytes as a 0-d object array."""
+  if isinstance(contents, np.ndarray):
     contents = contents.item()
-  with Image.open(io.BytesIO(contents)) as im:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-      a = np.asarray(im)
-      if a.dtype.itemsize > 1 and (a.dtype.kind == "u" or a.max(initial=0) > 255):
-        a = np.right_shift(a.astype(np.uint32), 8)
-      a = np.clip(a, 0, 255).astype(np.uint8)
-      if a.ndim == 3:  # multi-channel 16-bit
-        a = a[..., :3]
-    elif im.mode == "F":
-      a = np.asarray(im, np.float32)
-      a = np.clip(np.rint(a * 255.0 if a.max(initial=0.0) <= 1.0 else a), 0, 255).astype(np.uint8)
-    else:
-      a = np.asarray(im.convert("RGB" if channels == 3 else "L"))
-  if a.ndim == 2:
-    a = a[..., None]
-  if channels == 3 and a.shape[-1] == 1:
-    a = np.repeat(a, 3, axis=-1)
-  elif channels == 1 and a.shape[-1] != 1:  # only for 16-bit colour: luma as PIL's "L"
-    a = np.rint(a[..., :3].astype(np.float32) @ np.float32([0.299, 0.587, 0.114]))
-    a = a.astype(np.uint8)[..., None]
-  return np.ascontiguousarray(a, np.uint8)
+  return pil_decode(contents, channels)
 
 
 def decode(contents: tf.Tensor, channels: int = 3) -> tf.Tensor:

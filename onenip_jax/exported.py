@@ -1,8 +1,8 @@
 """The serialised predictor of an export, run with jax, numpy and Pillow only.
 
-This module imports nothing of flax, TensorFlow, Orbax or `onenip_jax.models`: copy it beside an
-export directory and it scores images on any machine with jax. What it reads (written by
-`onenip-export`, format version 2):
+This module imports nothing of flax, TensorFlow, Orbax or `onenip_jax.models` (only
+`data_pipelines.pil_decode`, the pipeline's numpy/PIL decoder): it scores images on any machine
+with jax, numpy and Pillow. What it reads (written by `onenip-export`, format version 2):
 
   export.json                 format and package version, classes, input size, preprocessing
                               (resize method, mean, std), fusion constant, thresholds (each with how
@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import json
 import math
 import os
 
 import jax
 import numpy as np
-from PIL import Image
+
+from data_pipelines.pil_decode import pil_decode
 
 FORMAT_VERSION = 2
 PROGRAM_FILE = "predictor.jaxexport"
@@ -52,28 +52,9 @@ RESIZE_METHOD = "tf-bilinear-antialias"
 
 
 def decode_image(path: str, channels: int = 3) -> np.ndarray:
-  """Any PIL-readable file -> uint8 (h, w, channels): gray replicated, alpha dropped, 16-bit >> 8."""
+  """Any PIL-readable file -> uint8 (h, w, channels), decoded as the tf.data pipeline's PIL path."""
   with open(path, "rb") as f:
-    contents = f.read()
-  with Image.open(io.BytesIO(contents)) as im:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-      a = np.asarray(im)
-      if a.dtype.itemsize > 1 and (a.dtype.kind == "u" or a.max(initial=0) > 255):
-        a = np.right_shift(a.astype(np.uint32), 8)
-      a = np.clip(a, 0, 255).astype(np.uint8)
-    elif im.mode == "F":
-      a = np.asarray(im, np.float32)
-      a = np.clip(np.rint(a * 255.0 if a.max(initial=0.0) <= 1.0 else a), 0, 255).astype(np.uint8)
-    else:
-      a = np.asarray(im.convert("RGB" if channels == 3 else "L"))
-  if a.ndim == 2:
-    a = a[..., None]
-  if channels == 3 and a.shape[-1] == 1:
-    a = np.repeat(a, 3, axis=-1)
-  elif channels == 1 and a.shape[-1] != 1:
-    a = np.rint(a[..., :3].astype(np.float32) @ np.float32([0.299, 0.587, 0.114]))
-    a = a.astype(np.uint8)[..., None]
-  return np.ascontiguousarray(a[..., :channels], np.uint8)
+    return pil_decode(f.read(), channels)
 
 
 @functools.lru_cache(maxsize=64)
