@@ -20,6 +20,7 @@ class, not with the dataset.
 """
 import argparse
 import csv
+import functools
 import io
 import logging
 import os
@@ -92,19 +93,35 @@ def rec_range(predictor, samples, index, cfg) -> tuple[float, float]:
 
 
 def fused_maps(maps: dict, rows: np.ndarray, c: float, alpha: float) -> np.ndarray:
-  """(len(rows), H, W) float32 anomaly maps S = (1-alpha) rec + alpha c ref (rec alone without refiner)."""
+  """(len(rows), H, W) float32 anomaly maps S = (1-alpha) rec + alpha c ref (rec alone without refiner).
+
+  numpy, as `scoring.fuse` computes it (jnp run eagerly would compile once per class's shape).
+  """
   rec = maps["rec"][rows].astype(np.float32)
   if maps["ref"] is None:
     return rec
-  return np.asarray(scoring.fuse(rec, maps["ref"][rows].astype(np.float32), c, alpha))
+  ref = maps["ref"][rows].astype(np.float32)
+  return np.float32(1.0 - alpha) * rec + (np.float32(alpha) * np.float32(c)) * ref
+
+
+@functools.cache
+def _image_scores_fn():
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.jit(scoring.image_scores, static_argnums=1)
 
 
 def image_scores(anomaly_maps: np.ndarray, pool_size: int, chunk: int = 64) -> np.ndarray:
-  """(N, H, W) -> (N,) max of the stride-1 `pool_size` box-filtered map."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  return np.concatenate([
-      np.asarray(scoring.image_scores(jnp.asarray(anomaly_maps[i:i + chunk, ..., None]), pool_size))
-      for i in range(0, len(anomaly_maps), chunk)]) if len(anomaly_maps) else np.zeros(0)
+  """(N, H, W) -> (N,) max of the stride-1 `pool_size` box-filtered map (`scoring.image_scores`).
+
+  Chunks of `chunk` maps, the last one zero-padded, so one compiled program serves every class.
+  """
+  out = []
+  for i in range(0, len(anomaly_maps), chunk):
+    part = anomaly_maps[i:i + chunk].astype(np.float32)
+    padded = np.zeros((chunk,) + part.shape[1:], np.float32)
+    padded[:len(part)] = part
+    out.append(np.asarray(_image_scores_fn()(padded, pool_size))[:len(part)])
+  return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
 def class_protocol(scores, anomaly_maps, masks, has_mask, sample_labels, maskless: str,
