@@ -38,11 +38,11 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "onenip-train=onenip_jax.train:main",
-            "onenip-eval=onenip_jax.evaluate:main",
-            "onenip-export=onenip_jax.export:main",
-            "onenip-predict=onenip_jax.predict:main",
-            "onenip-convert-weights=onenip_jax.models.convert:main",
+            "onenip-train=onenip_jax.cli:train",  # the same functions as onenip_jax.cli.COMMANDS
+            "onenip-eval=onenip_jax.cli:evaluate",
+            "onenip-export=onenip_jax.cli:export",
+            "onenip-predict=onenip_jax.cli:predict",
+            "onenip-convert-weights=onenip_jax.cli:convert_weights",
         ],
     },
 )
