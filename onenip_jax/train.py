@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from data_pipelines import indexing, input_pipeline
-from onenip_jax import checkpoints, evaluate, losses, run_control, sharding
+from onenip_jax import checkpoints, evaluate, losses, run_control, run_status, sharding
 from onenip_jax.compile_options import compiler_options
 from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
@@ -251,6 +251,10 @@ def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> Tr
       result = evaluate.evaluate_state(cfg, state, index, features, backbone_vars, mesh,
                                        os.path.join(workdir, "eval", f"step_{num_steps}"))
       logger.write(num_steps, {f"eval/{k}": v for k, v in result["mean"].items() if v is not None})
+      # The run is finished: the marker launch/sweep.py skips finished runs by.
+      if jax.process_index() == 0:
+        run_status.mark_finished(workdir, num_steps,
+                                 os.path.join(workdir, "eval", f"step_{num_steps}"))
     log.info("process %d: final params digest %s", jax.process_index(), _digest(state.params))
   finally:
     logger.close()
