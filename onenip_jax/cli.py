@@ -15,6 +15,7 @@ This module imports only absl, ml_collections and the standard library, so `--he
 command imports its implementation (JAX, TensorFlow, ...) after its flags are parsed.
 """
 import logging
+import os
 import sys
 import types
 
@@ -123,8 +124,7 @@ def _parse(prog: str, summary: str, define, argv, *, overrides: bool = False,
       for i, token in enumerate(rest):
         if token.startswith("-") and not config_loading.is_override(token):
           raise flags.UnrecognizedFlagError(token.lstrip("-").split("=")[0])
-        if not token.startswith("-") and (i == 0 or "=" in rest[i - 1]
-                                          or not config_loading.is_override(rest[i - 1])):
+        if not token.startswith("-") and (i == 0 or not config_loading.takes_value(rest[i - 1])):
           raise flags.Error(f"unexpected argument {token!r}")
     elif rest and not positional:
       raise flags.Error(f"unexpected argument {rest[0]!r}")
@@ -225,7 +225,10 @@ def convert_weights(argv=None) -> int:
 
 
 def _check_stored(prog: str, args) -> None:
-  """Before any work: overrides that a stored run cannot take fail at once, naming the key."""
+  """Before any work: a missing config file, or overrides that a stored run cannot take, fail at
+  once, naming the file or key."""
+  if args.config and not os.path.isfile(args.config.partition(":")[0]):
+    _fail(prog, f"config file not found: {args.config.partition(':')[0]}")
   try:
     config_loading.check_stored_run_overrides(args.overrides)
   except config_loading.ConfigKeyError as e:

@@ -86,7 +86,7 @@ def apply_overrides(cfg: ml_collections.ConfigDict, tokens) -> ml_collections.Co
   for i, token in enumerate(tokens):
     key = override_key(token)
     if key is None:
-      if i == 0 or not _takes_value(tokens[i - 1]):
+      if i == 0 or not takes_value(tokens[i - 1]):
         raise ConfigKeyError(f"{token!r} is not a config override (--config.KEY=VALUE)")
     elif not has_key(cfg, key):
       raise ConfigKeyError(f"unknown config key {key!r} (from {token})")
@@ -98,9 +98,11 @@ def apply_overrides(cfg: ml_collections.ConfigDict, tokens) -> ml_collections.Co
   holder = config_flags.DEFINE_config_dict("config", cfg, flag_values=fv, lock_config=False,
                                            sys_argv=argv)
   try:
-    fv(argv)
+    left = fv(argv)[1:]
   except flags.Error as e:
     raise ConfigKeyError(str(e)) from e
+  if left:
+    raise ConfigKeyError(f"unexpected argument {left[0]!r} after the config overrides")
   holder.value.unlock()
   return holder.value
 
@@ -114,7 +116,7 @@ def has_key(cfg: ml_collections.ConfigDict, dotted: str) -> bool:
   return True
 
 
-def _takes_value(token: str) -> bool:
+def takes_value(token: str) -> bool:
   """'--config.KEY' without '=': the next token may be its VALUE."""
   return is_override(token) and "=" not in token and not token.lstrip("-").startswith("no")
 
@@ -123,7 +125,7 @@ def _tokens(overrides) -> list[str]:
   """Override tokens; a plain 'KEY=VALUE' (not the VALUE of '--config.KEY VALUE') gets the prefix."""
   out = []
   for item in overrides:
-    if not item.startswith("-") and "=" in item and not (out and _takes_value(out[-1])):
+    if not item.startswith("-") and "=" in item and not (out and takes_value(out[-1])):
       item = f"--config.{item}"
     out.append(item)
   return out

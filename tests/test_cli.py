@@ -85,6 +85,10 @@ def test_flags_keep_their_meaning(monkeypatch):
     (cli.evaluate, ["--out", "x"], "Exactly one of (workdir, exported)"),
     (cli.evaluate, ["--workdir", "W", "--bogus=1"], "Unknown command line flag 'bogus'"),
     (cli.evaluate, ["--workdir", "W", "stray"], "unexpected argument 'stray'"),
+    (cli.evaluate, ["--workdir", "W", "--noconfig.eval.heatmaps", "stray"],
+     "unexpected argument 'stray'"),
+    (cli.evaluate, ["--workdir", "W", "--config", "configs/nope.py:x"],
+     "config file not found: configs/nope.py"),
     (cli.evaluate, ["--workdir", "W", "--config.model.hidden_dim=8"],
      "config key 'model.hidden_dim' cannot be overridden for a stored run"),
     (cli.export, ["--workdir", "W", "--out", "O", "--threshold-dir", "D", "--calibrate-on-test"],
@@ -99,6 +103,8 @@ def test_flags_keep_their_meaning(monkeypatch):
     (cli.train, ["--workdir=W", "--config=configs/nope.py"], "config file not found: configs/nope.py"),
     (cli.train, ["--workdir=W", "--config=configs/demo.py", "--config.batch_size=x"],
      "--config.batch_size=x"),
+    (cli.train, ["--workdir=W", "--config=configs/demo.py", "--config.eval.heatmaps", "stray"],
+     "unexpected argument 'stray'"),
 ])
 def test_usage_errors_are_one_line(command, argv, want, capsys, monkeypatch):
   monkeypatch.chdir(REPO)
