@@ -33,7 +33,8 @@ def decode_resize(path, size: int):
   """Reads an image file as RGB uint8 (size, size, 3) with the training pipeline's ops
   (`input_pipeline.decode_resize`); a plain TF decode + antialiased bilinear resize if that module
   is unavailable."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from data_pipelines.tf_setup import import_tensorflow  # pylint: disable=import-outside-toplevel
+  tf = import_tensorflow()
   try:
     # pylint: disable-next=import-outside-toplevel
     from data_pipelines.input_pipeline import decode_resize as pipeline_decode_resize
@@ -57,7 +58,8 @@ def default_demo_root() -> str:
 def make_sheet(root: str, textures_dir: str = "", size: int = 224, num: int = 16, seed: int = 0,
                cols: int = 4, cfg=None) -> np.ndarray:
   """Synthesises `num` samples and lays them out; returns the sheet as uint8 (H, W, 3)."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from data_pipelines.tf_setup import import_tensorflow  # pylint: disable=import-outside-toplevel
+  tf = import_tensorflow()
   from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
   if cfg is None:
     from configs.common import get_base_config  # pylint: disable=import-outside-toplevel

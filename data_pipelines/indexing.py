@@ -144,11 +144,11 @@ def _is_image_file(name: str) -> bool:
 def _tensorflow():
   """TensorFlow where it is installed, else None: a machine that evaluates an export with the
   serialised predictor has none, and decodes (so verifies) with PIL."""
+  from data_pipelines.tf_setup import import_tensorflow  # pylint: disable=g-import-not-at-top
   try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return import_tensorflow()
   except ImportError:
     return None
-  return tf
 
 
 def _probe(path: str) -> tuple:

@@ -30,10 +30,12 @@ import math
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
-import tensorflow as tf
 
 from data_pipelines import indexing
 from data_pipelines.pil_decode import pil_decode
+from data_pipelines.tf_setup import import_tensorflow
+
+tf = import_tensorflow()
 
 # Stream tags folded into the seed so that the random draws are independent.
 _TAG_EPOCH, _TAG_PROMPT, _TAG_SYNTH, _TAG_EVAL_PROMPT = 0, 1, 2, 3

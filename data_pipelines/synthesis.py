@@ -19,7 +19,10 @@ import tempfile
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
-import tensorflow as tf
+
+from data_pipelines.tf_setup import import_tensorflow
+
+tf = import_tensorflow()
 
 BRANCH_CUTPASTE = 0   # CutPaste "normal": jittered rectangle pasted elsewhere
 BRANCH_SCAR = 1       # CutPaste "scar": thin jittered patch, rotated, pasted elsewhere

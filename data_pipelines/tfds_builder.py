@@ -18,9 +18,12 @@ import json
 from typing import Any, Optional
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from data_pipelines import indexing
+from data_pipelines.tf_setup import import_tensorflow
+
+import_tensorflow()  # GPUs hidden before tensorflow_datasets imports TensorFlow
+import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _cfg_dict(data_cfg: Any) -> dict:

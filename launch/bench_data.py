@@ -32,7 +32,8 @@ def _default_textures() -> str:
 def measure(paths, textures, size: int, batch: int, batches: int, warmup: int, mode: Optional[str],
             cfg, threads: int = 0) -> float:
   """Images per second of one pipeline variant. mode: None (decode+resize), "mix" or a branch name."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from data_pipelines.tf_setup import import_tensorflow  # pylint: disable=import-outside-toplevel
+  tf = import_tensorflow()
   from data_pipelines import synthesis  # pylint: disable=import-outside-toplevel
   from data_pipelines.contact_sheet import decode_resize  # pylint: disable=import-outside-toplevel
   tex = tf.constant(textures)
@@ -80,7 +81,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   args = parser.parse_args(argv)
 
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from data_pipelines.tf_setup import import_tensorflow  # pylint: disable=import-outside-toplevel
+  tf = import_tensorflow()
   from configs.common import get_base_config  # pylint: disable=import-outside-toplevel
   from data_pipelines import synthesis  # pylint: disable=import-outside-toplevel
   from data_pipelines.contact_sheet import train_good_paths  # pylint: disable=import-outside-toplevel

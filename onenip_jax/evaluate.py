@@ -2,6 +2,7 @@
 
   onenip-eval --workdir DIR                              # latest checkpoint of a training run
   onenip-eval --exported EXPORT_DIR [--config configs/real.py] [--out DIR] [--flax]
+  onenip-eval --workdir DIR --config.eval.prompt_mode=pool   # the stored config, overridden
 
 Writes metrics.json / metrics.md / metrics.csv, per-image scores.csv (and heatmaps with --heatmaps) to
 `<workdir>/eval/` (or `<exported>/eval/`) unless --out says otherwise.
@@ -18,13 +19,11 @@ against an all-ones mask as the official code does (`"full"`); metrics.json repo
 were. Memory: the test set is evaluated one class at a time, so host memory grows with the largest
 class, not with the dataset.
 """
-import argparse
 import csv
 import functools
 import io
 import logging
 import os
-import sys
 
 import numpy as np
 
@@ -350,38 +349,17 @@ def frozen_fusion_constant(cfg, state, index, features, backbone_vars, mesh) -> 
   return float(scoring.mid_range(lo, hi))
 
 
-def main(argv=None) -> None:
-  """`onenip-eval`: evaluate a checkpoint (--workdir) or an export (--exported)."""
+def main(args) -> None:
+  """`onenip-eval` with its flags parsed by `onenip_jax.cli`: a checkpoint (args.workdir) or an
+  export (args.exported), the stored config with args.config / args.overrides applied."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
   from onenip_jax import exported  # pylint: disable=g-import-not-at-top
-  from onenip_jax.config_loading import ConfigKeyError, load_config  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(prog="onenip-eval", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  src = parser.add_mutually_exclusive_group(required=True)
-  src.add_argument("--workdir", help="training work directory (uses its latest checkpoint)")
-  src.add_argument("--exported", help="directory written by onenip-export")
-  parser.add_argument("--config", help="config file[:args] for the data (default: the stored one)")
-  parser.add_argument("--out", help="output directory for the reports")
-  parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-  parser.add_argument("--heatmaps", action="store_true", help="write heatmap PNGs per class")
-  parser.add_argument("--flax", action="store_true",
-                      help="with --exported: use the Flax predictor and tf.data, not the "
-                           "serialised predictor")
-  parser.add_argument("--batch-size", type=int, default=8,
-                      help="images per call of the serialised predictor")
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="config override, e.g. --set eval.prompt_mode=pool (repeatable)")
-  args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  from onenip_jax.config_loading import load_config  # pylint: disable=g-import-not-at-top
   if args.exported and not args.flax and exported.has_program(args.exported):
     model = exported.ExportedPredictor.load(args.exported, args.batch_size)
-    try:
-      cfg = load_config(args.config, args.set, base=ml_collections.ConfigDict(model.meta["config"]))
-    except ConfigKeyError as e:
-      parser.error(str(e))
-    cfg.unlock()
+    cfg = load_config(args.config, args.overrides,
+                      base=ml_collections.ConfigDict(model.meta["config"]))
     cfg.eval.heatmaps = cfg.eval.heatmaps or args.heatmaps
     if cfg.eval.prompt_mode != "pool":
       log.info("the serialised predictor uses pool prompts (eval.prompt_mode=%r needs --flax)",
@@ -394,18 +372,15 @@ def main(argv=None) -> None:
     return
   from onenip_jax import export, inference, sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
-  try:
-    if args.exported:
-      loaded = export.load_export(args.exported, mesh)
-      cfg = load_config(args.config, args.set, base=loaded.config)
-      predictor, frozen_c, step = loaded.predictor, loaded.fusion_c, loaded.step
-      out = args.out or os.path.join(args.exported, "eval")
-    else:
-      cfg, predictor, frozen_c, step = export.load_checkpoint(
-          args.workdir, mesh, args.step, config=args.config, overrides=args.set)
-      out = args.out or os.path.join(args.workdir, "eval")
-  except ConfigKeyError as e:
-    parser.error(str(e))
+  if args.exported:
+    loaded = export.load_export(args.exported, mesh)
+    cfg = load_config(args.config, args.overrides, base=loaded.config)
+    predictor, frozen_c, step = loaded.predictor, loaded.fusion_c, loaded.step
+    out = args.out or os.path.join(args.exported, "eval")
+  else:
+    cfg, predictor, frozen_c, step = export.load_checkpoint(
+        args.workdir, mesh, args.step, config=args.config, overrides=args.overrides)
+    out = args.out or os.path.join(args.workdir, "eval")
   cfg.unlock()
   cfg.eval.heatmaps = cfg.eval.heatmaps or args.heatmaps
   index = indexing.index_dataset(cfg.data)
@@ -419,5 +394,6 @@ def main(argv=None) -> None:
         f"{reports.format_table(result)}")
 
 
-if __name__ == "__main__":
-  main(sys.argv[1:])
+if __name__ == "__main__":  # `python -m onenip_jax.evaluate ...`: the command line lives in the CLI
+  from onenip_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.evaluate()

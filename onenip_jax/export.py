@@ -1,7 +1,7 @@
 """Self-contained export of a trained model, and loading it back: `onenip-export`.
 
   onenip-export --workdir DIR --out EXPORT_DIR [--step N] [--threshold-fraction F] [--target-fpr P]
-                [--threshold-dir DIR | --calibrate-on-test]
+                [--threshold-dir DIR | --calibrate-on-test] [--config FILE] [--config.KEY=VALUE]
 
 EXPORT_DIR holds everything inference needs and nothing of training (no optimiser state):
   export.json              format and package version, classes, input size, preprocessing (resize
@@ -27,20 +27,19 @@ global one, never from the test set by default:
   --calibrate-on-test  F1-optimal on the config's TEST set (optimistic; for comparisons only).
 export.json records the source, method, image counts and target of each threshold.
 """
-import argparse
 import dataclasses
 import importlib.metadata
 import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 
 import flax.serialization
 import jax
 import ml_collections
 import numpy as np
+from absl import app
 
 from onenip_jax import checkpoints, exported, inference, sharding
 from onenip_jax.config_loading import load_config
@@ -357,39 +356,16 @@ def _restore_msgpack(path: str) -> dict:
                      "or truncated") from e
 
 
-def main(argv=None) -> None:
-  """`onenip-export`: checkpoint -> self-contained export directory."""
-  parser = argparse.ArgumentParser(prog="onenip-export", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", required=True, help="training work directory")
-  parser.add_argument("--out", required=True, help="export directory to create")
-  parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
-  parser.add_argument("--threshold-fraction", type=float, default=0.1,
-                      help="fraction of each class's normal training images scored for the "
-                           "thresholds (default 0.1; 0 = no thresholds)")
-  parser.add_argument("--target-fpr", type=float, default=0.01,
-                      help="false-positive rate the normal-image thresholds aim at (default 0.01)")
-  how = parser.add_mutually_exclusive_group()
-  how.add_argument("--threshold-dir", help="labelled validation folder <DIR>/<class>/good|<defect>/")
-  how.add_argument("--calibrate-on-test", action="store_true",
-                   help="F1-optimal thresholds on the config's TEST set (optimistic)")
-  parser.add_argument("--calibrate", action="store_true", help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
-  if args.calibrate:
-    parser.error("--calibrate fitted the threshold on the test set; it is now --calibrate-on-test "
-                 "(default: thresholds from normal training images)")
-  if not 0.0 <= args.threshold_fraction <= 1.0 or not 0.0 <= args.target_fpr < 1.0:
-    parser.error("--threshold-fraction must be in [0, 1] and --target-fpr in [0, 1)")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-  logging.getLogger("absl").setLevel(logging.WARNING)
+def main(args) -> None:
+  """`onenip-export` with its flags parsed by `onenip_jax.cli`: checkpoint -> export directory."""
   try:  # before any work: a wrong --out should not cost the time of loading and calibrating
     check_out_dir(args.out, args.overwrite, args.workdir)
   except (FileExistsError, ValueError) as e:
-    parser.error(str(e))
+    raise app.UsageError(str(e)) from e
   from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
-  cfg, predictor, fusion_c, step = load_checkpoint(args.workdir, mesh, args.step)
+  cfg, predictor, fusion_c, step = load_checkpoint(args.workdir, mesh, args.step,
+                                                   config=args.config, overrides=args.overrides)
   if np.isnan(fusion_c):
     raise ValueError(f"{args.workdir}: the checkpoint at step {step} has no frozen fusion constant "
                      "(training did not finish); finish training or pass --step of a final checkpoint")
@@ -419,5 +395,6 @@ def main(argv=None) -> None:
   log.info("exported step %d to %s", step, args.out)
 
 
-if __name__ == "__main__":
-  main(sys.argv[1:])
+if __name__ == "__main__":  # `python -m onenip_jax.export ...`: the command line lives in the CLI
+  from onenip_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.export()

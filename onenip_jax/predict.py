@@ -16,7 +16,6 @@ end `predictions.json` with all rows. An image is anomalous iff its score > the 
 --threshold for every image, else the export's threshold of the matched class (else its global
 one); without any, only scores are written.
 """
-import argparse
 import csv
 import json
 import logging
@@ -142,24 +141,8 @@ def _stem(path: str) -> str:
   return os.path.splitext(os.path.relpath(path).replace(os.sep, "_").lstrip("._"))[0]
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog="onenip-predict", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("inputs", nargs="+", help="image files or folders")
-  parser.add_argument("--exported", required=True, help="directory written by onenip-export")
-  parser.add_argument("--out", default="predictions", help="output directory")
-  parser.add_argument("--threshold", type=float, help="decision threshold on the image score "
-                                                     "(default: the export's, per matched class)")
-  parser.add_argument("--heatmaps", action="store_true", help="write a heatmap PNG per image")
-  parser.add_argument("--save-maps", action="store_true",
-                      help="write each raw float32 (H, W) anomaly map as maps/<name>.npy")
-  parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images (warned)")
-  parser.add_argument("--flax", action="store_true",
-                      help="use the Flax predictor and tf.data even if the export is serialised")
-  parser.add_argument("--batch-size", type=int, default=8)
-  args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-  logging.getLogger("absl").setLevel(logging.WARNING)
+def main(args) -> None:
+  """`onenip-predict` with its flags parsed by `onenip_jax.cli` (args.inputs: files or folders)."""
   from onenip_jax import exported  # pylint: disable=g-import-not-at-top
   paths = find_images(args.inputs)
   if not args.flax and exported.has_program(args.exported):
@@ -211,5 +194,6 @@ def main(argv=None) -> None:
            else ""))
 
 
-if __name__ == "__main__":
-  main(sys.argv[1:])
+if __name__ == "__main__":  # `python -m onenip_jax.predict ...`: the command line lives in the CLI
+  from onenip_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.predict()

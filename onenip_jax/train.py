@@ -1,4 +1,5 @@
-"""OneNIP training: `onenip-train --config configs/X.py[:args] --workdir DIR [--config.key=value]`.
+"""OneNIP training: `onenip-train --config configs/X.py[:args] --workdir DIR [--config.key=value]`
+(the command line is `onenip_jax.cli`).
 
 One loop, big_vision style. Everything that decides placement is in this file:
   * the mesh has one axis, `data`, over every device of every process (`sharding.make_mesh`);
@@ -26,17 +27,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags
-from ml_collections import config_flags
 
 from data_pipelines import indexing, input_pipeline
-from onenip_jax import checkpoints, evaluate, losses, run_control, sharding
+from onenip_jax import checkpoints, evaluate, losses, run_control, run_status, sharding
 from onenip_jax.compile_options import compiler_options
 from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (checkpoints, logs, evaluations).")
 
 log = logging.getLogger("onenip")
 
@@ -255,6 +251,10 @@ def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> Tr
       result = evaluate.evaluate_state(cfg, state, index, features, backbone_vars, mesh,
                                        os.path.join(workdir, "eval", f"step_{num_steps}"))
       logger.write(num_steps, {f"eval/{k}": v for k, v in result["mean"].items() if v is not None})
+      # The run is finished: the marker launch/sweep.py skips finished runs by.
+      if jax.process_index() == 0:
+        run_status.mark_finished(workdir, num_steps,
+                                 os.path.join(workdir, "eval", f"step_{num_steps}"))
     log.info("process %d: final params digest %s", jax.process_index(), _digest(state.params))
   finally:
     logger.close()
@@ -411,55 +411,16 @@ def _progress(start: int, total: int):
               dynamic_ncols=True, mininterval=2.0)
 
 
-def main(argv=None) -> None:
-  """Console entry point `onenip-train`."""
-  app.run(_main, argv=argv if argv is not None else sys.argv, flags_parser=_parse_flags)
-
-
-def _parse_flags(argv):
-  """absl's flag parsing, with an unknown `--config.KEY` reported in one line (not a traceback)."""
+def main(args) -> None:
+  """`onenip-train` with its flags parsed by `onenip_jax.cli`: args.config (the loaded, locked
+  ConfigDict) and args.workdir."""
   try:
-    return flags.FLAGS(argv)
-  except (KeyError, AttributeError) as e:  # raised by config_flags for a key the config lacks
-    print(f"onenip-train: error: {_unknown_config_key(argv) or e}", file=sys.stderr)
-    sys.exit(2)
-  except flags.Error as e:
-    print(f"onenip-train: error: {e}\nPass --helpshort or --helpfull to see help on flags.",
-          file=sys.stderr)
-    sys.exit(2)
-
-
-def _unknown_config_key(argv) -> str | None:
-  """'unknown config key ...' for the first `--config.KEY=...` of `argv` that the config lacks."""
-  from onenip_jax import config_loading  # pylint: disable=g-import-not-at-top
-  spec = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv[:-1])
-               if a == "--config" or a.startswith("--config=")), None)
-  try:
-    cfg = config_loading.load_config(spec)
-  except Exception:  # pylint: disable=broad-except
-    return None
-  for a in argv:
-    if a.startswith("--config.") and "=" in a:
-      key = a[len("--config."):].split("=", 1)[0]
-      try:
-        config_loading.set_key(ml_collections.ConfigDict(cfg.to_dict()), key, "0")
-      except config_loading.ConfigKeyError as e:
-        return f"{e} (from {a})"
-  return None
-
-
-def _main(argv) -> None:
-  del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
-  if _CONFIG.value is None or _WORKDIR.value is None:
-    raise app.UsageError("onenip-train needs --config configs/X.py[:args] and --workdir DIR")
-  try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(args.config, args.workdir)
   except (run_control.ConfigMismatch, checkpoints.CheckpointError) as e:
     log.error("%s", e)
     sys.exit(2)
 
 
-if __name__ == "__main__":
-  main()
+if __name__ == "__main__":  # `python -m onenip_jax.train ...`: the command line lives in the CLI
+  from onenip_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.train()

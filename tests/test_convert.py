@@ -8,6 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from onenip_jax import cli
 from onenip_jax.models import convert
 from onenip_jax.models import pth
 
@@ -260,12 +261,12 @@ def test_cli(tmp_path, capsys):
   src = str(tmp_path / "b0.pth")
   torch.save(model.state_dict(), src)
   out = str(tmp_path / "b0.msgpack")
-  assert convert.main(["--variant", "b0", "--input", src, "--output", out]) == 0
+  assert cli.convert_weights(["--variant", "b0", "--input", src, "--output", out]) == 0
   printed = capsys.readouterr().out
   assert "5,288,548 parameters" in printed and "(0, 2, 4, 10)" in printed
   loaded = convert.load_variables(out, "b0")
   np.testing.assert_array_equal(loaded["params"]["blocks_5"]["project_conv"]["kernel"],
                                 model._blocks[5]._project_conv.weight.detach().numpy().transpose(2, 3, 1, 0))
   with pytest.raises(ValueError, match="EfficientNet-b4"):
-    convert.main(["--variant", "b4", "--input", src, "--output", str(tmp_path / "x.msgpack")])
+    cli.convert_weights(["--variant", "b4", "--input", src, "--output", str(tmp_path / "x.msgpack")])
   assert not os.path.exists(tmp_path / "x.msgpack")

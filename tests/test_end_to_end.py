@@ -131,28 +131,28 @@ def _leaves(tree):
 
 
 def test_export_eval_and_predict_agree_with_training(trained, tmp_path, shared_data):
-  from onenip_jax import evaluate, export, predict, reports  # pylint: disable=g-import-not-at-top
+  from onenip_jax import cli, reports  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / "export")
-  export.main(["--workdir", trained, "--out", out])
+  cli.export(["--workdir", trained, "--out", out])
   assert sorted(os.listdir(out)) == ["backbone.msgpack", "export.json", "model.msgpack",
                                      "predictor.jaxexport", "predictor_weights.npz",
                                      "prompt_pool.npz"]
   with pytest.raises(SystemExit):  # --out exists (checked before any work)
-    export.main(["--workdir", trained, "--out", out])
+    cli.export(["--workdir", trained, "--out", out])
   # Exported evaluation (Flax path) == in-training evaluation (class-mode prompts, frozen constant).
-  evaluate.main(["--exported", out, "--out", str(tmp_path / "eval"), "--flax"])
+  cli.evaluate(["--exported", out, "--out", str(tmp_path / "eval"), "--flax"])
   mine = reports.read_metrics(str(tmp_path / "eval"))
   theirs = reports.read_metrics(os.path.join(trained, "eval", f"step_{STEPS}"))
   for k, v in theirs["classes"]["bottle"].items():
     assert mine["classes"]["bottle"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
   # Pool mode (class-agnostic) evaluation through the serialised predictor, then predict on a
   # folder: same per-image scores.
-  evaluate.main(["--exported", out, "--out", str(tmp_path / "pool"), "--set", "eval.prompt_mode=pool"])
+  cli.evaluate(["--exported", out, "--out", str(tmp_path / "pool"), "--config.eval.prompt_mode=pool"])
   pool = reports.read_metrics(str(tmp_path / "pool"))
   assert pool["pool_class_accuracy"] == 1.0  # one class: the pool can only pick it
   folder = shared_data / "real" / "bottle" / "test" / "broken_large"
   pred_dir = tmp_path / "pred"
-  predict.main(["--exported", out, "--out", str(pred_dir), "--heatmaps", str(folder)])
+  cli.predict(["--exported", out, "--out", str(pred_dir), "--heatmaps", str(folder)])
   with open(pred_dir / "predictions.json", encoding="utf-8") as f:
     preds = json.load(f)
   assert len(preds["predictions"]) == 20 and preds["threshold"] is not None
@@ -165,9 +165,9 @@ def test_export_eval_and_predict_agree_with_training(trained, tmp_path, shared_d
 
 
 def test_bad_exports_and_inputs_fail_clearly(trained, tmp_path):
-  from onenip_jax import export, predict  # pylint: disable=g-import-not-at-top
+  from onenip_jax import cli, export, predict  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / "export")
-  export.main(["--workdir", trained, "--out", out])
+  cli.export(["--workdir", trained, "--out", out])
   model = os.path.join(out, "model.msgpack")
   data = open(model, "rb").read()
   with open(model, "wb") as f:

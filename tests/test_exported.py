@@ -26,11 +26,10 @@ class Blocker(importlib.abc.MetaPathFinder):
       raise ImportError(f"{name} is blocked in this test")
     return None
 sys.meta_path.insert(0, Blocker())
-from importlib.metadata import entry_points
-main = entry_points(group="console_scripts")[sys.argv[1]].load()
+from onenip_jax.cli import COMMANDS  # the console scripts' functions (see test_cli.py)
 sys.argv = sys.argv[1:]
 try:
-  main(sys.argv[1:])
+  COMMANDS[sys.argv[0]](sys.argv[1:])
 finally:
   loaded = [m for m in sys.modules if any(m == b or m.startswith(b + ".") for b in BLOCKED)]
   assert not loaded, loaded
@@ -157,12 +156,12 @@ def test_preprocessing_matches_tf_pipeline(tmp_path):
 
 
 def test_predict_without_flax_tf_orbax_matches_flax(tiny, tmp_path):
-  from onenip_jax import predict  # pylint: disable=g-import-not-at-top
+  from onenip_jax import cli  # pylint: disable=g-import-not-at-top
   _, index, _, out = tiny
   folder = os.path.dirname([s for s in index.test if s.defect == "crack"][-1].path)
   _run_blocked(["onenip-predict", "--exported", out, "--out", str(tmp_path / "exp"),
                 "--save-maps", "--batch-size", "3", folder], tmp_path)
-  predict.main(["--exported", out, "--out", str(tmp_path / "flax"), "--flax", "--save-maps", folder])
+  cli.predict(["--exported", out, "--out", str(tmp_path / "flax"), "--flax", "--save-maps", folder])
   exp, ref = ({r["path"]: r for r in json.load(open(tmp_path / d / "predictions.json"))["predictions"]}
               for d in ("exp", "flax"))
   doc = json.load(open(tmp_path / "exp" / "predictions.json"))
@@ -223,7 +222,7 @@ def test_maskless_protocol_and_float32_maps(tiny, tmp_path):
 
 
 def test_threshold_rules():
-  from onenip_jax import export  # pylint: disable=g-import-not-at-top
+  from onenip_jax import cli, export  # pylint: disable=g-import-not-at-top
   s = np.arange(1.0, 11.0)  # 10 normal scores
   assert export.normal_quantile(s, 0.0) == 10.0      # nothing above
   assert export.normal_quantile(s, 0.1) == 9.0       # one of ten above
@@ -231,4 +230,4 @@ def test_threshold_rules():
   e = export._threshold_entry([1, 2, 3, 8, 9], [0, 0, 0, 1, 1], "val", 0.01)
   assert e["method"] == "f1-max" and 3 <= e["value"] < 8 and e["fpr_on_source"] == 0.0
   with pytest.raises(SystemExit):
-    export.main(["--workdir", "x", "--out", "y", "--calibrate"])
+    cli.export(["--workdir", "x", "--out", "y", "--calibrate"])

@@ -376,6 +376,7 @@ def test_mask_nearest_matches_pil(tmp_path, hw):
 
 def test_tfds_builder_roundtrip(small, tmp_path):
   pytest.importorskip("importlib_resources", reason="tensorflow_datasets needs importlib_resources")
+  pytest.importorskip("tensorflow_datasets", reason="the `tfds` extra is not installed")
   from data_pipelines import tfds_builder  # pylint: disable=g-import-not-at-top
   cfg = _cfg(small)
   index = indexing.index_dataset(cfg.data)

@@ -159,19 +159,19 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(extended,
 
 
 def test_export_checks_out_first_and_overwrites_only_exports(extended, tmp_path, monkeypatch):
-  from onenip_jax import export  # pylint: disable=g-import-not-at-top
+  from onenip_jax import cli, export  # pylint: disable=g-import-not-at-top
   workdir = extended[0]
   monkeypatch.setattr(export, "load_checkpoint", lambda *a, **k: pytest.fail("worked before --out"))
   for out in (workdir, os.path.dirname(workdir)):
     with pytest.raises(SystemExit):
-      export.main(["--workdir", workdir, "--out", out, "--overwrite"])
+      cli.export(["--workdir", workdir, "--out", out, "--overwrite"])
   other = tmp_path / "not_an_export"
   other.mkdir()
   (other / "keep.txt").write_text("x")
   with pytest.raises(SystemExit):
-    export.main(["--workdir", workdir, "--out", str(other), "--overwrite"])
+    cli.export(["--workdir", workdir, "--out", str(other), "--overwrite"])
   with pytest.raises(SystemExit):
-    export.main(["--workdir", workdir, "--out", str(other)])
+    cli.export(["--workdir", workdir, "--out", str(other)])
   assert (other / "keep.txt").exists() and _checkpoints(workdir) == [3, 5]
   old = tmp_path / "old_export"
   old.mkdir()
@@ -224,16 +224,23 @@ def test_unknown_config_key_is_one_line(tmp_path):
       "onenip-train: error: unknown config key 'model.x' (from --config.model.x=1)")
 
 
-def test_eval_unknown_set_key_is_one_line(extended, capsys):
-  from onenip_jax import evaluate  # pylint: disable=g-import-not-at-top
-  with pytest.raises(SystemExit) as e:
-    evaluate.main(["--workdir", extended[0], "--set", "model.x=1"])
-  assert e.value.code == 2
-  assert "unknown config key 'model.x'" in capsys.readouterr().err.strip().splitlines()[-1]
+def test_eval_and_export_overrides_of_a_stored_run(extended, capsys):
+  """Unknown keys and keys the stored weights fix fail in one line naming the key."""
+  from onenip_jax import cli  # pylint: disable=g-import-not-at-top
+  for command, extra in ((cli.evaluate, []), (cli.export, ["--out", str(extended[0]) + "-x"])):
+    for flag, want in (("--config.eval.x=1", "unknown config key 'eval.x'"),
+                       ("--config.model.backbone=lite2", "config key 'model.backbone' cannot be"),
+                       ("--config.input_size=96", "config key 'input_size' cannot be")):
+      with pytest.raises(SystemExit) as e:
+        command(["--workdir", extended[0], *extra, flag])
+      assert e.value.code == 2
+      last = capsys.readouterr().err.strip().splitlines()[-1]
+      assert last.startswith("onenip-") and want in last and flag in last, last
+  assert not os.path.exists(str(extended[0]) + "-x")
 
 
 def test_predict_exits_nonzero_when_nothing_is_scored(tmp_path, monkeypatch, capsys):
-  from onenip_jax import predict  # pylint: disable=g-import-not-at-top
+  from onenip_jax import cli, predict  # pylint: disable=g-import-not-at-top
   bad = tmp_path / "bad.png"
   bad.write_bytes(b"not an image")
 
@@ -248,7 +255,7 @@ def test_predict_exits_nonzero_when_nothing_is_scored(tmp_path, monkeypatch, cap
 
   monkeypatch.setattr(predict, "FlaxScorer", FakeScorer)
   with pytest.raises(SystemExit) as e:
-    predict.main(["--exported", str(tmp_path), "--out", str(tmp_path / "p"), "--skip-bad", "--flax",
+    cli.predict(["--exported", str(tmp_path), "--out", str(tmp_path / "p"), "--skip-bad", "--flax",
                   str(bad)])
   assert e.value.code == 1
   assert "nothing was scored" in capsys.readouterr().err

@@ -13,7 +13,6 @@ files are read with `pth.py`.
 Command line:
   onenip-convert-weights --variant b4 --input efficientnet-b4-6ed6700e.pth --output b4.msgpack
 """
-import argparse
 import functools
 import glob
 import importlib.util
@@ -26,6 +25,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app
 
 from onenip_jax.models import efficientnet as enet
 from onenip_jax.models import pth
@@ -334,17 +334,10 @@ def param_count(variables: Mapping) -> int:
   return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(variables.get("params", {}))))
 
 
-def main(argv=None) -> int:
-  """`onenip-convert-weights`: converts a lukemelas-format EfficientNet `.pth` to `.msgpack`."""
-  parser = argparse.ArgumentParser(
-      prog="onenip-convert-weights",
-      description="Convert an EfficientNet PyTorch state dict (lukemelas efficientnet_pytorch / "
-                  "efficientnet_lite_pytorch naming) into flax msgpack variables, without torch.")
-  parser.add_argument("--variant", required=True, choices=enet.VARIANTS,
-                      help="architecture of the checkpoint, e.g. b4 (model.backbone)")
-  parser.add_argument("--input", required=True, help="the .pth file, e.g. efficientnet-b4-6ed6700e.pth")
-  parser.add_argument("--output", required=True, help="the .msgpack to write (model.backbone_weights)")
-  args = parser.parse_args(argv)
+def main(args) -> int:
+  """`onenip-convert-weights` with its flags parsed by `onenip_jax.cli`: .pth -> .msgpack."""
+  if args.variant not in enet.VARIANTS:
+    raise app.UsageError(f"--variant {args.variant!r} is not one of {', '.join(enet.VARIANTS)}")
   state_dict = pth.load_state_dict(args.input)
   variables = convert_state_dict(state_dict, args.variant, source=args.input)
   save_variables(args.output, variables)
@@ -361,5 +354,6 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":
-  sys.exit(main())
+if __name__ == "__main__":  # `python -m onenip_jax.models.convert ...`: the CLI lives in onenip_jax.cli
+  from onenip_jax import cli  # pylint: disable=g-import-not-at-top
+  sys.exit(cli.convert_weights())

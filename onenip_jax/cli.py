@@ -1,0 +1,255 @@
+r"""The five commands' one grammar: absl flags, `--config FILE[:args]`, `--config.KEY=VALUE`.
+
+  onenip-train   --config configs/X.py[:args] --workdir DIR [--config.KEY=VALUE ...]
+  onenip-eval    --workdir DIR | --exported DIR  [--config FILE[:args]] [--config.KEY=VALUE ...]
+  onenip-export  --workdir DIR --out DIR         [--config FILE[:args]] [--config.KEY=VALUE ...]
+  onenip-predict --exported DIR [--out DIR] IMAGE_OR_FOLDER ...
+  onenip-convert-weights --variant b4 --input X.pth --output X.msgpack
+
+(also `python -m onenip_jax.cli COMMAND ...`, e.g. `python -m onenip_jax.cli eval --help`).
+Evaluating or exporting a stored run uses the config stored with it (in the checkpoint or
+export); `--config FILE` replaces it except for the model and input size, and `--config.KEY=VALUE`
+overrides either (keys of the model and input size excepted: they fail, naming the key).
+
+This module imports only absl, ml_collections and the standard library, so `--help` is quick; each
+command imports its implementation (JAX, TensorFlow, ...) after its flags are parsed.
+"""
+import logging
+import os
+import sys
+import types
+
+from absl import app, flags
+
+from onenip_jax import config_loading
+
+_HELP = ("-h", "-?", "--help", "--helpshort", "--helpfull")
+_CONFIG_HELP = ("config file and its argument, configs/X.py[:args]; any key of it is overridden "
+                "with --config.KEY=VALUE (or --config.KEY VALUE; --config.KEY / --noconfig.KEY "
+                "for booleans)")
+
+
+def _train_flags(fv):
+  flags.DEFINE_string("config", None, _CONFIG_HELP, flag_values=fv, required=True)
+  flags.DEFINE_string("workdir", None, "work directory (checkpoints, logs, evaluations)",
+                      flag_values=fv, required=True)
+
+
+def _eval_flags(fv):
+  flags.DEFINE_string("workdir", None, "training work directory (uses its latest checkpoint)",
+                      flag_values=fv)
+  flags.DEFINE_string("exported", None, "directory written by onenip-export", flag_values=fv)
+  flags.mark_flags_as_mutual_exclusive(["workdir", "exported"], required=True, flag_values=fv)
+  flags.DEFINE_string("config", None, "config for the data and evaluation (default: the stored "
+                      "run's); " + _CONFIG_HELP, flag_values=fv)
+  flags.DEFINE_string("out", None, "output directory for the reports (default: <workdir or "
+                      "exported>/eval)", flag_values=fv)
+  flags.DEFINE_integer("step", None, "checkpoint step (default: latest)", flag_values=fv)
+  flags.DEFINE_boolean("heatmaps", False, "write heatmap PNGs per class", flag_values=fv)
+  flags.DEFINE_boolean("flax", False, "with --exported: use the Flax predictor and tf.data, not "
+                       "the serialised predictor", flag_values=fv)
+  flags.DEFINE_integer("batch-size", 8, "images per call of the serialised predictor",
+                       flag_values=fv)
+
+
+def _export_flags(fv):
+  flags.DEFINE_string("workdir", None, "training work directory", flag_values=fv, required=True)
+  flags.DEFINE_string("out", None, "export directory to create", flag_values=fv, required=True)
+  flags.DEFINE_string("config", None, "config for the data the thresholds come from (default: "
+                      "the stored run's); " + _CONFIG_HELP, flag_values=fv)
+  flags.DEFINE_integer("step", None, "checkpoint step (default: latest)", flag_values=fv)
+  flags.DEFINE_boolean("overwrite", False, "replace an existing export", flag_values=fv)
+  flags.DEFINE_float("threshold-fraction", 0.1, "fraction of each class's normal training images "
+                     "scored for the thresholds (0 = no thresholds)", lower_bound=0.0,
+                     upper_bound=1.0, flag_values=fv)
+  flags.DEFINE_float("target-fpr", 0.01, "false-positive rate the normal-image thresholds aim at, "
+                     "in [0, 1)", lower_bound=0.0, flag_values=fv)
+  flags.DEFINE_string("threshold-dir", None, "labelled validation folder <DIR>/<class>/good|"
+                      "<defect>/", flag_values=fv)
+  flags.DEFINE_boolean("calibrate-on-test", False, "F1-optimal thresholds on the config's TEST "
+                       "set (optimistic)", flag_values=fv)
+  flags.register_multi_flags_validator(
+      ["threshold-dir", "calibrate-on-test"], lambda f: not (f["threshold-dir"] and f["calibrate-on-test"]),
+      "--threshold-dir and --calibrate-on-test exclude each other", flag_values=fv)
+
+
+def _predict_flags(fv):
+  flags.DEFINE_string("exported", None, "directory written by onenip-export", flag_values=fv,
+                      required=True)
+  flags.DEFINE_string("out", "predictions", "output directory", flag_values=fv)
+  flags.DEFINE_float("threshold", None, "decision threshold on the image score (default: the "
+                     "export's, per matched class)", flag_values=fv)
+  flags.DEFINE_boolean("heatmaps", False, "write a heatmap PNG per image", flag_values=fv)
+  flags.DEFINE_boolean("save-maps", False, "write each raw float32 (H, W) anomaly map as "
+                       "maps/<name>.npy", flag_values=fv)
+  flags.DEFINE_boolean("skip-bad", False, "skip unreadable images (warned)", flag_values=fv)
+  flags.DEFINE_boolean("flax", False, "use the Flax predictor and tf.data even if the export is "
+                       "serialised", flag_values=fv)
+  flags.DEFINE_integer("batch-size", 8, "images per call", lower_bound=1, flag_values=fv)
+
+
+def _convert_flags(fv):
+  flags.DEFINE_string("variant", None, "architecture of the checkpoint, e.g. b4 (model.backbone)",
+                      flag_values=fv, required=True)
+  flags.DEFINE_string("input", None, "the .pth file, e.g. efficientnet-b4-6ed6700e.pth",
+                      flag_values=fv, required=True)
+  flags.DEFINE_string("output", None, "the .msgpack to write (model.backbone_weights)",
+                      flag_values=fv, required=True)
+
+
+def _usage(prog: str, summary: str, fv, positional: str = "") -> str:
+  lines = [ln for ln in fv.get_help(include_special_flags=False).splitlines()
+           if ln.startswith(" ")]
+  return f"usage: {prog} [flags]{positional}\n\n{summary}\n\nflags:\n" + "\n".join(lines)
+
+
+def _parse(prog: str, summary: str, define, argv, *, overrides: bool = False,
+           positional: str = ""):
+  """Parses `argv` (without the program name) into a namespace; exits 0 on --help, 2 on errors.
+
+  The namespace holds each flag under its name with '-' -> '_', `overrides` (the
+  `--config.KEY=VALUE` tokens) when the command takes a config, and `inputs` (positional
+  arguments) when it takes them.
+  """
+  argv = list(sys.argv[1:] if argv is None else argv)
+  fv = flags.FlagValues()
+  define(fv)
+  head = argv[:argv.index("--")] if "--" in argv else argv
+  if any(a in _HELP for a in head):
+    print(_usage(prog, summary, fv, positional))
+    sys.exit(0)
+  try:
+    rest = fv([prog, *argv], known_only=overrides)[1:]
+    if overrides:
+      for i, token in enumerate(rest):
+        if token.startswith("-") and not config_loading.is_override(token):
+          raise flags.UnrecognizedFlagError(token.lstrip("-").split("=")[0])
+        if not token.startswith("-") and (i == 0 or not config_loading.takes_value(rest[i - 1])):
+          raise flags.Error(f"unexpected argument {token!r}")
+    elif rest and not positional:
+      raise flags.Error(f"unexpected argument {rest[0]!r}")
+  except flags.Error as e:
+    _fail(prog, f"{e}\nPass --help to see the flags.")
+  args = types.SimpleNamespace(**{name.replace("-", "_"): fv[name].value for name in fv
+                                  if name not in ("flagfile", "undefok")})
+  if overrides:
+    args.overrides = rest
+  if positional:
+    if not rest:
+      _fail(prog, f"no{positional} given\nPass --help to see the flags.")
+    args.inputs = rest
+  return args
+
+
+def _fail(prog: str, message: str):
+  print(f"{prog}: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _run(prog: str, fn, args):
+  """fn(args); a usage or config-key error ends the process in one line with exit code 2."""
+  try:
+    return fn(args)
+  except (app.UsageError, config_loading.ConfigKeyError) as e:
+    _fail(prog, str(e))
+
+
+def _logging():
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
+
+
+def train(argv=None) -> None:
+  """`onenip-train`: train on a config, resuming from the work directory, then evaluate."""
+  prog = "onenip-train"
+  args = _parse(prog, "Trains (resuming from the latest checkpoint in --workdir), then evaluates.",
+                _train_flags, argv, overrides=True)
+  try:
+    args.config = config_loading.load_config(args.config, args.overrides)
+  except (FileNotFoundError, config_loading.ConfigKeyError) as e:
+    _fail(prog, str(e))
+  args.config.lock()
+  _logging()
+  from onenip_jax import train as impl  # pylint: disable=g-import-not-at-top
+  return _run(prog, impl.main, args)
+
+
+def evaluate(argv=None) -> None:
+  """`onenip-eval`: evaluate a checkpoint (--workdir) or an export (--exported)."""
+  prog = "onenip-eval"
+  args = _parse(prog, "Evaluates a training run's checkpoint or an export; writes metrics.json, "
+                "metrics.md, metrics.csv, scores.csv (and heatmaps).", _eval_flags, argv,
+                overrides=True)
+  _check_stored(prog, args)
+  _logging()
+  from onenip_jax import evaluate as impl  # pylint: disable=g-import-not-at-top
+  return _run(prog, impl.main, args)
+
+
+def export(argv=None) -> None:
+  """`onenip-export`: checkpoint -> self-contained export directory."""
+  prog = "onenip-export"
+  if "--calibrate" in (sys.argv[1:] if argv is None else argv):  # the old name, removed
+    _fail(prog, "--calibrate fitted the threshold on the test set; it is now --calibrate-on-test "
+          "(default: thresholds from normal training images)")
+  args = _parse(prog, "Writes a self-contained export (weights, prompt pool, fusion constant, "
+                "thresholds, serialised predictor) of a training run's checkpoint.",
+                _export_flags, argv, overrides=True)
+  if not args.target_fpr < 1.0:
+    _fail(prog, "--target-fpr must be in [0, 1)")
+  _check_stored(prog, args)
+  _logging()
+  from onenip_jax import export as impl  # pylint: disable=g-import-not-at-top
+  return _run(prog, impl.main, args)
+
+
+def predict(argv=None) -> None:
+  """`onenip-predict`: score images with an export (no class label needed)."""
+  prog = "onenip-predict"
+  args = _parse(prog, "Scores images or folders of images with an export; writes predictions.csv "
+                "and predictions.json.", _predict_flags, argv,
+                positional=" IMAGE_OR_FOLDER [...]")
+  _logging()
+  from onenip_jax import predict as impl  # pylint: disable=g-import-not-at-top
+  return _run(prog, impl.main, args)
+
+
+def convert_weights(argv=None) -> int:
+  """`onenip-convert-weights`: an EfficientNet `.pth` (lukemelas naming) -> flax `.msgpack`."""
+  prog = "onenip-convert-weights"
+  args = _parse(prog, "Converts an EfficientNet PyTorch state dict (lukemelas efficientnet_pytorch "
+                "/ efficientnet_lite_pytorch naming) into flax msgpack variables, without torch.",
+                _convert_flags, argv)
+  from onenip_jax.models import convert as impl  # pylint: disable=g-import-not-at-top
+  return _run(prog, impl.main, args)
+
+
+def _check_stored(prog: str, args) -> None:
+  """Before any work: a missing config file, or overrides that a stored run cannot take, fail at
+  once, naming the file or key."""
+  if args.config and not os.path.isfile(args.config.partition(":")[0]):
+    _fail(prog, f"config file not found: {args.config.partition(':')[0]}")
+  try:
+    config_loading.check_stored_run_overrides(args.overrides)
+  except config_loading.ConfigKeyError as e:
+    _fail(prog, str(e))
+
+
+# console script -> function; setup.py's entry points name the same functions.
+COMMANDS = {"onenip-train": train, "onenip-eval": evaluate, "onenip-export": export,
+            "onenip-predict": predict, "onenip-convert-weights": convert_weights}
+
+
+def main(argv=None) -> int:
+  """`python -m onenip_jax.cli {train,eval,export,predict,convert-weights} ...`."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  names = {name[len("onenip-"):]: fn for name, fn in COMMANDS.items()}
+  if not argv or argv[0] not in names:
+    print(f"usage: python -m onenip_jax.cli {{{','.join(names)}}} [flags] (--help for each)",
+          file=sys.stderr)
+    return 2
+  return names[argv[0]](argv[1:]) or 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
