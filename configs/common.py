@@ -86,7 +86,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every_epochs = 10     # 0 = only at the end
   c.eval.batch_size = 0        # 0 = batch_size
-  c.eval.fusion = "frozen"     # "frozen" (constant from training normals) | "reference" (test-set mid-range)
+  # Default scoring (heatmaps, scores.csv, headline table); every evaluation also reports the others:
+  # "calibrated" (normal-data calibration of the checkpoint; "reference" when it has none) |
+  # "reference" ((1 - alpha) rec + alpha c ref) | "refiner" (ref only) | "reconstruction" (rec only).
+  c.eval.fusion = "calibrated"
+  c.eval.fusion_constant = "frozen"   # c of "reference": "frozen" (training normals) | "test" (test-set mid-range, as the published logs)
   c.eval.alpha = 0.5
   c.eval.pool_size = 16
   c.eval.prompt_mode = "class"   # "class" (random train normal of the GT class) | "pool" (cosine, class-agnostic)
@@ -96,6 +100,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.maskless = "skip"     # anomalies without a mask: "skip" (out of pixel metrics) | "full" (all-ones masks, official)
   c.eval.heatmaps = False
   c.eval.max_heatmaps_per_class = 16
+
+  # Calibration of the scoring on held-out normal training images (onenip_jax/calibration.py).
+  c.calibration = ml_collections.ConfigDict()
+  c.calibration.holdout_fraction = 0.1   # of each class's train/good images, kept out of training; 0 = off (reference)
+  c.calibration.synthetic_per_image = 2  # synthetic anomalies made from each held-out image
+  c.calibration.seed_offset = 1000       # synthesis seed = seed + seed_offset (training uses seed)
+  c.calibration.weights = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # refiner weight grid
+  c.calibration.pool_sizes = (16,)       # image-score box sizes tried (eval.pool_size preferred on ties)
 
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.every_steps = 1000

@@ -42,6 +42,7 @@ import re
 import tempfile
 from typing import Any, Iterable, Optional
 
+import numpy as np
 from PIL import Image
 
 logger = logging.getLogger(__name__)
@@ -79,13 +80,15 @@ class DatasetIndex:
   """The train and test samples of one (possibly merged) dataset.
 
   Attributes:
-    train: training samples (normals; duplicates of meta files kept).
+    train: training samples (normals; duplicates of meta files kept), without the held-out ones.
     test: test samples.
     classes: class names; a class's id is its position here.
+    holdout: normal training samples held out for calibration (`split_holdout`), never trained on.
   """
   train: list
   test: list
   classes: tuple
+  holdout: list = dataclasses.field(default_factory=list)
 
   @functools.cached_property
   def _class_ids(self) -> dict:
@@ -509,6 +512,43 @@ def index_dataset(data_cfg: Any, verify_cache: Optional[str] = None) -> DatasetI
     train += [dataclasses.replace(s, cls=rename[s.cls]) for s in tr]
     test += [dataclasses.replace(s, cls=rename[s.cls]) for s in te]
   return DatasetIndex(train=train, test=test, classes=tuple(classes))
+
+
+def split_holdout(index: DatasetIndex, fraction: float, seed: int) -> DatasetIndex:
+  """Moves round(fraction * n) of each class's n normal training samples to `index.holdout`.
+
+  The choice is a permutation seeded by (seed, class position), so it depends only on the seed and
+  the class's own list. At least one image is held out when fraction > 0, and at least one stays
+  for training (a class with a single normal image keeps it and holds none out).
+
+  Raises:
+    ValueError if `fraction` (config key calibration.holdout_fraction) is not in [0, 1).
+  """
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f"calibration.holdout_fraction={fraction!r}: must be in [0, 1)")
+  if fraction == 0.0:
+    return index
+  out = set()
+  for c_id, cls in enumerate(index.classes):
+    rows = index.normal_train_indices(cls)
+    k = min(max(1, int(round(fraction * len(rows)))), len(rows) - 1)
+    if k <= 0:
+      logger.warning("class %r has %d normal training image(s): none held out for calibration",
+                     cls, len(rows))
+      continue
+    perm = np.random.default_rng([int(seed), c_id]).permutation(len(rows))
+    out.update(rows[i] for i in perm[:k])
+  return dataclasses.replace(index, train=[s for i, s in enumerate(index.train) if i not in out],
+                             holdout=[s for i, s in enumerate(index.train) if i in out])
+
+
+def index_config(cfg: Any, verify_cache: Optional[str] = None) -> DatasetIndex:
+  """`index_dataset(cfg.data)` with the calibration hold-out of the experiment config `cfg`
+  (`calibration.holdout_fraction`, seeded by `seed`; 0 or absent: none). Training, evaluation and
+  calibration all index through this, so they agree on which images were trained on."""
+  calib = _get(cfg, "calibration", None)
+  fraction = float(_get(calib, "holdout_fraction", 0.0))
+  return split_holdout(index_dataset(cfg.data, verify_cache), fraction, int(_get(cfg, "seed", 0)))
 
 
 def summarize(index: DatasetIndex) -> str:

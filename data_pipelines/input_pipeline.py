@@ -321,7 +321,8 @@ def eval_positions(n: int, batch_size: int, process_index: int = 0,
 
 def make_eval_iterator(samples: Sequence[indexing.Sample], index: indexing.DatasetIndex, cfg: Any,
                        *, batch_size: int, process_index: int = 0, process_count: int = 1,
-                       with_prompt: bool = True, seed_positions=None) -> Iterator[dict]:
+                       with_prompt: bool = True, seed_positions=None,
+                       synthesis_seed: Optional[int] = None) -> Iterator[dict]:
   """Iterator over this process's share of `samples`, padded (see the module doc for the keys).
 
   Args:
@@ -335,6 +336,9 @@ def make_eval_iterator(samples: Sequence[indexing.Sample], index: indexing.Datas
     seed_positions: (len(samples),) positions to seed the prompt draw with instead (evaluating a
       subset, e.g. one class, with the prompts of the full list); `index` stays the batch row's
       position in `samples`.
+    synthesis_seed: when set, each image is replaced by a synthetic anomaly made from it by the
+      training synthesis seeded by (synthesis_seed, seed position): `mask` is its mask, `has_mask`
+      True, `label` 1 (calibration's validation anomalies; training uses `cfg.seed`).
 
   Returns:
     Iterator of dicts of numpy arrays; ceil(len(samples) / batch_size) batches.
@@ -354,6 +358,9 @@ def make_eval_iterator(samples: Sequence[indexing.Sample], index: indexing.Datas
   pos = eval_positions(n, int(batch_size), process_index, process_count)
   seed_pos = tf.constant(np.arange(n) if seed_positions is None
                          else np.asarray(seed_positions, np.int64), tf.int64)
+  if synthesis_seed is not None:
+    from data_pipelines import synthesis  # pylint: disable=g-import-not-at-top
+    textures = tf.constant(synthesis.texture_paths(cfg.data.textures), tf.string)
 
   @tf.autograph.experimental.do_not_convert
   def load(k):
@@ -366,8 +373,17 @@ def make_eval_iterator(samples: Sequence[indexing.Sample], index: indexing.Datas
     has_mask = tf.logical_and(valid, tf.strings.length(mpath) > 0)
     mask = tf.cond(has_mask, lambda: decode_mask(mpath, size),
                    lambda: tf.zeros([size, size, 1], tf.float32))
+    label = tf.where(valid, tf.gather(labels, i), 0)
+    if synthesis_seed is not None:
+      syn, syn_mask = synthesis.synthesize(
+          image, _seed(synthesis_seed, _TAG_SYNTH, tf.gather(seed_pos, i)), textures,
+          cfg.data.synthesis)
+      image = tf.ensure_shape(syn, [size, size, 3])
+      mask = tf.where(valid, tf.cast(syn_mask, tf.float32), 0.0)
+      mask = tf.ensure_shape(mask, [size, size, 1])
+      has_mask, label = valid, tf.cast(valid, tf.int32)
     out = {"image": image, "mask": mask, "has_mask": has_mask, "valid": valid,
-           "label": tf.where(valid, tf.gather(labels, i), 0),
+           "label": label,
            "class_id": tf.cast(c, tf.int32), "index": tf.cast(k, tf.int32)}
     if with_prompt:
       p = prompts.draw(c, _seed(seed, _TAG_EVAL_PROMPT, tf.gather(seed_pos, i)))

@@ -31,14 +31,35 @@ def make_manager(workdir: str, cfg: ml_collections.ConfigDict) -> ocp.Checkpoint
   return ocp.CheckpointManager(f"{workdir}/checkpoints", options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, cfg: ml_collections.ConfigDict) -> None:
-  config = json.loads(cfg.to_json_best_effort())
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            config=ocp.args.JsonSave(config)), force=True)
+def save(manager: ocp.CheckpointManager, step: int, state, cfg: ml_collections.ConfigDict,
+         calibration: dict | None = None) -> None:
+  """Saves `state` and `cfg` (and the JSON-able `calibration` dict of the final step) as `step`."""
+  items = {"state": ocp.args.StandardSave(state),
+           "config": ocp.args.JsonSave(json.loads(cfg.to_json_best_effort()))}
+  if calibration is not None:
+    items["calibration"] = ocp.args.JsonSave(calibration)
+  manager.save(step, args=ocp.args.Composite(**items), force=True)
   manager.wait_until_finished()
 
 
-def replace(manager: ocp.CheckpointManager, step: int, state, cfg: ml_collections.ConfigDict) -> None:
+def restore_calibration(manager: ocp.CheckpointManager, step: int) -> dict | None:
+  """The calibration stored with `step` (see `onenip_jax.calibration`), None if it has none."""
+  path = os.path.join(str(manager.directory), str(step), "calibration")
+  if not os.path.isdir(path):
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(calibration=ocp.args.JsonRestore()))
+  return dict(restored.calibration)
+
+
+def read_calibration(workdir: str, step: int) -> dict | None:
+  """`restore_calibration` of `<workdir>/checkpoints` (read-only), e.g. for `onenip-eval`."""
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  with ocp.CheckpointManager(f"{workdir}/checkpoints", options=options) as manager:
+    return restore_calibration(manager, step)
+
+
+def replace(manager: ocp.CheckpointManager, step: int, state, cfg: ml_collections.ConfigDict,
+            calibration: dict | None = None) -> None:
   """Saves `state` as `step` when that step exists already (e.g. adding the fusion constant).
 
   The old step is renamed `<step>.replaced` first and deleted only after the new one is
@@ -48,7 +69,7 @@ def replace(manager: ocp.CheckpointManager, step: int, state, cfg: ml_collection
   if os.path.isdir(path):
     os.replace(path, path + _REPLACED)
     manager.reload()
-  save(manager, step, state, cfg)
+  save(manager, step, state, cfg, calibration)
   shutil.rmtree(path + _REPLACED, ignore_errors=True)
 
 

@@ -31,15 +31,17 @@ from onenip_jax import metrics, reports, scoring
 
 log = logging.getLogger("onenip")
 MASKLESS_POLICIES = ("skip", "full")
+SCORINGS = ("calibrated", "reference", "refiner", "reconstruction")
 
 
-def iterate_maps(predictor, samples, index, cfg, seed_positions=None):
+def iterate_maps(predictor, samples, index, cfg, seed_positions=None, synthesis_seed=None):
   """Runs the Flax predictor over `samples` once each, yielding one host dict per batch.
 
   Yields:
     {'index' (b,) positions in `samples`, 'rec', 'ref' (b, H, W) float32 ('ref' None without
      refiner), 'mask' (b, H, W) bool, 'has_mask', 'label', 'class_id', 'pool_choice' (b,)} of the
-    valid rows of each batch.
+    valid rows of each batch. `synthesis_seed`: score synthetic anomalies made from `samples`
+    instead (`input_pipeline.make_eval_iterator`).
   """
   import jax  # pylint: disable=g-import-not-at-top
   from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -50,7 +52,7 @@ def iterate_maps(predictor, samples, index, cfg, seed_positions=None):
   for batch in input_pipeline.make_eval_iterator(
       samples, index, cfg, batch_size=inference._eval_batch(cfg),  # pylint: disable=protected-access
       process_index=jax.process_index(), process_count=jax.process_count(), with_prompt=class_mode,
-      seed_positions=seed_positions):
+      seed_positions=seed_positions, synthesis_seed=synthesis_seed):
     g = sharding.to_global({k: batch[k] for k in keys}, predictor.mesh)
     maps = predictor(g["image"], g.get("prompt"))
     valid = sharding.to_host(g["valid"])
@@ -65,14 +67,14 @@ def iterate_maps(predictor, samples, index, cfg, seed_positions=None):
     yield out
 
 
-def collect_maps(predictor, samples, index, cfg, seed_positions=None) -> dict:
+def collect_maps(predictor, samples, index, cfg, seed_positions=None, synthesis_seed=None) -> dict:
   """All maps of `samples` as host arrays ordered like `samples` (see `iterate_maps` for the keys)."""
   n, size = len(samples), cfg.input_size
   out = {"rec": np.zeros((n, size, size), np.float32), "ref": None,
          "mask": np.zeros((n, size, size), bool), "has_mask": np.zeros(n, bool),
          "label": np.zeros(n, np.int32), "class_id": np.zeros(n, np.int32),
          "pool_choice": np.full(n, -1, np.int32)}
-  for b in iterate_maps(predictor, samples, index, cfg, seed_positions):
+  for b in iterate_maps(predictor, samples, index, cfg, seed_positions, synthesis_seed):
     idx = b["index"]
     if b["ref"] is not None and out["ref"] is None:
       out["ref"] = np.zeros((n, size, size), np.float32)
@@ -159,6 +161,7 @@ class ReportBuilder:
   def __init__(self, cfg, out_dir: str):
     self.cfg, self.out_dir = cfg, out_dir
     self.per_class, self.maskless, self.empty_masks = {}, {}, []
+    self.alternatives = {}   # scoring name -> {class: metrics}
     self.score_rows = [("path", "class", "defect", "label", "score")]
     self.pool_hits = self.pool_total = 0
 
@@ -181,9 +184,23 @@ class ReportBuilder:
       _write_heatmaps(os.path.join(self.out_dir, "heatmaps", cls), samples, anomaly_maps, masks,
                       scores, self.cfg, load_image)
 
-  def finish(self, *, step=None, extra=None, write_files=True) -> dict:
+  def add_alternative(self, name, cls, samples, anomaly_maps, scores, masks, has_mask) -> None:
+    """Metrics of one class under another scoring `name` (no scores.csv rows, no heatmaps)."""
+    e = self.cfg.eval
+    self.alternatives.setdefault(name, {})[cls] = class_protocol(
+        scores, anomaly_maps, masks, has_mask, [s.label for s in samples],
+        e.get("maskless", "skip"), e.flip_auroc)[0]
+
+  def finish(self, *, step=None, extra=None, write_files=True, default_name=None) -> dict:
+    """Writes the reports; with `default_name`, metrics.json's "scorings" and metrics.md hold
+    every scoring side by side (the default one is the headline `classes` / `mean`)."""
     result = metrics.summarize(self.per_class)
     extra = dict(extra or {})
+    sections = {}
+    if default_name is not None:
+      sections = {default_name: result}
+      sections.update({n: metrics.summarize(v) for n, v in self.alternatives.items()})
+      extra["scorings"] = sections
     extra["maskless_anomalies"] = {"policy": self.cfg.eval.get("maskless", "skip"),
                                    "count": int(sum(self.maskless.values())),
                                    "per_class": dict(self.maskless)}
@@ -191,7 +208,8 @@ class ReportBuilder:
     if self.pool_total:
       extra["pool_class_accuracy"] = self.pool_hits / self.pool_total
     if write_files:
-      reports.write_reports(self.out_dir, result, config=self.cfg, step=step, extra=extra)
+      reports.write_reports(self.out_dir, result, config=self.cfg, step=step, extra=extra,
+                            sections=sections)
       text = io.StringIO()
       csv.writer(text, lineterminator="\n").writerows(self.score_rows)
       reports.atomic_write_text(os.path.join(self.out_dir, "scores.csv"), text.getvalue())
@@ -245,14 +263,46 @@ def _tf_image_loader(cfg):
 
 
 def fusion_constant(cfg, predictor, samples, index, frozen_c: float) -> tuple[float, str]:
-  """The fusion constant: the stored frozen one, or the test-set mid-range ('reference' mode,
-  one extra streamed pass over `samples`)."""
-  mode = cfg.eval.fusion
+  """c of the reference fusion and where it came from: the stored frozen one ('frozen'), or the
+  test-set mid-range ('test': `eval.fusion_constant="test"` or no frozen one; one extra streamed
+  pass over `samples`)."""
+  mode = cfg.eval.get("fusion_constant", "frozen")
+  if mode not in ("frozen", "test"):
+    raise ValueError(f"config.eval.fusion_constant={mode!r}: use 'frozen' or 'test'")
   if mode == "frozen" and not np.isnan(frozen_c):
     return float(frozen_c), "frozen"
-  if mode not in ("frozen", "reference"):
-    raise ValueError(f"config.eval.fusion={mode!r}: use 'frozen' or 'reference'")
-  return float(scoring.mid_range(*rec_range(predictor, samples, index, cfg))), "reference"
+  return float(scoring.mid_range(*rec_range(predictor, samples, index, cfg))), "test"
+
+
+def default_scoring(cfg, calibration, has_refiner: bool) -> str:
+  """The scoring `eval.fusion` asks for (module doc of `onenip_jax.calibration`), with the
+  fallbacks: 'calibrated' without a calibration -> 'reference' (logged); no refiner ->
+  'reconstruction'. The legacy value 'frozen' means 'reference'."""
+  mode = {"frozen": "reference"}.get(cfg.eval.fusion, cfg.eval.fusion)
+  if mode not in SCORINGS:
+    raise ValueError(f"config.eval.fusion={cfg.eval.fusion!r}: use one of {SCORINGS}")
+  if not has_refiner:
+    return "reconstruction"
+  if mode == "calibrated" and not calibration:
+    log.info("eval.fusion='calibrated' but the checkpoint has no calibration "
+             "(calibration.holdout_fraction=0 or an older run): using the reference fusion")
+    return "reference"
+  return mode
+
+
+def scored_maps(name, rec, ref, *, c, cfg, calibration=None, cls=None):
+  """(anomaly maps (N, H, W) float32, image scores (N,)) of scoring `name` (see SCORINGS).
+
+  rec, ref: (N, H, W) maps; c: the reference fusion constant; cls: the class whose calibration
+  applies (None: the global one, as pool prompts use)."""
+  from onenip_jax import calibration as calib  # pylint: disable=g-import-not-at-top
+  if name == "calibrated":
+    return calib.apply(rec, ref, calib.params_for(calibration, cls))
+  if name == "reference":
+    s = np.asarray(scoring.fuse(rec, ref, c, cfg.eval.alpha)) if ref is not None else rec
+  else:
+    s = np.asarray(ref if name == "refiner" else rec, np.float32)
+  return s, image_scores(s, cfg.eval.pool_size)
 
 
 def class_rows(samples, classes) -> list[tuple[str, np.ndarray]]:
@@ -262,28 +312,43 @@ def class_rows(samples, classes) -> list[tuple[str, np.ndarray]]:
 
 
 def evaluate_predictor(cfg, predictor, index, out_dir: str, frozen_c: float, *, step=None,
-                       samples=None) -> dict:
-  """Scores `samples` (default: the test set) one class at a time; writes the reports to `out_dir`."""
+                       samples=None, calibration=None) -> dict:
+  """Scores `samples` (default: the test set) one class at a time; writes the reports to `out_dir`.
+
+  Every scoring of SCORINGS that applies is reported side by side; `default_scoring` picks the one
+  of the headline table, scores.csv and heatmaps. `calibration`: the checkpoint's, or None.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   samples = index.test if samples is None else samples
-  c, mode = fusion_constant(cfg, predictor, samples, index, frozen_c)
+  c, c_source = fusion_constant(cfg, predictor, samples, index, frozen_c)
+  has_refiner = bool(cfg.model.refiner)
+  default = default_scoring(cfg, calibration, has_refiner)
+  names = [default] + [n for n in SCORINGS if n != default and (has_refiner or n == "reconstruction")
+                       and (n != "calibrated" or calibration)]
   builder = ReportBuilder(cfg, out_dir)
   main_process = jax.process_index() == 0
+  pool = predictor.pool
   for cls, rows in class_rows(samples, index.classes):
     subset = [samples[i] for i in rows]
     maps = collect_maps(predictor, subset, index, cfg, seed_positions=rows)
-    s = fused_maps(maps, np.arange(len(rows)), c, cfg.eval.alpha)
-    del maps["rec"], maps["ref"]
-    pool = predictor.pool
-    builder.add_class(
-        cls, subset, s, image_scores(s, cfg.eval.pool_size), maps["mask"], maps["has_mask"],
-        pool_class_ids=None if pool is None else pool.class_ids[maps["pool_choice"]],
-        class_ids=maps["class_id"], load_image=_tf_image_loader(cfg), write_files=main_process)
-    del s, maps
-  extra = {"fusion": mode, "fusion_c": c, "prompt_mode": cfg.eval.prompt_mode, "backend": "flax"}
-  result = builder.finish(step=step, extra=extra, write_files=main_process)
-  log.info("eval step %s (%s fusion c=%.4f, %s prompts) -> %s\n%s", step, mode, c,
-           cfg.eval.prompt_mode, out_dir, reports.format_table(result))
+    for name in names:
+      s, scores = scored_maps(name, maps["rec"], maps["ref"], c=c, cfg=cfg,
+                              calibration=calibration, cls=cls if pool is None else None)
+      if name == default:
+        builder.add_class(
+            cls, subset, s, scores, maps["mask"], maps["has_mask"],
+            pool_class_ids=None if pool is None else pool.class_ids[maps["pool_choice"]],
+            class_ids=maps["class_id"], load_image=_tf_image_loader(cfg), write_files=main_process)
+      else:
+        builder.add_alternative(name, cls, subset, s, scores, maps["mask"], maps["has_mask"])
+      del s
+    del maps
+  extra = {"fusion": default, "fusion_c": c, "fusion_c_source": c_source,
+           "alpha": cfg.eval.alpha, "calibration": calibration,
+           "prompt_mode": cfg.eval.prompt_mode, "backend": "flax"}
+  result = builder.finish(step=step, extra=extra, write_files=main_process, default_name=default)
+  log.info("eval step %s (%s scoring; reference c=%.4f from %s; %s prompts) -> %s\n%s", step,
+           default, c, c_source, cfg.eval.prompt_mode, out_dir, reports.format_table(result))
   return result
 
 
@@ -325,7 +390,8 @@ def evaluate_exported(cfg, model, index, out_dir: str, *, samples=None) -> dict:
   return result
 
 
-def evaluate_state(cfg, state, index, features, backbone_vars, mesh, out_dir: str) -> dict:
+def evaluate_state(cfg, state, index, features, backbone_vars, mesh, out_dir: str,
+                   calibration=None) -> dict:
   """Evaluation of a train state (periodic and final evaluation during training)."""
   from onenip_jax import inference  # pylint: disable=g-import-not-at-top
   model, _ = inference.make_model(cfg)
@@ -333,7 +399,7 @@ def evaluate_state(cfg, state, index, features, backbone_vars, mesh, out_dir: st
   predictor = inference.make_predictor(cfg, model, features, variables, backbone_vars, mesh, index)
   frozen_c = float(np.asarray(state.fusion_c.addressable_data(0)))
   return evaluate_predictor(cfg, predictor, index, out_dir, frozen_c, step=int(
-      np.asarray(state.step.addressable_data(0))))
+      np.asarray(state.step.addressable_data(0))), calibration=calibration)
 
 
 def frozen_fusion_constant(cfg, state, index, features, backbone_vars, mesh) -> float:
@@ -366,7 +432,7 @@ def main(args) -> None:
                cfg.eval.prompt_mode)
       cfg.eval.prompt_mode = "pool"
     out = args.out or os.path.join(args.exported, "eval")
-    result = evaluate_exported(cfg, model, indexing.index_dataset(cfg.data), out)
+    result = evaluate_exported(cfg, model, indexing.index_config(cfg), out)
     print(f"step {model.meta.get('step')}, pool prompts, serialised predictor -> {out}/metrics.json"
           f"\n{reports.format_table(result)}")
     return
@@ -383,13 +449,16 @@ def main(args) -> None:
     out = args.out or os.path.join(args.workdir, "eval")
   cfg.unlock()
   cfg.eval.heatmaps = cfg.eval.heatmaps or args.heatmaps
-  index = indexing.index_dataset(cfg.data)
+  index = indexing.index_config(cfg)
   export.check_classes(predictor, index)
   if cfg.eval.prompt_mode == "pool" and predictor.pool is None:
     predictor.pool = inference.build_prompt_pool(predictor, index, cfg)
   elif cfg.eval.prompt_mode == "class":
     predictor.pool = None
-  result = evaluate_predictor(cfg, predictor, index, out, frozen_c, step=step)
+  from onenip_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  calibration = None if args.exported else checkpoints.read_calibration(args.workdir, step)
+  result = evaluate_predictor(cfg, predictor, index, out, frozen_c, step=step,
+                              calibration=calibration)
   print(f"step {step}, {cfg.eval.prompt_mode} prompts -> {out}/metrics.json\n"
         f"{reports.format_table(result)}")
 

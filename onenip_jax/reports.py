@@ -177,7 +177,8 @@ def format_csv(metrics: Mapping) -> str:
 
 
 def write_reports(out_dir: PathLike, metrics: Mapping, *, config: Any = None,
-                  step: Optional[int] = None, extra: Optional[Mapping] = None) -> dict:
+                  step: Optional[int] = None, extra: Optional[Mapping] = None,
+                  sections: Optional[Mapping] = None) -> dict:
   """Writes metrics.json, metrics.md and metrics.csv into `out_dir` (created if missing).
 
   Args:
@@ -186,6 +187,7 @@ def write_reports(out_dir: PathLike, metrics: Mapping, *, config: Any = None,
     config: ConfigDict (via `to_dict()`), dict or None; stored JSON-safe under "config".
     step: training step stored under "step" (null if None).
     extra: more top-level JSON keys; must not clash with classes/mean/step/config.
+    sections: {title: `summarize()` output} tables appended to metrics.md (e.g. each scoring).
   Returns:
     The JSON document that was written.
   """
@@ -203,7 +205,10 @@ def write_reports(out_dir: PathLike, metrics: Mapping, *, config: Any = None,
   text = json.dumps(doc, indent=2, allow_nan=False)
   title = "# Metrics" + ("" if step is None else f" (step {int(step)})")
   atomic_write_text(out_dir / "metrics.json", text + "\n")
-  atomic_write_text(out_dir / "metrics.md", f"{title}\n\n{format_table(checked)}\n")
+  md = f"{title}\n\n{format_table(checked)}\n"
+  for name, table in (sections or {}).items():
+    md += f"\n## {name}\n\n{format_table(_check_metrics(table, f'write_reports {name}'))}\n"
+  atomic_write_text(out_dir / "metrics.md", md)
   atomic_write_text(out_dir / "metrics.csv", format_csv(checked))
   return doc
 

@@ -217,8 +217,7 @@ def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> Tr
     stored = checkpoints.latest_config(manager)  # (step, config) of the newest checkpoint
     if stored is not None:  # before any work: a resume with another model or data fails at once
       run_control.check_resume(stored[1], cfg, workdir, stored[0])
-    index = indexing.index_dataset(cfg.data,
-                                   verify_cache=os.path.join(workdir, "verified_images.json"))
+    index = indexing.index_config(cfg, verify_cache=os.path.join(workdir, "verified_images.json"))
     spe = input_pipeline.steps_per_epoch(index, cfg.batch_size)
     num_steps = total_steps(cfg, spe)
     log.info("%d classes, %d train / %d test images; %d steps (%d per epoch) on %d devices",
@@ -246,10 +245,12 @@ def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> Tr
     state = _train_loop(run, logger, state, start, num_steps, spe, train_step, cache)
     if start < num_steps or math.isnan(_scalar(state.fusion_c)):
       state = _add_fusion_constant(run, state, num_steps)
+    calibration = _add_calibration(run, state, num_steps, redo=start < num_steps)
     with guard.interruptible():  # the final state is saved: a restart only evaluates again
       log.info("final evaluation of step %d", num_steps)
       result = evaluate.evaluate_state(cfg, state, index, features, backbone_vars, mesh,
-                                       os.path.join(workdir, "eval", f"step_{num_steps}"))
+                                       os.path.join(workdir, "eval", f"step_{num_steps}"),
+                                       calibration=calibration)
       logger.write(num_steps, {f"eval/{k}": v for k, v in result["mean"].items() if v is not None})
       # The run is finished: the marker launch/sweep.py skips finished runs by.
       if jax.process_index() == 0:
@@ -384,6 +385,31 @@ def _add_fusion_constant(run: _Run, state: TrainState, num_steps: int) -> TrainS
   log.info("saved the final step %d", num_steps)
   run.guard.check()
   return state
+
+
+def _add_calibration(run: _Run, state: TrainState, num_steps: int, redo: bool) -> dict | None:
+  """The calibration of the final state (`onenip_jax.validation`), saved with step num_steps.
+
+  Computed when the final step was trained by this process (`redo`: a new or extended run) or
+  when its checkpoint lacks it (a signal stopped the previous run during it); else read back.
+  None when calibration is off (`calibration.holdout_fraction=0`) or the model has no refiner.
+  """
+  from onenip_jax import reports, validation  # pylint: disable=g-import-not-at-top
+  cfg, manager = run.cfg, run.manager
+  if not run.index.holdout or not cfg.model.refiner:
+    return None
+  stored = None if redo else checkpoints.restore_calibration(manager, num_steps)
+  if stored is not None:
+    return stored
+  with run.guard.interruptible():  # the final state is saved: a restart calibrates again
+    log.info("calibrating the scoring of step %d on %d held-out normal images", num_steps,
+             len(run.index.holdout))
+    calibration = reports.json_safe(validation.calibrate_state(
+        cfg, state, run.index, run.features, run.backbone_vars, run.mesh))
+  checkpoints.replace(manager, num_steps, state, cfg, calibration)
+  log.info("saved the calibration with step %d", num_steps)
+  run.guard.check()
+  return calibration
 
 
 def _any_process(flag: bool) -> bool:

@@ -1,0 +1,189 @@
+"""Scoring calibrated on normal training data only (issue 13). Pure numpy; maps are (N, H, W).
+
+The validation set of a class is its held-out normal training images (`index.holdout`, label 0,
+empty masks) and K synthetic anomalies made from each by the training synthesis with another seed
+(`evaluate.calibrate_state` collects its maps). Calibration then
+  1. normalises each map by its pixel mean / std on the held-out NORMAL images:
+       z_rec = (rec - m_rec) / s_rec,  z_ref = (ref - m_ref) / s_ref;
+  2. picks the refiner weight w in `calibration.weights` (and the image-score box size in
+     `calibration.pool_sizes`) maximising the mean of I-AUROC, I-AP, P-AUROC and P-AP on the
+     validation set for the map S = (1 - w) z_rec + w z_ref (w = 1: refiner only, 0: reconstruction
+     only). Ties (within 1e-9) go to the box size nearest `eval.pool_size`, then to the smaller w.
+This is done per class (used with class prompts) and once for all classes with shared statistics
+(`"global"`, used with pool prompts, where the objective is the mean over the classes).
+
+A calibration is a JSON-able dict (stored with the final checkpoint and in metrics.json):
+  {"per_class": {cls: PARAMS}, "global": PARAMS, "prompt_mode", "synthesis_seed", ...}
+  PARAMS = {"rec_mean", "rec_std", "ref_mean", "ref_std", "weight", "pool_size", "objective",
+            "validation": {i_auroc, i_ap, p_auroc, p_ap} of the choice, "n_normal", "n_synthetic",
+            "candidates": [{"weight", "pool_size", i_auroc, i_ap, p_auroc, p_ap, "objective"}]}.
+"""
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+from onenip_jax import metrics
+
+OBJECTIVE_KEYS = ("i_auroc", "i_ap", "p_auroc", "p_ap")
+_STD_FLOOR = 1e-12
+_TIE = 1e-9
+
+
+def normal_stats(rec: np.ndarray, ref: np.ndarray) -> dict:
+  """Pixel mean and std (float64 accumulation) of the maps (N, H, W) of normal images."""
+  rec, ref = np.asarray(rec, np.float64), np.asarray(ref, np.float64)
+  return {"rec_mean": float(rec.mean()), "rec_std": float(max(rec.std(), _STD_FLOOR)),
+          "ref_mean": float(ref.mean()), "ref_std": float(max(ref.std(), _STD_FLOOR))}
+
+
+def fuse(rec: np.ndarray, ref: np.ndarray, stats: Mapping, weight: float) -> np.ndarray:
+  """(N, H, W) float32 map (1 - w) (rec - m_rec) / s_rec + w (ref - m_ref) / s_ref."""
+  z_rec = (np.asarray(rec, np.float32) - np.float32(stats["rec_mean"])) / np.float32(stats["rec_std"])
+  if weight == 0.0:
+    return z_rec
+  z_ref = (np.asarray(ref, np.float32) - np.float32(stats["ref_mean"])) / np.float32(stats["ref_std"])
+  if weight == 1.0:
+    return z_ref
+  return np.float32(1.0 - weight) * z_rec + np.float32(weight) * z_ref
+
+
+def box_max(maps: np.ndarray, pool_size: int) -> np.ndarray:
+  """(N, H, W) -> (N,) max of the stride-1 VALID `pool_size`-box mean (as `scoring.image_scores`)."""
+  n, h, w = maps.shape
+  if pool_size > h or pool_size > w:
+    raise ValueError(f"calibration.pool_sizes: {pool_size} exceeds the map size {(h, w)}")
+  k, out = int(pool_size), np.zeros(n, np.float32)
+  for i in range(0, n, 32):  # float64 integral images, 32 maps at a time
+    c = np.zeros((len(maps[i:i + 32]), h + 1, w + 1))
+    c[:, 1:, 1:] = np.asarray(maps[i:i + 32], np.float64).cumsum(1).cumsum(2)
+    box = c[:, k:, k:] - c[:, :-k, k:] - c[:, k:, :-k] + c[:, :-k, :-k]
+    out[i:i + 32] = box.reshape(len(c), -1).max(axis=1) / (k * k)
+  return out
+
+
+def _objective(figures: Mapping) -> float:
+  values = [figures[k] for k in OBJECTIVE_KEYS if figures.get(k) is not None]
+  return float(np.mean(values)) if values else float("nan")
+
+
+def _pixel_figures(maps: np.ndarray, masks: np.ndarray) -> dict:
+  return {"p_auroc": metrics.auroc(maps, masks), "p_ap": metrics.average_precision(maps, masks)}
+
+
+def _image_figures(scores: np.ndarray, labels: np.ndarray) -> dict:
+  return {"i_auroc": metrics.auroc(scores, labels), "i_ap": metrics.average_precision(scores, labels)}
+
+
+def candidate_figures(groups: Sequence[Mapping], stats: Mapping, weight: float,
+                      pool_sizes: Sequence[int]) -> list:
+  """Validation figures of weight `weight` for each box size, averaged over `groups`.
+
+  Args:
+    groups: one dict per class: 'rec', 'ref' (N, H, W) maps, 'mask' (N, H, W) bool, 'label' (N,).
+    stats: `normal_stats` output used for every group.
+  Returns:
+    [{"weight", "pool_size", i_auroc, i_ap, p_auroc, p_ap, "objective"}] in `pool_sizes` order.
+  """
+  per_group = []
+  for g in groups:
+    s = fuse(g["rec"], g["ref"], stats, weight)
+    pix = _pixel_figures(s, g["mask"])
+    per_group.append([dict(pix, **_image_figures(box_max(s, p), g["label"])) for p in pool_sizes])
+  out = []
+  for j, p in enumerate(pool_sizes):
+    row = {"weight": float(weight), "pool_size": int(p)}
+    for k in OBJECTIVE_KEYS:
+      vals = [fig[j][k] for fig in per_group if fig[j][k] is not None]
+      row[k] = float(np.mean(vals)) if vals else None
+    row["objective"] = _objective(row)
+    out.append(row)
+  return out
+
+
+def select(candidates: Sequence[Mapping], default_pool_size: int) -> dict:
+  """The best candidate: highest objective; ties -> box size nearest the default, then smaller w."""
+  def key(c):
+    obj = c["objective"] if np.isfinite(c["objective"]) else -np.inf
+    return (-round(obj / _TIE) * _TIE, abs(c["pool_size"] - default_pool_size), c["weight"])
+  return dict(min(candidates, key=key))
+
+
+def fit(groups: Sequence[Mapping], normal_rows: Sequence[np.ndarray], weights: Sequence[float],
+        pool_sizes: Sequence[int], default_pool_size: int) -> dict:
+  """PARAMS (module doc) for `groups` with statistics over their normal rows.
+
+  Args:
+    groups: per-class validation maps (see `candidate_figures`).
+    normal_rows: per group, the (n,) rows of the held-out normal images (statistics).
+  """
+  rec = np.concatenate([g["rec"][r] for g, r in zip(groups, normal_rows)])
+  ref = np.concatenate([g["ref"][r] for g, r in zip(groups, normal_rows)])
+  stats = normal_stats(rec, ref)
+  del rec, ref
+  candidates = [c for w in weights for c in candidate_figures(groups, stats, float(w), pool_sizes)]
+  best = select(candidates, default_pool_size)
+  n_normal = int(sum(len(r) for r in normal_rows))
+  return dict(stats, weight=best["weight"], pool_size=best["pool_size"],
+              objective=best["objective"], validation={k: best[k] for k in OBJECTIVE_KEYS},
+              n_normal=n_normal, n_synthetic=int(sum(len(g["label"]) for g in groups)) - n_normal,
+              candidates=candidates)
+
+
+def calibrate(groups: Mapping[str, Mapping], calib_cfg, default_pool_size: int) -> Optional[dict]:
+  """Per-class and global calibration (module doc) from validation maps.
+
+  Args:
+    groups: {class: {'rec', 'ref' (N, H, W) float32, 'mask' (N, H, W) bool, 'label' (N,) int,
+      'normal' (N,) bool: a held-out normal image (else synthetic)}}; classes without rows absent.
+    calib_cfg: config.calibration (weights, pool_sizes).
+  Returns:
+    {"per_class": {cls: PARAMS}, "global": PARAMS}, or None without any group.
+  """
+  groups = {c: g for c, g in groups.items() if np.any(g["normal"])}
+  if not groups:
+    return None
+  weights = tuple(float(w) for w in calib_cfg.weights)
+  pools = tuple(int(p) for p in calib_cfg.pool_sizes)
+  if not weights or not all(0.0 <= w <= 1.0 for w in weights):
+    raise ValueError(f"calibration.weights={weights}: need values in [0, 1]")
+  rows = {c: np.flatnonzero(g["normal"]) for c, g in groups.items()}
+  per_class = {c: fit([g], [rows[c]], weights, pools, default_pool_size) for c, g in groups.items()}
+  return {"per_class": per_class,
+          "global": fit(list(groups.values()), list(rows.values()), weights, pools,
+                        default_pool_size)}
+
+
+def params_for(calibration: Mapping, cls: Optional[str]) -> dict:
+  """PARAMS of class `cls` (its own, else the global ones); the global ones when cls is None."""
+  if cls is not None and cls in calibration["per_class"]:
+    return calibration["per_class"][cls]
+  return calibration["global"]
+
+
+def apply(rec: np.ndarray, ref: np.ndarray, params: Mapping) -> tuple[np.ndarray, np.ndarray]:
+  """Calibrated (N, H, W) float32 anomaly maps and (N,) image scores."""
+  s = fuse(rec, ref, params, params["weight"])
+  return s, box_max(s, int(params["pool_size"]))
+
+
+def summary(calibration: Optional[Mapping]) -> str:
+  """One line per class (and 'global'): the chosen w, box size and validation objective."""
+  if not calibration:
+    return "no calibration"
+  items = list(calibration["per_class"].items()) + [("global", calibration["global"])]
+  return "\n".join(
+      f"{c}: w={p['weight']:.1f} pool={p['pool_size']} validation mean "
+      f"{100 * p['objective']:.2f} ({p['n_normal']} normal + {p['n_synthetic']} synthetic)"
+      for c, p in items)
+
+
+def add_reference_figures(calibration: dict, groups: Mapping[str, Mapping], c: float, alpha: float,
+                          pool_size: int) -> None:
+  """Adds "reference_validation" (figures of (1 - alpha) rec + alpha c ref, box `pool_size`) to
+  each class's PARAMS and to the global ones (mean over classes), for comparison."""
+  stats = {"rec_mean": 0.0, "rec_std": 1.0, "ref_mean": 0.0, "ref_std": 1.0 / c}
+  for cls, params in calibration["per_class"].items():
+    params["reference_validation"] = candidate_figures([groups[cls]], stats, alpha, (pool_size,))[0]
+  used = [groups[cls] for cls in calibration["per_class"]]
+  calibration["global"]["reference_validation"] = candidate_figures(used, stats, alpha,
+                                                                    (pool_size,))[0]

@@ -1,0 +1,65 @@
+"""The validation set of a checkpoint's calibration and the calibration itself (issue 13).
+
+Validation set: the held-out normal training images of `index.holdout` (label 0, empty masks) and
+`calibration.synthetic_per_image` synthetic anomalies made from each by the training synthesis
+(tf.data, `input_pipeline.make_eval_iterator(synthesis_seed=...)`) with the seed
+`seed + calibration.seed_offset` (training synthesises with `seed`). Prompts are drawn as the
+evaluation draws them: class prompts from `index.train`, or the pool built from `index.train`.
+No test image is read. The selection itself is `onenip_jax.calibration` (numpy).
+"""
+import logging
+
+import numpy as np
+
+from onenip_jax import calibration as calib
+from onenip_jax import evaluate, inference
+
+log = logging.getLogger("onenip")
+
+
+def calibrate_state(cfg, state, index, features, backbone_vars, mesh) -> dict | None:
+  """The calibration (`onenip_jax.calibration`) of a train state on `index.holdout`, with the
+  prompts evaluation uses (`eval.prompt_mode`; the pool comes from `index.train`). None without
+  held-out images or without a refiner. Reads no test image."""
+  if not index.holdout or not cfg.model.refiner:
+    return None
+  model, _ = inference.make_model(cfg)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  predictor = inference.make_predictor(cfg, model, features, variables, backbone_vars, mesh, index)
+  return calibrate_predictor(cfg, predictor, index,
+                             float(np.asarray(state.fusion_c.addressable_data(0))))
+
+
+def calibrate_predictor(cfg, predictor, index, frozen_c: float = float("nan")) -> dict | None:
+  """Calibration on `index.holdout` and `calibration.synthetic_per_image` synthetic anomalies
+  made from each held-out image (seed `seed + calibration.seed_offset`); with a finite
+  `frozen_c` it also records the reference fusion's validation figures."""
+  k = int(cfg.calibration.synthetic_per_image)
+  syn_seed = int(cfg.seed) + int(cfg.calibration.seed_offset)
+  holdout, groups = index.holdout, {}
+  for cls, rows in evaluate.class_rows(holdout, index.classes):
+    subset = [holdout[i] for i in rows]
+    clean = evaluate.collect_maps(predictor, subset, index, cfg, seed_positions=rows)
+    parts = [clean]
+    if k:  # prompt seeds: positions after the clean ones, (j + 1) * len(holdout) + row
+      syn_rows = np.concatenate([rows + j * len(holdout) for j in range(1, k + 1)])
+      parts.append(evaluate.collect_maps(predictor, subset * k, index, cfg, seed_positions=syn_rows,
+                                         synthesis_seed=syn_seed))
+    mask = np.concatenate([p["mask"] for p in parts])
+    groups[cls] = {"rec": np.concatenate([p["rec"] for p in parts]),
+                   "ref": np.concatenate([p["ref"] for p in parts]), "mask": mask,
+                   "label": mask.reshape(len(mask), -1).any(axis=1).astype(np.int32),
+                   "normal": np.arange(len(mask)) < len(subset)}
+    del clean, parts
+  result = calib.calibrate(groups, cfg.calibration, int(cfg.eval.pool_size))
+  if result is None:
+    return None
+  if np.isfinite(frozen_c):
+    calib.add_reference_figures(result, groups, frozen_c, float(cfg.eval.alpha),
+                                int(cfg.eval.pool_size))
+  result.update(prompt_mode=cfg.eval.prompt_mode, synthesis_seed=syn_seed, synthetic_per_image=k,
+                holdout_fraction=float(cfg.calibration.holdout_fraction),
+                holdout={c: [s.path for s in holdout if s.cls == c] for c in groups})
+  log.info("calibration on %d held-out normal images (+%d synthetic each):\n%s", len(holdout), k,
+           calib.summary(result))
+  return result

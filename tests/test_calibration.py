@@ -1,0 +1,175 @@
+"""Calibration on held-out normals (issue 13): the split, no test image read, determinism, choice."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import common
+from data_pipelines import indexing, input_pipeline
+from onenip_jax import calibration, evaluate, inference, scoring, sharding, train, validation
+from onenip_jax.models.features import FrozenFeatures
+
+RES = 64
+
+
+def _write_dataset(root, classes=("a", "b"), n_train=10, seed=0):
+  """A tiny MVTec-layout dataset: n_train good train images, 2 good + 2 defect test images."""
+  rng = np.random.default_rng(seed)
+  img = lambda: Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8))
+  for c in classes:
+    for sub in ("train/good", "test/good", "test/cut", "ground_truth/cut"):
+      os.makedirs(os.path.join(root, c, sub), exist_ok=True)
+    for i in range(n_train):
+      img().save(os.path.join(root, c, "train/good", f"{i:03d}.png"))
+    for i in range(2):
+      img().save(os.path.join(root, c, "test/good", f"{i:03d}.png"))
+      img().save(os.path.join(root, c, "test/cut", f"{i:03d}.png"))
+      m = np.zeros((RES, RES), np.uint8)
+      m[8:24, 8 + 16 * i:24 + 16 * i] = 255
+      Image.fromarray(m).save(os.path.join(root, c, "ground_truth/cut", f"{i:03d}_mask.png"))
+
+
+def _cfg(root, **calib):
+  cfg = common.get_base_config()
+  common.set_backbone(cfg, "lite0")
+  cfg.input_size, cfg.batch_size = RES, 8
+  cfg.data.root = str(root)
+  cfg.data.textures = ""
+  cfg.eval.batch_size = 8
+  cfg.calibration.update(calib)
+  return cfg
+
+
+def test_holdout_split_is_seeded_disjoint_and_excluded(tmp_path):
+  _write_dataset(tmp_path)
+  cfg = _cfg(tmp_path, holdout_fraction=0.3)
+  index = indexing.index_config(cfg)
+  full = indexing.index_dataset(cfg.data)
+  assert len(index.holdout) == 6 and len(index.train) == 14  # round(0.3 * 10) per class
+  assert {s.cls for s in index.holdout} == {"a", "b"}
+  assert not {s.path for s in index.holdout} & {s.path for s in index.train}
+  assert sorted(s.path for s in index.train + index.holdout) == sorted(s.path for s in full.train)
+  assert indexing.index_config(cfg).holdout == index.holdout  # deterministic for the seed
+  cfg.seed += 1
+  assert indexing.index_config(cfg).holdout != index.holdout
+  cfg.calibration.holdout_fraction = 0.0  # off: the reference protocol's full train set
+  assert indexing.index_config(cfg).train == full.train
+  with pytest.raises(ValueError, match="calibration.holdout_fraction"):
+    indexing.split_holdout(full, 1.0, 0)
+
+
+def test_training_stream_and_cache_never_read_held_out_images(tmp_path):
+  _write_dataset(tmp_path)
+  cfg = _cfg(tmp_path, holdout_fraction=0.3)
+  index = indexing.index_config(cfg)
+  for s in index.holdout:  # any read of a held-out image now fails
+    os.remove(s.path)
+  batches = input_pipeline.make_train_iterator(index, cfg)
+  for _ in range(3):  # 24 samples > one epoch of 14: normal, prompt and synthetic sources
+    b = next(batches)
+    assert b["normal"].shape == (8, RES, RES, 3)
+  mesh = sharding.make_mesh()
+  features = FrozenFeatures.from_config(cfg.model)
+  bb = jax.device_put(features.backbone.init(jax.random.PRNGKey(1), jnp.zeros((1, RES, RES, 3))),
+                      sharding.replicated(mesh))
+  cache = train.compute_feature_cache(cfg, index, features, bb, mesh)
+  assert cache.shape[0] == len(index.train)
+
+
+def _state_and_backbone(cfg, mesh):
+  model, features = inference.make_model(cfg)
+  bb = features.backbone.init(jax.random.PRNGKey(1), jnp.zeros((1, RES, RES, 3)))
+  tx = train.make_optimizer(cfg, 10)
+  repl = sharding.replicated(mesh)
+  state = jax.jit(lambda: train.init_state(cfg, model, tx, features.channels), out_shardings=repl)()
+  state = state.replace(fusion_c=jax.device_put(jnp.float32(0.5), repl))
+  return state, features, jax.device_put(bb, repl)
+
+
+def test_calibration_reads_no_test_image_is_deterministic_and_is_reported(tmp_path):
+  root = tmp_path / "data"
+  _write_dataset(root)
+  cfg = _cfg(root, holdout_fraction=0.2, synthetic_per_image=2, weights=(0.0, 0.5, 1.0),
+             pool_sizes=(8, 16))
+  index = indexing.index_config(cfg)
+  mesh = sharding.make_mesh()
+  state, features, bb = _state_and_backbone(cfg, mesh)
+  test_files = [p for s in index.test for p in (s.path, s.mask_path) if p]
+  saved = {p: open(p, "rb").read() for p in test_files}
+  for p in test_files:  # calibration must not open any of them
+    os.remove(p)
+  model, _ = inference.make_model(cfg)
+  predictor = inference.make_predictor(
+      cfg, model, features, {"params": state.params, "batch_stats": state.batch_stats}, bb, mesh,
+      index)
+  first = validation.calibrate_predictor(cfg, predictor, index, 0.5)
+  again = validation.calibrate_predictor(cfg, predictor, index, 0.5)
+  assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)
+  g = first["global"]
+  assert set(first["per_class"]) == {"a", "b"} and g["n_normal"] == 4 and g["n_synthetic"] == 8
+  assert len(g["candidates"]) == 6 and g["weight"] in (0.0, 0.5, 1.0) and g["pool_size"] in (8, 16)
+  assert "reference_validation" in g and first["holdout"]["a"] == [
+      s.path for s in index.holdout if s.cls == "a"]
+
+  for p, data in saved.items():  # the evaluation (after calibration) reads the test set
+    with open(p, "wb") as f:
+      f.write(data)
+  out = tmp_path / "eval"
+  result = evaluate.evaluate_predictor(cfg, predictor, index, str(out), 0.5, calibration=first)
+  m = json.loads((out / "metrics.json").read_text())
+  assert m["fusion"] == "calibrated" and m["calibration"]["global"]["weight"] == g["weight"]
+  assert set(m["scorings"]) == {"calibrated", "reference", "refiner", "reconstruction"}
+  assert m["scorings"]["calibrated"]["mean"] == m["mean"] == result["mean"]
+  md = (out / "metrics.md").read_text()
+  assert all(f"## {n}" in md for n in m["scorings"])
+  fallback = evaluate.evaluate_predictor(cfg, predictor, index, str(tmp_path / "e2"), 0.5)
+  assert fallback["fusion"] == "reference" and "calibrated" not in fallback["scorings"]
+  assert fallback["scorings"]["refiner"] == m["scorings"]["refiner"]
+
+
+def _groups(informative: str, n=12, seed=0):
+  """Validation maps of one class where only `informative` ('rec' or 'ref') sees the defects."""
+  rng = np.random.default_rng(seed)
+  mask = np.zeros((n, 32, 32), bool)
+  mask[n // 3:, 8:20, 8:20] = True  # the first third: normal images
+  signal = rng.normal(size=mask.shape) * 0.5 + 2.0 * mask
+  noise = rng.normal(size=mask.shape)
+  rec, ref = (signal * 30.0 + 100.0, noise * 1e-3) if informative == "rec" else (
+      noise * 30.0 + 100.0, signal * 1e-3 + 0.01)  # scales as unlike as the real maps
+  return {"rec": rec.astype(np.float32), "ref": ref.astype(np.float32), "mask": mask,
+          "label": mask.reshape(n, -1).any(1).astype(np.int32), "normal": np.arange(n) < n // 3}
+
+
+@pytest.mark.parametrize("informative,weight", [("ref", 1.0), ("rec", 0.0)])
+def test_the_informative_map_is_chosen_after_normalisation(informative, weight):
+  cfg = common.get_base_config().calibration
+  cfg.pool_sizes = (4, 8)
+  result = calibration.calibrate({"x": _groups(informative), "y": _groups(informative, seed=1)},
+                                 cfg, 8)
+  assert result["per_class"]["x"]["weight"] == weight
+  assert result["global"]["weight"] == weight
+  assert len(result["global"]["candidates"]) == 22
+  assert result["global"]["objective"] == max(c["objective"] for c in result["global"]["candidates"])
+
+
+def test_ties_go_to_the_default_box_then_the_smaller_weight():
+  g = _groups("rec")
+  g["ref"] = g["rec"] * 2.0 + 1.0  # the same map up to an affine change: every weight ties
+  cfg = common.get_base_config().calibration
+  cfg.pool_sizes = (4, 8)
+  best = calibration.calibrate({"x": g}, cfg, 8)["per_class"]["x"]
+  assert (best["weight"], best["pool_size"]) in ((0.0, 8), (0.0, 4))
+  objs = {(c["weight"], c["pool_size"]): c["objective"] for c in best["candidates"]}
+  if objs[(0.0, 4)] <= objs[(0.0, 8)] + 1e-9:
+    assert best["pool_size"] == 8
+
+
+def test_box_max_equals_the_scoring_image_score():
+  maps = np.random.default_rng(0).normal(size=(5, 40, 40)).astype(np.float32)
+  np.testing.assert_allclose(calibration.box_max(maps, 16),
+                             np.asarray(scoring.image_scores(jnp.asarray(maps), 16)), rtol=1e-5,
+                             atol=1e-6)
