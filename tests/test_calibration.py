@@ -11,7 +11,6 @@ from PIL import Image
 from configs import common
 from data_pipelines import indexing, input_pipeline
 from onenip_jax import calibration, evaluate, inference, scoring, sharding, train, validation
-from onenip_jax.models.features import FrozenFeatures
 
 RES = 64
 
@@ -40,6 +39,8 @@ def _cfg(root, **calib):
   cfg.data.root = str(root)
   cfg.data.textures = ""
   cfg.eval.batch_size = 8
+  cfg.model.update(hidden_dim=32, num_heads=2, ffn_dim=64, enc_layers=1, dec_layers=1,
+                   refiner_channels=16)  # small and fast to compile
   cfg.calibration.update(calib)
   return cfg
 
@@ -72,12 +73,18 @@ def test_training_stream_and_cache_never_read_held_out_images(tmp_path):
   for _ in range(3):  # 24 samples > one epoch of 14: normal, prompt and synthetic sources
     b = next(batches)
     assert b["normal"].shape == (8, RES, RES, 3)
-  mesh = sharding.make_mesh()
-  features = FrozenFeatures.from_config(cfg.model)
-  bb = jax.device_put(features.backbone.init(jax.random.PRNGKey(1), jnp.zeros((1, RES, RES, 3))),
-                      sharding.replicated(mesh))
-  cache = train.compute_feature_cache(cfg, index, features, bb, mesh)
+  features = _TinyFeatures()  # the feature cache decodes every image it is built from
+  cache = train.compute_feature_cache(cfg, index, features, {}, sharding.make_mesh())
   assert cache.shape[0] == len(index.train)
+
+
+class _TinyFeatures:
+  """A stand-in frozen backbone: (B, H, W, 3) -> (B, H/16, W/16, 3) subsampled pixels."""
+  channels = 3
+
+  def __call__(self, variables, images):
+    del variables
+    return images[:, ::16, ::16, :]
 
 
 def _state_and_backbone(cfg, mesh):
@@ -162,10 +169,10 @@ def test_ties_go_to_the_default_box_then_the_smaller_weight():
   cfg = common.get_base_config().calibration
   cfg.pool_sizes = (4, 8)
   best = calibration.calibrate({"x": g}, cfg, 8)["per_class"]["x"]
-  assert (best["weight"], best["pool_size"]) in ((0.0, 8), (0.0, 4))
   objs = {(c["weight"], c["pool_size"]): c["objective"] for c in best["candidates"]}
-  if objs[(0.0, 4)] <= objs[(0.0, 8)] + 1e-9:
-    assert best["pool_size"] == 8
+  assert all(abs(objs[(w, 8)] - objs[(0.0, 8)]) < 1e-9 for w in cfg.weights)
+  assert best["weight"] == 0.0
+  assert best["pool_size"] == (4 if objs[(0.0, 4)] > objs[(0.0, 8)] + 1e-9 else 8)
 
 
 def test_box_max_equals_the_scoring_image_score():
