@@ -36,21 +36,24 @@ def calibrate_predictor(cfg, predictor, index, frozen_c: float = float("nan")) -
   `frozen_c` it also records the reference fusion's validation figures."""
   k = int(cfg.calibration.synthetic_per_image)
   syn_seed = int(cfg.seed) + int(cfg.calibration.seed_offset)
-  holdout, groups = index.holdout, {}
-  for cls, rows in evaluate.class_rows(holdout, index.classes):
-    subset = [holdout[i] for i in rows]
-    clean = evaluate.collect_maps(predictor, subset, index, cfg, seed_positions=rows)
-    parts = [clean]
-    if k:  # prompt seeds: positions after the clean ones, (j + 1) * len(holdout) + row
-      syn_rows = np.concatenate([rows + j * len(holdout) for j in range(1, k + 1)])
-      parts.append(evaluate.collect_maps(predictor, subset * k, index, cfg, seed_positions=syn_rows,
-                                         synthesis_seed=syn_seed))
-    mask = np.concatenate([p["mask"] for p in parts])
-    groups[cls] = {"rec": np.concatenate([p["rec"] for p in parts]),
-                   "ref": np.concatenate([p["ref"] for p in parts]), "mask": mask,
-                   "label": mask.reshape(len(mask), -1).any(axis=1).astype(np.int32),
-                   "normal": np.arange(len(mask)) < len(subset)}
-    del clean, parts
+  holdout, n = index.holdout, len(index.holdout)
+  # Two passes over all classes (each tf.data pipeline traces the synthesis graph once). Prompt
+  # and synthesis seeds come from the position in the list: j * n + r for copy j of image r.
+  parts = [evaluate.collect_maps(predictor, holdout, index, cfg)]
+  if k:
+    parts.append(evaluate.collect_maps(predictor, holdout * k, index, cfg,
+                                       synthesis_seed=syn_seed))
+  maps = {key: np.concatenate([p[key] for p in parts]) for key in ("rec", "ref", "mask")}
+  del parts
+  cls = np.asarray([s.cls for s in holdout] * (k + 1))
+  groups = {}
+  for c, _ in evaluate.class_rows(holdout, index.classes):
+    rows = np.flatnonzero(cls == c)
+    mask = maps["mask"][rows]
+    groups[c] = {"rec": maps["rec"][rows], "ref": maps["ref"][rows], "mask": mask,
+                 "label": mask.reshape(len(mask), -1).any(axis=1).astype(np.int32),
+                 "normal": rows < n}
+  del maps
   result = calib.calibrate(groups, cfg.calibration, int(cfg.eval.pool_size))
   if result is None:
     return None

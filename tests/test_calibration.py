@@ -89,7 +89,7 @@ class _TinyFeatures:
 
 def _state_and_backbone(cfg, mesh):
   model, features = inference.make_model(cfg)
-  bb = features.backbone.init(jax.random.PRNGKey(1), jnp.zeros((1, RES, RES, 3)))
+  bb = features.load_variables(cfg.model)  # the cached ImageNet Lite0 weights
   tx = train.make_optimizer(cfg, 10)
   repl = sharding.replicated(mesh)
   state = jax.jit(lambda: train.init_state(cfg, model, tx, features.channels), out_shardings=repl)()
