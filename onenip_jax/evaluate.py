@@ -299,7 +299,7 @@ def scored_maps(name, rec, ref, *, c, cfg, calibration=None, cls=None):
   if name == "calibrated":
     return calib.apply(rec, ref, calib.params_for(calibration, cls))
   if name == "reference":
-    s = np.asarray(scoring.fuse(rec, ref, c, cfg.eval.alpha)) if ref is not None else rec
+    s = fused_maps({"rec": rec, "ref": ref}, slice(None), c, cfg.eval.alpha)
   else:
     s = np.asarray(ref if name == "refiner" else rec, np.float32)
   return s, image_scores(s, cfg.eval.pool_size)
