@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from data_pipelines import synthesis
+from data_pipelines import synthesis, textures
 
 
 def train_good_paths(root: str) -> list:
@@ -51,7 +51,7 @@ def decode_resize(path, size: int):
 
 def default_demo_root() -> str:
   from data_pipelines import demo_data  # pylint: disable=import-outside-toplevel
-  root = os.path.join(synthesis._cache_root(), "demo")  # pylint: disable=protected-access
+  root = os.path.join(textures.cache_root(), "demo")
   return demo_data.make_demo_dataset(root)
 
 
@@ -67,7 +67,7 @@ def make_sheet(root: str, textures_dir: str = "", size: int = 224, num: int = 16
   paths = train_good_paths(root)
   rng = np.random.default_rng(seed)
   picks = rng.choice(len(paths), size=num, replace=len(paths) < num)
-  tex = tf.constant(synthesis.texture_paths(textures_dir))
+  tex = tf.constant(textures.texture_paths(textures_dir))
 
   @tf.autograph.experimental.do_not_convert
   def sample(i, path):

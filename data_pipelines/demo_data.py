@@ -9,7 +9,7 @@
     root/demo_meta.json                             (parameters; written last)
 
 Classes are the brick, grass and gravel photos bundled with scikit-image (CC0), using only their
-BOTTOM halves: the texture fallback of `synthesis.texture_paths("")` uses the top halves, so training
+BOTTOM halves: the texture fallback of `textures.texture_paths("")` uses the top halves, so training
 textures never contain the test images. Normal images are jittered crops of that half: train crops from
 the left part, test crops from a held-out right part. Defects come from generators unrelated to the
 training synthesis (no cut-paste, no textures): thin scratches, smooth colour stains and dark

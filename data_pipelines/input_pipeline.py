@@ -264,7 +264,7 @@ def make_train_iterator(index: indexing.DatasetIndex, cfg: Any, *, process_index
   Returns:
     Iterator of dicts of numpy arrays.
   """
-  from data_pipelines import synthesis  # the synthesis module may import heavier things
+  from data_pipelines import synthesis, textures  # these modules may import heavier things
 
   size, seed = int(cfg.input_size), int(cfg.seed)
   b = _per_process(int(cfg.batch_size), process_count, "batch_size")
@@ -274,7 +274,7 @@ def make_train_iterator(index: indexing.DatasetIndex, cfg: Any, *, process_index
   paths = tf.constant([s.path for s in index.train])
   class_ids = tf.constant([index.class_id(s.cls) for s in index.train], tf.int64)
   prompts = _PromptTable(index)
-  textures = tf.constant(synthesis.texture_paths(cfg.data.textures), tf.string)
+  texture_list = tf.constant(textures.texture_paths(cfg.data.textures), tf.string)
   syn_cfg = cfg.data.synthesis
 
   @tf.autograph.experimental.do_not_convert
@@ -282,7 +282,7 @@ def make_train_iterator(index: indexing.DatasetIndex, cfg: Any, *, process_index
     c = tf.gather(class_ids, i)
     p = prompts.draw(c, _seed(seed, _TAG_PROMPT, q))
     img = decode_resize(tf.gather(paths, i), size)
-    syn, mask = synthesis.synthesize(img, _seed(seed, _TAG_SYNTH, q), textures, syn_cfg)
+    syn, mask = synthesis.synthesize(img, _seed(seed, _TAG_SYNTH, q), texture_list, syn_cfg)
     out = {"synthetic": tf.ensure_shape(syn, [size, size, 3]),
            "mask": tf.ensure_shape(tf.cast(mask, tf.float32), [size, size, 1]),
            "class_id": tf.cast(c, tf.int32), "normal_index": tf.cast(i, tf.int32),

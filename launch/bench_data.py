@@ -84,14 +84,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   from data_pipelines.tf_setup import import_tensorflow  # pylint: disable=import-outside-toplevel
   tf = import_tensorflow()
   from configs.common import get_base_config  # pylint: disable=import-outside-toplevel
-  from data_pipelines import synthesis  # pylint: disable=import-outside-toplevel
+  from data_pipelines import textures as textures_lib  # pylint: disable=import-outside-toplevel
   from data_pipelines.contact_sheet import train_good_paths  # pylint: disable=import-outside-toplevel
   tf.config.set_visible_devices([], "GPU")
 
   root = args.root or _default_root()
   textures_dir = _default_textures() if args.textures is None else args.textures
   paths = train_good_paths(root)
-  textures = synthesis.texture_paths(textures_dir)
+  textures = textures_lib.texture_paths(textures_dir)
   cfg = get_base_config().data.synthesis
   print(f"root: {root} ({len(paths)} images)   textures: {textures_dir or 'scikit-image'} ({len(textures)})")
   print(f"size {args.size}, batch {args.batch}, {args.batches} timed batches after {args.warmup} warm-up, "

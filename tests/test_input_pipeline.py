@@ -13,6 +13,7 @@ import data_pipelines
 from configs import common
 from data_pipelines import indexing
 from data_pipelines import input_pipeline as ip
+from data_pipelines import textures
 
 S = 32  # input size of the synthetic-data tests
 
@@ -34,9 +35,9 @@ def _fake_synthesize(image, seed, textures, cfg):
 @pytest.fixture
 def fake_synthesis(monkeypatch):
   fake = types.ModuleType("data_pipelines.synthesis")
-  fake.texture_paths = lambda d: ["unused.jpg"]
   fake.synthesize = _fake_synthesize
   monkeypatch.setattr(data_pipelines, "synthesis", fake, raising=False)
+  monkeypatch.setattr(textures, "texture_paths", lambda d: ["unused.jpg"])
   return fake
 
 

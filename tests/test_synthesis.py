@@ -1,5 +1,6 @@
-"""Tests for data_pipelines/synthesis.py: branch statistics, exactness outside the mask, determinism,
-and the building blocks against PIL / NumPy transcriptions of the reference libraries."""
+"""Tests for data_pipelines/synthesis.py (branch statistics, exactness outside the mask, determinism),
+textures.py, and the building blocks (image_ops.py, imgaug_ops.py, perlin.py) against PIL / NumPy
+transcriptions of the reference libraries."""
 import math
 import os
 
@@ -9,7 +10,7 @@ import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
 from configs.common import get_base_config
-from data_pipelines import synthesis as S
+from data_pipelines import image_ops, imgaug_ops, perlin, synthesis, textures
 
 SIZE = 64      # smallest size the spec allows (divisible by 32; scars are <= 25 px)
 NUM_DRAWS = 1000
@@ -21,14 +22,14 @@ def cfg():
 
 
 @pytest.fixture(scope="module")
-def textures(tmp_path_factory):
+def texture_list(tmp_path_factory):
   """The offline fallback textures, written into a fresh cache folder."""
   cache = tmp_path_factory.mktemp("cache")
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("ONENIP_CACHE_DIR", str(cache))
-    paths = S.texture_paths("")
+    paths = textures.texture_paths("")
     assert all(p.startswith(str(cache / "textures")) for p in paths)
-    assert S.texture_paths("") == paths     # second call reuses the files
+    assert textures.texture_paths("") == paths     # second call reuses the files
   return paths
 
 
@@ -42,15 +43,15 @@ def _photo(size, seed=0):
 
 
 @pytest.fixture(scope="module")
-def draws(cfg, textures):
+def draws(cfg, texture_list):
   """NUM_DRAWS samples through tf.data map with parallel calls, as the training pipeline runs it."""
   image = tf.constant(_photo(SIZE))
-  tex = tf.constant(textures)
+  tex = tf.constant(texture_list)
 
   @tf.autograph.experimental.do_not_convert
   def fn(i):
     seed = tf.stack([i, tf.constant(12345, tf.int64)])
-    out, mask, info = S.synthesize_with_info(image, seed, tex, cfg)
+    out, mask, info = synthesis.synthesize_with_info(image, seed, tex, cfg)
     return out, mask, info["branch"], info["patch_hw"]
 
   ds = tf.data.Dataset.range(NUM_DRAWS).map(fn, num_parallel_calls=tf.data.AUTOTUNE).batch(250)
@@ -70,7 +71,7 @@ def test_masks_binary_and_nonempty(draws):
   nonempty = (mask.reshape(NUM_DRAWS, -1).sum(1) > 0).mean()
   assert nonempty >= 0.99, nonempty
   # CutPaste masks are never empty.
-  assert (mask[draws["branch"] != S.BRANCH_PERLIN].reshape(-1, SIZE * SIZE).sum(1) > 0).all()
+  assert (mask[draws["branch"] != synthesis.BRANCH_PERLIN].reshape(-1, SIZE * SIZE).sum(1) > 0).all()
 
 
 def test_pixels_outside_mask_unchanged(draws):
@@ -84,24 +85,25 @@ def test_pixels_outside_mask_unchanged(draws):
 
 def test_branch_proportions(draws):
   branch = draws["branch"]
-  cut = np.isin(branch, [S.BRANCH_CUTPASTE, S.BRANCH_SCAR])
+  cut = np.isin(branch, [synthesis.BRANCH_CUTPASTE, synthesis.BRANCH_SCAR])
   # binomial sd at n=1000 is 0.016; the bounds are about 4 sd.
   assert abs(cut.mean() - 0.5) < 0.065, np.bincount(branch)
-  scar_share = (branch[cut] == S.BRANCH_SCAR).mean()
+  scar_share = (branch[cut] == synthesis.BRANCH_SCAR).mean()
   assert abs(scar_share - 0.5) < 0.09, np.bincount(branch)
 
 
-def test_branch_probability_follows_config(textures):
+def test_branch_probability_follows_config(texture_list):
   c = get_base_config().data.synthesis
   c.p_cutpaste = 1.0
   image = tf.constant(_photo(SIZE))
-  branches = [int(S.synthesize_with_info(image, tf.constant([s, 3]), tf.constant(textures), c)[2]["branch"])
+  tex = tf.constant(texture_list)
+  branches = [int(synthesis.synthesize_with_info(image, tf.constant([s, 3]), tex, c)[2]["branch"])
               for s in range(20)]
-  assert set(branches) <= {S.BRANCH_CUTPASTE, S.BRANCH_SCAR}
+  assert set(branches) <= {synthesis.BRANCH_CUTPASTE, synthesis.BRANCH_SCAR}
 
 
 def test_rectangle_sizes(draws):
-  sel = draws["branch"] == S.BRANCH_CUTPASTE
+  sel = draws["branch"] == synthesis.BRANCH_CUTPASTE
   hw = draws["hw"][sel]
   mask = draws["mask"][sel, :, :, 0]
   hw_area = SIZE * SIZE
@@ -120,7 +122,7 @@ def test_rectangle_sizes(draws):
 
 
 def test_scar_sizes(draws):
-  sel = draws["branch"] == S.BRANCH_SCAR
+  sel = draws["branch"] == synthesis.BRANCH_SCAR
   hw = draws["hw"][sel]
   mask = draws["mask"][sel, :, :, 0]
   assert hw[:, 1].min() >= 2 and hw[:, 1].max() <= 16      # pw before rotation
@@ -138,15 +140,15 @@ def test_scar_sizes(draws):
   assert rotated > 0.5 * len(hw)   # most scars are visibly rotated
 
 
-def test_same_seed_same_output_different_seeds_differ(cfg, textures):
+def test_same_seed_same_output_different_seeds_differ(cfg, texture_list):
   image = tf.constant(_photo(SIZE, seed=1))
-  tex = tf.constant(textures)
+  tex = tf.constant(texture_list)
   outs = {}
-  for branch in (None, S.BRANCH_CUTPASTE, S.BRANCH_SCAR, S.BRANCH_PERLIN):
+  for branch in (None, synthesis.BRANCH_CUTPASTE, synthesis.BRANCH_SCAR, synthesis.BRANCH_PERLIN):
     for s in (0, 1):
       seed = tf.constant([s, 99], tf.int64)
-      a = S.synthesize_with_info(image, seed, tex, cfg, force_branch=branch)
-      b = S.synthesize_with_info(image, tf.constant([s, 99], tf.int32), tex, cfg, force_branch=branch)
+      a = synthesis.synthesize_with_info(image, seed, tex, cfg, force_branch=branch)
+      b = synthesis.synthesize_with_info(image, tf.constant([s, 99], tf.int32), tex, cfg, force_branch=branch)
       np.testing.assert_array_equal(a[0].numpy(), b[0].numpy())
       np.testing.assert_array_equal(a[1].numpy(), b[1].numpy())
       outs[(branch, s)] = (a[0].numpy(), a[1].numpy())
@@ -154,39 +156,39 @@ def test_same_seed_same_output_different_seeds_differ(cfg, textures):
     assert not np.array_equal(outs[(branch, 0)][0], outs[(branch, 1)][0])
 
 
-def test_graph_matches_eager(cfg, textures):
+def test_graph_matches_eager(cfg, texture_list):
   image = tf.constant(_photo(SIZE, seed=2))
-  tex = tf.constant(textures)
-  for branch in (S.BRANCH_CUTPASTE, S.BRANCH_SCAR, S.BRANCH_PERLIN):
-    fn = tf.function(lambda s, b=branch: S.synthesize_with_info(image, s, tex, cfg, force_branch=b))
+  tex = tf.constant(texture_list)
+  for branch in (synthesis.BRANCH_CUTPASTE, synthesis.BRANCH_SCAR, synthesis.BRANCH_PERLIN):
+    fn = tf.function(lambda s, b=branch: synthesis.synthesize_with_info(image, s, tex, cfg, force_branch=b))
     seed = tf.constant([branch, 5], tf.int64)
-    g, e = fn(seed), S.synthesize_with_info(image, seed, tex, cfg, force_branch=branch)
+    g, e = fn(seed), synthesis.synthesize_with_info(image, seed, tex, cfg, force_branch=branch)
     np.testing.assert_array_equal(g[0].numpy(), e[0].numpy())
     np.testing.assert_array_equal(g[1].numpy(), e[1].numpy())
 
 
-def test_synthesize_rejects_bad_shapes(cfg, textures):
-  tex = tf.constant(textures)
+def test_synthesize_rejects_bad_shapes(cfg, texture_list):
+  tex = tf.constant(texture_list)
   with pytest.raises(ValueError, match="divisible by 32"):
-    S.synthesize(tf.zeros([48, 48, 3], tf.uint8), tf.constant([0, 0]), tex, cfg)
+    synthesis.synthesize(tf.zeros([48, 48, 3], tf.uint8), tf.constant([0, 0]), tex, cfg)
   with pytest.raises(ValueError, match="square"):
-    S.synthesize(tf.zeros([64, 96, 3], tf.uint8), tf.constant([0, 0]), tex, cfg)
+    synthesis.synthesize(tf.zeros([64, 96, 3], tf.uint8), tf.constant([0, 0]), tex, cfg)
   with pytest.raises(ValueError, match="uint8"):
-    S.synthesize(tf.zeros([64, 64, 3], tf.float32), tf.constant([0, 0]), tex, cfg)
+    synthesis.synthesize(tf.zeros([64, 64, 3], tf.float32), tf.constant([0, 0]), tex, cfg)
   bad = get_base_config().data.synthesis
   del bad["beta_max"]
   with pytest.raises(ValueError, match="data.synthesis.beta_max"):
-    S.synthesize(tf.zeros([64, 64, 3], tf.uint8), tf.constant([0, 0]), tex, bad)
+    synthesis.synthesize(tf.zeros([64, 64, 3], tf.uint8), tf.constant([0, 0]), tex, bad)
 
 
 # ----------------------------------------------------------------------------------------------
 # Texture files
 
 
-def test_texture_paths_offline_fallback(textures):
-  assert len(textures) >= 10
-  assert textures == sorted(textures)
-  for p in textures:
+def test_texture_paths_offline_fallback(texture_list):
+  assert len(texture_list) >= 10
+  assert texture_list == sorted(texture_list)
+  for p in texture_list:
     a = np.asarray(Image.open(p))
     assert a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3 and min(a.shape[:2]) >= 128
 
@@ -200,30 +202,30 @@ def test_texture_paths_layouts(tmp_path):
     (d / "notes.txt").write_text("x")
   (tmp_path / "dtd" / "labels").mkdir()
   (tmp_path / "dtd" / "labels" / "skip.jpg").write_bytes(b"")
-  paths = S.texture_paths(str(tmp_path / "dtd"))
+  paths = textures.texture_paths(str(tmp_path / "dtd"))
   assert [os.path.relpath(p, tmp_path) for p in paths] == [
       "dtd/images/banded/a_2.PNG", "dtd/images/banded/b_1.jpg",
       "dtd/images/zigzag/a_2.PNG", "dtd/images/zigzag/b_1.jpg"]
-  assert len(S.texture_paths(str(tmp_path / "flat"))) == 4
-  assert S.texture_paths(str(tmp_path / "dtd" / "images")) == paths
+  assert len(textures.texture_paths(str(tmp_path / "flat"))) == 4
+  assert textures.texture_paths(str(tmp_path / "dtd" / "images")) == paths
 
 
 def test_texture_paths_errors_name_the_folder(tmp_path):
   empty = tmp_path / "no_textures_here"
   (empty / "cls").mkdir(parents=True)
   with pytest.raises(ValueError, match="no_textures_here"):
-    S.texture_paths(str(empty))
+    textures.texture_paths(str(empty))
   with pytest.raises(ValueError, match="does_not_exist"):
-    S.texture_paths(str(tmp_path / "does_not_exist"))
+    textures.texture_paths(str(tmp_path / "does_not_exist"))
 
 
 def test_load_texture_jpeg_and_bgr(tmp_path):
   rgb = _photo(96, seed=3)
   Image.fromarray(rgb).save(tmp_path / "t.png")
-  out = S.load_texture(tf.constant(str(tmp_path / "t.png")), 96, bgr=True).numpy()
+  out = textures.load_texture(tf.constant(str(tmp_path / "t.png")), 96, bgr=True).numpy()
   np.testing.assert_array_equal(out, rgb[:, :, ::-1])    # same size: no resampling change
   Image.fromarray(rgb).save(tmp_path / "t.jpg", quality=95)
-  jpg = S.load_texture(tf.constant(str(tmp_path / "t.jpg")), 64, bgr=False).numpy()
+  jpg = textures.load_texture(tf.constant(str(tmp_path / "t.jpg")), 64, bgr=False).numpy()
   assert jpg.shape == (64, 64, 3) and jpg.dtype == np.uint8
 
 
@@ -245,17 +247,17 @@ def test_augmenters_keep_range_and_shape(index):
   image = tf.constant(_rand_image(index))
   changed = 0
   for s in range(4):
-    out = S.apply_augmenter(tf.constant(index), image, tf.constant([s, index]))
+    out = imgaug_ops.apply_augmenter(tf.constant(index), image, tf.constant([s, index]))
     assert out.dtype == tf.uint8 and out.shape == (64, 64, 3)
     changed += int(not np.array_equal(out.numpy(), image.numpy()))
-  assert changed >= 1, S.AUGMENTER_NAMES[index]
+  assert changed >= 1, imgaug_ops.AUGMENTER_NAMES[index]
 
 
 def test_augment_texture_draws_three_distinct():
   image = tf.constant(_rand_image(0))
   seen = set()
   for s in range(30):
-    _, idx = S.augment_texture(image, tf.constant([s, 1]))
+    _, idx = imgaug_ops.augment_texture(image, tf.constant([s, 1]))
     idx = idx.numpy()
     assert len(set(idx.tolist())) == 3 and idx.min() >= 0 and idx.max() <= 9
     seen |= set(idx.tolist())
@@ -264,12 +266,13 @@ def test_augment_texture_draws_three_distinct():
 
 def test_invert_posterize_solarize_match_pil():
   a = _rand_image(1)
-  np.testing.assert_array_equal(S.invert(tf.constant(a)).numpy(), np.asarray(ImageOps.invert(Image.fromarray(a))))
+  np.testing.assert_array_equal(imgaug_ops.invert(tf.constant(a)).numpy(),
+                                np.asarray(ImageOps.invert(Image.fromarray(a))))
   for bits in range(1, 9):
-    np.testing.assert_array_equal(S.posterize(tf.constant(a), bits).numpy(),
+    np.testing.assert_array_equal(imgaug_ops.posterize(tf.constant(a), bits).numpy(),
                                   np.asarray(ImageOps.posterize(Image.fromarray(a), bits)))
   for thr in (32.0, 77.6, 127.9):
-    np.testing.assert_array_equal(S.solarize(tf.constant(a), thr).numpy(),
+    np.testing.assert_array_equal(imgaug_ops.solarize(tf.constant(a), thr).numpy(),
                                   np.asarray(ImageOps.solarize(Image.fromarray(a), int(thr))))
 
 
@@ -278,7 +281,7 @@ def test_autocontrast_matches_pil():
     a = _rand_image(seed, low_contrast=low)
     for cutoff in (0, 1, 7, 20):
       ref = np.asarray(ImageOps.autocontrast(Image.fromarray(a), cutoff=cutoff))
-      np.testing.assert_array_equal(S.autocontrast(tf.constant(a), cutoff).numpy(), ref)
+      np.testing.assert_array_equal(imgaug_ops.autocontrast(tf.constant(a), cutoff).numpy(), ref)
 
 
 def _equalize_imgaug_ref(image):
@@ -299,16 +302,16 @@ def _equalize_imgaug_ref(image):
 def test_equalize_matches_reference():
   for seed, low in ((4, True), (5, False)):
     a = _rand_image(seed, low_contrast=low)
-    np.testing.assert_array_equal(S.equalize(tf.constant(a)).numpy(), _equalize_imgaug_ref(a))
+    np.testing.assert_array_equal(imgaug_ops.equalize(tf.constant(a)).numpy(), _equalize_imgaug_ref(a))
   flat = np.full((64, 64, 3), 77, np.uint8)
-  np.testing.assert_array_equal(S.equalize(tf.constant(flat)).numpy(), flat)
+  np.testing.assert_array_equal(imgaug_ops.equalize(tf.constant(flat)).numpy(), flat)
 
 
 def test_sharpness_matches_pil():
   a = _rand_image(6)
   for factor in (0.0, 0.37, 1.0, 1.8):
     ref = np.asarray(ImageEnhance.Sharpness(Image.fromarray(a)).enhance(factor))
-    np.testing.assert_array_equal(S.enhance_sharpness(tf.constant(a), factor).numpy(), ref)
+    np.testing.assert_array_equal(imgaug_ops.enhance_sharpness(tf.constant(a), factor).numpy(), ref)
 
 
 def test_gamma_matches_lut_reference():
@@ -317,15 +320,15 @@ def test_gamma_matches_lut_reference():
   values = np.linspace(0, 1.0, 256, dtype=np.float32)
   ref = np.stack([np.clip(values ** g * 255, 0, 255).astype(np.uint8)[a[:, :, c]]
                   for c, g in enumerate(gammas)], -1)
-  np.testing.assert_array_equal(S.gamma_contrast(tf.constant(a), gammas).numpy(), ref)
+  np.testing.assert_array_equal(imgaug_ops.gamma_contrast(tf.constant(a), gammas).numpy(), ref)
 
 
 def test_hue_saturation_shift_close_to_colorsys():
   import colorsys
   a = _rand_image(8, shape=(32, 32, 3))
-  ident = S.add_hue_saturation(tf.constant(a), 0, 0).numpy().astype(int)
+  ident = imgaug_ops.add_hue_saturation(tf.constant(a), 0, 0).numpy().astype(int)
   assert np.abs(ident - a).max() <= 3     # OpenCV's uint8 HSV round trip is not exact
-  out = S.add_hue_saturation(tf.constant(a), 40, -30).numpy().astype(int)
+  out = imgaug_ops.add_hue_saturation(tf.constant(a), 40, -30).numpy().astype(int)
   hue = int(40 / 255 * 180) * 2 / 360     # OpenCV hue units (degrees / 2)
   ref = np.zeros_like(out)
   for y in range(32):
@@ -340,20 +343,20 @@ def test_hue_saturation_shift_close_to_colorsys():
 def test_brightness_identity_and_direction():
   a = _rand_image(9)
   for space in range(6):
-    same = S.multiply_add_brightness(tf.constant(a), space, 1.0, 0.0, False).numpy().astype(int)
+    same = imgaug_ops.multiply_add_brightness(tf.constant(a), space, 1.0, 0.0, False).numpy().astype(int)
     assert np.abs(same - a).max() <= 2, space
-    up = S.multiply_add_brightness(tf.constant(a), space, 1.2, 20.0, False).numpy().astype(float)
-    down = S.multiply_add_brightness(tf.constant(a), space, 0.8, -20.0, True).numpy().astype(float)
+    up = imgaug_ops.multiply_add_brightness(tf.constant(a), space, 1.2, 20.0, False).numpy().astype(float)
+    down = imgaug_ops.multiply_add_brightness(tf.constant(a), space, 0.8, -20.0, True).numpy().astype(float)
     assert up.mean() > a.mean() + 10 > a.mean() - 10 > down.mean(), space
 
 
 @pytest.mark.parametrize("op,pil_cls,factor", [
-    (S.adjust_brightness, ImageEnhance.Brightness, 1.37),
-    (S.adjust_brightness, ImageEnhance.Brightness, 0.61),
-    (S.adjust_contrast, ImageEnhance.Contrast, 1.3),
-    (S.adjust_contrast, ImageEnhance.Contrast, 0.65),
-    (S.adjust_saturation, ImageEnhance.Color, 1.39),
-    (S.adjust_saturation, ImageEnhance.Color, 0.6),
+    (image_ops.adjust_brightness, ImageEnhance.Brightness, 1.37),
+    (image_ops.adjust_brightness, ImageEnhance.Brightness, 0.61),
+    (image_ops.adjust_contrast, ImageEnhance.Contrast, 1.3),
+    (image_ops.adjust_contrast, ImageEnhance.Contrast, 0.65),
+    (image_ops.adjust_saturation, ImageEnhance.Color, 1.39),
+    (image_ops.adjust_saturation, ImageEnhance.Color, 0.6),
 ])
 def test_color_jitter_ops_match_pil(op, pil_cls, factor):
   a = _rand_image(10, shape=(24, 17, 3))
@@ -369,13 +372,13 @@ def test_adjust_hue_matches_torchvision_pil(hue):
   np_h = np.array(h, np.uint8)
   np_h = (np_h.astype(np.int64) + int(hue * 255)) % 256   # np.uint8(hue * 255) wraps like this
   ref = np.asarray(Image.merge("HSV", (Image.fromarray(np_h.astype(np.uint8), "L"), s, v)).convert("RGB"))
-  out = S.adjust_hue(tf.constant(a, tf.float32), hue).numpy().astype(np.uint8)
+  out = image_ops.adjust_hue(tf.constant(a, tf.float32), hue).numpy().astype(np.uint8)
   np.testing.assert_array_equal(out, ref)
 
 
 def test_color_jitter_changes_patch_and_keeps_shape():
   a = _rand_image(12, shape=(13, 7, 3))
-  outs = [S.color_jitter(tf.constant(a), tf.constant([s, 0])).numpy() for s in range(5)]
+  outs = [image_ops.color_jitter(tf.constant(a), tf.constant([s, 0])).numpy() for s in range(5)]
   assert all(o.shape == a.shape and o.dtype == np.uint8 for o in outs)
   assert sum(not np.array_equal(o, a) for o in outs) >= 4
 
@@ -388,7 +391,7 @@ def test_rotate_expand_matches_pil(angle, hw):
   patch = rng.integers(1, 256, hw + (3,), dtype=np.uint8)
   rgba = Image.fromarray(patch).convert("RGBA").rotate(angle, expand=True)
   ref = np.asarray(rgba)
-  out, alpha = S.rotate_expand_nearest(tf.constant(patch), tf.constant(angle, tf.float32))
+  out, alpha = image_ops.rotate_expand_nearest(tf.constant(patch), tf.constant(angle, tf.float32))
   assert out.shape[:2] == ref.shape[:2]
   np.testing.assert_array_equal(alpha.numpy(), ref[:, :, 3] > 0)
   np.testing.assert_array_equal(out.numpy(), ref[:, :, :3])
@@ -430,14 +433,14 @@ def test_perlin_matches_draem(res):
   rng = np.random.default_rng(1)
   angles = 2 * np.pi * rng.random((res[0] + 1, res[1] + 1))
   ref = _draem_perlin_ref((64, 64), res, angles)
-  out = S.perlin_from_angles(tf.constant(angles, tf.float32), tf.constant(res), 64).numpy()
+  out = perlin.perlin_from_angles(tf.constant(angles, tf.float32), tf.constant(res), 64).numpy()
   np.testing.assert_allclose(out, ref, atol=2e-5)
 
 
 def test_perlin_noise_statistics():
   fractions, lo, hi, seen_res = [], 0.0, 0.0, set()
   for s in range(150):
-    n = S.perlin_noise(tf.constant([s, 11]), SIZE, (1, 5), 5.0).numpy()
+    n = perlin.perlin_noise(tf.constant([s, 11]), SIZE, (1, 5), 5.0).numpy()
     lo, hi = min(lo, n.min()), max(hi, n.max())
     fractions.append((n > 0.5).mean())
   assert -1.5 <= lo < -0.5 and 0.5 < hi <= 1.5
@@ -448,8 +451,8 @@ def test_perlin_noise_statistics():
 
 def test_rotate_bilinear_small_angle_and_fill():
   x = np.ones((64, 64), np.float32)
-  out = S.rotate_bilinear(tf.constant(x), tf.constant(5.0)).numpy()
+  out = perlin.rotate_bilinear(tf.constant(x), tf.constant(5.0)).numpy()
   assert out[32, 32] == pytest.approx(1.0)
   assert out[0, 0] == 0.0 and out[0, 63] == 0.0     # corners rotate out: filled with 0
-  same = S.rotate_bilinear(tf.constant(x * 0.5), tf.constant(0.0)).numpy()
+  same = perlin.rotate_bilinear(tf.constant(x * 0.5), tf.constant(0.0)).numpy()
   np.testing.assert_allclose(same, 0.5)
