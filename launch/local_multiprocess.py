@@ -6,8 +6,9 @@ r"""Starts N local CPU processes that train together through `jax.distributed` o
 For testing multi-process code paths (per-process data shards, global arrays, collectives) on one
 machine. Each process gets one CPU device, JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 JAX_PROCESS_ID in its environment, and writes its log to <workdir>/process_<i>.log. The launcher
-prints each process's pid, passes a SIGTERM or SIGINT it receives on to every process (as a
-scheduler's preemption would reach every host), and returns the exit code farthest from 0.
+prints each process's pid, passes a SIGTERM it receives on to every process (as a scheduler's
+preemption would reach every host), waits through Ctrl-C (the terminal sends SIGINT to every
+process itself) and returns the exit code farthest from 0.
 """
 import argparse
 import os
@@ -53,8 +54,8 @@ def main(argv=None) -> int:
       if p.poll() is None:
         p.send_signal(signum)
 
-  for s in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(s, forward)
+  signal.signal(signal.SIGTERM, forward)
+  signal.signal(signal.SIGINT, lambda *_: None)  # a second SIGINT would abort the processes
   rcs = []
   for p, log in procs:
     rcs.append(p.wait())
