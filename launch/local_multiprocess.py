@@ -5,10 +5,14 @@ r"""Starts N local CPU processes that train together through `jax.distributed` o
 
 For testing multi-process code paths (per-process data shards, global arrays, collectives) on one
 machine. Each process gets one CPU device, JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-JAX_PROCESS_ID in its environment, and writes its log to <workdir>/process_<i>.log.
+JAX_PROCESS_ID in its environment, and writes its log to <workdir>/process_<i>.log. The launcher
+prints each process's pid, passes a SIGTERM it receives on to every process (as a scheduler's
+preemption would reach every host), waits through Ctrl-C (the terminal sends SIGINT to every
+process itself) and returns the exit code farthest from 0.
 """
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -42,6 +46,16 @@ def main(argv=None) -> int:
     log = open(os.path.join(log_dir, f"process_{i}.log"), "w", encoding="utf-8")
     procs.append((subprocess.Popen([sys.executable, "-m", a.module, *args], env=env, stdout=log,
                                    stderr=subprocess.STDOUT), log))
+    print(f"process {i}: pid {procs[-1][0].pid}", flush=True)
+
+  def forward(signum, frame):
+    del frame
+    for p, _ in procs:
+      if p.poll() is None:
+        p.send_signal(signum)
+
+  signal.signal(signal.SIGTERM, forward)
+  signal.signal(signal.SIGINT, lambda *_: None)  # a second SIGINT would abort the processes
   rcs = []
   for p, log in procs:
     rcs.append(p.wait())

@@ -1,7 +1,9 @@
 """Orbax checkpoints of the train state (params, batch stats, optimiser state, step, RNG) + config.
 
 Saves are atomic (Orbax writes to a temporary directory and renames), so a run killed at any time
-restarts from the last complete checkpoint. A checkpoint that cannot be read is reported in one
+restarts from the last complete checkpoint. They are asynchronous: `save` returns once the state
+is copied off the devices and Orbax writes it in a background thread; `save(..., wait=True)`,
+`replace` and the manager's `close()` wait until it is on storage. A checkpoint that cannot be read is reported in one
 line naming its step and file, and the newest intact one is used instead (`restore_latest`).
 """
 import json
@@ -24,22 +26,28 @@ class CheckpointError(ValueError):
 
 
 def make_manager(workdir: str, cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-  """`<workdir>/checkpoints`, keeping the last `ckpt.keep`; saves are synchronous (safe on SIGTERM)."""
+  """`<workdir>/checkpoints`, keeping the last `ckpt.keep`; saves are asynchronous (see `save`)."""
   _recover_replaced(f"{workdir}/checkpoints")
   options = ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep, create=True,
-                                         enable_async_checkpointing=False)
+                                         enable_async_checkpointing=True)
   return ocp.CheckpointManager(f"{workdir}/checkpoints", options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, cfg: ml_collections.ConfigDict,
-         calibration: dict | None = None) -> None:
-  """Saves `state` and `cfg` (and the JSON-able `calibration` dict of the final step) as `step`."""
+         calibration: dict | None = None, *, wait: bool = True) -> None:
+  """Saves `state`, `cfg` (and the JSON-able `calibration` of the final step) as `step`; with
+  `wait=False` returns while Orbax writes them.
+
+  The device arrays are copied to the host before it returns, so `state` may be donated to the
+  next step at once. A save first waits for the previous one to finish.
+  """
   items = {"state": ocp.args.StandardSave(state),
            "config": ocp.args.JsonSave(json.loads(cfg.to_json_best_effort()))}
   if calibration is not None:
     items["calibration"] = ocp.args.JsonSave(calibration)
   manager.save(step, args=ocp.args.Composite(**items), force=True)
-  manager.wait_until_finished()
+  if wait:
+    manager.wait_until_finished()
 
 
 def restore_calibration(manager: ocp.CheckpointManager, step: int) -> dict | None:
@@ -65,11 +73,12 @@ def replace(manager: ocp.CheckpointManager, step: int, state, cfg: ml_collection
   The old step is renamed `<step>.replaced` first and deleted only after the new one is
   complete; a run killed in between gets the old one back from `make_manager`.
   """
+  manager.wait_until_finished()  # no background save may still write into the directory
   path = os.path.join(str(manager.directory), str(step))
   if os.path.isdir(path):
     os.replace(path, path + _REPLACED)
     manager.reload()
-  save(manager, step, state, cfg, calibration)
+  save(manager, step, state, cfg, calibration, wait=True)
   shutil.rmtree(path + _REPLACED, ignore_errors=True)
 
 

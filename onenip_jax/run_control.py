@@ -1,10 +1,16 @@
 """Keeping a training run safe: signals (SIGTERM / SIGINT) and the config check at resume.
 
 Signals. `SignalGuard` turns the first SIGTERM or SIGINT into a request to stop: the training loop
-checks `guard.requested` after each step, saves and raises `Interrupted`; phases whose work can be
+checks `guard.agreed()` after each step, saves and raises `Interrupted`; phases whose work can be
 dropped and redone (start-up, feature cache, fusion constant, evaluation) run inside
 `guard.interruptible()`, where the signal raises `Interrupted` at once. The caller saves what is
 not saved yet and exits with 128 + signum (`exit_now`). A second SIGINT aborts at once.
+
+Several processes (`make_collective`). A signal may reach only one of them, and one process that
+stops alone leaves the others waiting in its collectives. So the decision is collective: every
+`agreed()` / `check()` is a reduction over all processes (each calls it at the same point of the
+program), an interruptible phase runs to its end, and all processes stop at the same point, save
+the same step and exit with the same code.
 
 Config check. A resumed run must train the same model on the same data stream: `check_resume`
 compares the config stored with the checkpoint with the new one, key by key. Differences in
@@ -18,7 +24,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 
@@ -48,21 +54,20 @@ class SignalGuard:
   """Context manager catching SIGTERM and SIGINT for the duration of a run (main thread only).
 
   Attributes:
-    signum: the first signal received, None until then.
+    signum: the first signal this process received, None until then.
   """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.signum = None
+    self._agreed = None        # the signal the processes agreed to stop for (collective runs)
+    self._max_over_processes = None
     self._raise_at_once = False
     self._previous = {}
 
   def __enter__(self) -> "SignalGuard":
-    if threading.current_thread() is not threading.main_thread():
-      return self  # Python delivers signals to the main thread only: nothing to catch here
-    for s in self.SIGNALS:
-      self._previous[s] = signal.signal(s, self._handle)
+    self._install()
     return self
 
   def __exit__(self, *exc) -> None:
@@ -70,9 +75,49 @@ class SignalGuard:
       signal.signal(s, handler)
     self._previous = {}
 
+  def _install(self) -> None:
+    if threading.current_thread() is not threading.main_thread():
+      return  # Python delivers signals to the main thread only: nothing to catch here
+    for s in self.SIGNALS:
+      previous = signal.signal(s, self._handle)
+      self._previous.setdefault(s, previous)
+
+  def make_collective(self, max_over_processes: Callable[[int], int]) -> None:
+    """Makes every later decision to stop collective (a run over several processes).
+
+    Args:
+      max_over_processes: int -> the largest of that int over all processes (a collective).
+
+    Also installs the handlers again: `jax.distributed.initialize` replaces the one of SIGTERM
+    by its own preemption notifier, which Python never hears of.
+    """
+    self._max_over_processes = max_over_processes
+    self._install()
+
+  @property
+  def collective(self) -> bool:
+    return self._max_over_processes is not None
+
   @property
   def requested(self) -> bool:
+    """A signal reached this process."""
     return self.signum is not None
+
+  def agreed(self) -> bool:
+    """True when a signal reached this process or, in a collective run, any process.
+
+    A collective call in a collective run: every process must make it at the same point.
+    """
+    if self._agreed is None:
+      signum = (self._max_over_processes(self.signum or 0) if self.collective
+                else self.signum or 0)
+      self._agreed = signum or None
+    return self._agreed is not None
+
+  def check(self) -> None:
+    """Raises `Interrupted` if `agreed()` (a collective call in a collective run)."""
+    if self.agreed():
+      raise Interrupted(self._agreed)
 
   def _handle(self, signum, frame) -> None:
     del frame
@@ -89,16 +134,16 @@ class SignalGuard:
     if self._raise_at_once:
       raise Interrupted(signum)
 
-  def check(self) -> None:
-    """Raises `Interrupted` if a signal was received."""
-    if self.signum is not None:
-      raise Interrupted(self.signum)
-
   @contextlib.contextmanager
   def interruptible(self):
-    """A phase that a signal stops at once (its work is redone by the restarted run)."""
+    """A phase whose work the restarted run redoes (`check()` first).
+
+    On one process a signal stops it at once. In a collective run it runs to its end, since a
+    process that stopped alone would leave the others in its collectives: call `check()` after
+    it to stop there together.
+    """
     self.check()
-    self._raise_at_once = True
+    self._raise_at_once = not self.collective
     try:
       yield
     finally:

@@ -12,7 +12,6 @@ and the loss fuses feature MSE (reconstruction + restoration) and the refiner's 
 """
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -29,7 +28,8 @@ import numpy as np
 import optax
 
 from data_pipelines import indexing, input_pipeline
-from onenip_jax import checkpoints, evaluate, losses, run_control, run_status, sharding
+from onenip_jax import (checkpoints, evaluate, losses, metric_logging, run_control, run_status,
+                        sharding)
 from onenip_jax.compile_options import compiler_options
 from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
@@ -163,31 +163,6 @@ def compute_feature_cache(cfg, index, features, backbone_vars, mesh) -> jax.Arra
   return jax.device_put(jnp.asarray(cache, jnp.dtype(cfg.cache_dtype)), sharding.replicated(mesh))
 
 
-class _Logger:
-  """Process-0 logging of scalars to JSON lines and TensorBoard event files."""
-
-  def __init__(self, workdir: str):
-    self.enabled = jax.process_index() == 0
-    if self.enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._jsonl = open(os.path.join(workdir, "train_log.jsonl"), "a", encoding="utf-8")
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-
-  def write(self, step: int, scalars: dict) -> None:
-    if not self.enabled:
-      return
-    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self._jsonl.flush()
-    for k, v in scalars.items():
-      self._tb.add_scalar(k, v, step)
-    self._tb.flush()
-
-  def close(self) -> None:
-    if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
-
-
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (resuming from the latest checkpoint in `workdir`), then evaluates; returns the state.
 
@@ -195,19 +170,27 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
   (`run_control`); running the same command again goes on from there. A workdir trained to
   fewer steps than `cfg` asks for is extended: the new final step is saved with a new fusion
   constant and evaluated.
+
+  Over several processes the decision to stop is collective (`run_control`): a signal that
+  reaches any process stops all of them at the same point, with the same step saved and the
+  same exit code.
   """
   with run_control.SignalGuard() as guard:
     try:
+      sharding.maybe_initialize_distributed(cfg.distributed)  # a signal here stops at the check
+      if jax.process_count() > 1:
+        guard.make_collective(_max_over_processes)
       return _train_and_evaluate(cfg, workdir, guard)
     except run_control.Interrupted as e:
       log.warning("stopped by %s; run the same command again to continue",
                   signal.Signals(e.signum).name)
+      if guard.collective:  # leave together: the coordinator (process 0) must outlive the others
+        jax.distributed.shutdown()
       run_control.exit_now(128 + e.signum)
 
 
 def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> TrainState:
   with guard.interruptible():  # start-up: nothing to save, a restart redoes it
-    sharding.maybe_initialize_distributed(cfg.distributed)
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(cfg.batch_size, mesh)
@@ -239,23 +222,25 @@ def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> Tr
     cache = (compute_feature_cache(cfg, index, features, backbone_vars, mesh)
              if cfg.cache_features and start < num_steps else None)
     train_step = jit_train_step(cfg, model, features, tx, mesh)
+  guard.check()
 
-  logger = _Logger(workdir)
+  logger = metric_logging.MetricLogger(workdir)
   try:
+    logger.hparams(cfg)
     state = _train_loop(run, logger, state, start, num_steps, spe, train_step, cache)
     if start < num_steps or math.isnan(_scalar(state.fusion_c)):
       state = _add_fusion_constant(run, state, num_steps)
     calibration = _add_calibration(run, state, num_steps, redo=start < num_steps)
     with guard.interruptible():  # the final state is saved: a restart only evaluates again
       log.info("final evaluation of step %d", num_steps)
-      result = evaluate.evaluate_state(cfg, state, index, features, backbone_vars, mesh,
-                                       os.path.join(workdir, "eval", f"step_{num_steps}"),
+      eval_dir = os.path.join(workdir, "eval", f"step_{num_steps}")
+      result = evaluate.evaluate_state(cfg, state, index, features, backbone_vars, mesh, eval_dir,
                                        calibration=calibration)
-      logger.write(num_steps, {f"eval/{k}": v for k, v in result["mean"].items() if v is not None})
+      logger.evaluation(num_steps, result, eval_dir)
       # The run is finished: the marker launch/sweep.py skips finished runs by.
       if jax.process_index() == 0:
-        run_status.mark_finished(workdir, num_steps,
-                                 os.path.join(workdir, "eval", f"step_{num_steps}"))
+        run_status.mark_finished(workdir, num_steps, eval_dir)
+    guard.check()
     log.info("process %d: final params digest %s", jax.process_index(), _digest(state.params))
   finally:
     logger.close()
@@ -336,23 +321,26 @@ def _train_loop(run: _Run, logger, state, start, num_steps, spe, train_step, cac
         scalars.update(epoch=step / spe, images_per_s=(step - n0) * cfg.batch_size / dt,
                        data_wait_s=wait / (step - n0), lr=float(lr(step - 1)))
         t0, n0, wait = time.perf_counter(), step, 0.0
-        logger.write(step, scalars)
+        logger.scalars(step, scalars)
         progress.set_postfix(loss=f"{scalars['total']:.4f}", img_s=f"{scalars['images_per_s']:.1f}",
                              wait=f"{scalars['data_wait_s']:.2f}s")
-      stop = _any_process(guard.requested)
+      stop = guard.agreed()  # the same answer on every process
       if (step % cfg.ckpt.every_steps == 0 and step < num_steps) or stop:
-        checkpoints.save(manager, step, state, cfg)
+        checkpoints.save(manager, step, state, cfg, wait=stop)  # periodic saves run in the background
         saved = step
       if stop:
         log.warning("saved step %d", step)
-        raise run_control.Interrupted(guard.signum or signal.SIGTERM)
+        guard.check()
       if eval_every and step % eval_every == 0 and step < num_steps:
         with guard.interruptible():
-          evaluate.evaluate_state(cfg, state, index, run.features, run.backbone_vars, run.mesh,
-                                  os.path.join(run.workdir, "eval", f"step_{step}"))
+          eval_dir = os.path.join(run.workdir, "eval", f"step_{step}")
+          result = evaluate.evaluate_state(cfg, state, index, run.features, run.backbone_vars,
+                                           run.mesh, eval_dir)
+          logger.evaluation(step, result, eval_dir)
+        guard.check()
   except run_control.Interrupted:
     if saved < done:  # stopped during a periodic evaluation
-      checkpoints.save(manager, done, state, cfg)
+      checkpoints.save(manager, done, state, cfg, wait=True)
       log.warning("saved step %d", done)
     raise
   finally:
@@ -373,7 +361,7 @@ def _add_fusion_constant(run: _Run, state: TrainState, num_steps: int) -> TrainS
                                           run.mesh)
   except run_control.Interrupted:
     if manager.latest_step() != num_steps:
-      checkpoints.save(manager, num_steps, state, cfg)
+      checkpoints.save(manager, num_steps, state, cfg, wait=True)
       log.warning("saved step %d (without its fusion constant)", num_steps)
     raise
   state = jax.jit(lambda s: s.replace(fusion_c=jnp.float32(c)), out_shardings=run.repl)(state)
@@ -381,7 +369,7 @@ def _add_fusion_constant(run: _Run, state: TrainState, num_steps: int) -> TrainS
   if manager.latest_step() == num_steps:  # saved without c by a signal in the previous run
     checkpoints.replace(manager, num_steps, state, cfg)
   else:
-    checkpoints.save(manager, num_steps, state, cfg)
+    checkpoints.save(manager, num_steps, state, cfg, wait=True)
   log.info("saved the final step %d", num_steps)
   run.guard.check()
   return state
@@ -412,12 +400,12 @@ def _add_calibration(run: _Run, state: TrainState, num_steps: int, redo: bool) -
   return calibration
 
 
-def _any_process(flag: bool) -> bool:
-  """True on every process if `flag` is True on any (a signal may reach only some processes)."""
+def _max_over_processes(x: int) -> int:
+  """The largest of `x` over all processes, on every process (a collective)."""
   if jax.process_count() == 1:
-    return flag
+    return x
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+  return int(np.max(multihost_utils.process_allgather(np.int32(x))))
 
 
 def _scalar(x: jax.Array) -> float:
