@@ -133,8 +133,8 @@ def build_prompt_pool(predictor: Predictor, index, cfg: ml_collections.ConfigDic
     k = min(cfg.eval.pool_k, len(candidates))
     chosen.extend(int(i) for i in rng.choice(candidates, size=k, replace=False))
   samples = [index.train[i] for i in chosen]
-  feats = np.zeros((len(samples), cfg.input_size // 16, cfg.input_size // 16,
-                    predictor.features.channels), np.float32)
+  h = predictor.features.grid(cfg.input_size)
+  feats = np.zeros((len(samples), h, h, predictor.features.channels), np.float32)
   for batch in input_pipeline.make_eval_iterator(samples, index, cfg, batch_size=_eval_batch(cfg),
                                                  process_index=jax.process_index(),
                                                  process_count=jax.process_count(),

@@ -150,7 +150,7 @@ def compute_feature_cache(cfg, index, features, backbone_vars, mesh) -> jax.Arra
   """
   fn = jax.jit(features, in_shardings=(sharding.replicated(mesh), sharding.data_sharded(mesh)),
                out_shardings=sharding.data_sharded(mesh), compiler_options=compiler_options())
-  h = cfg.input_size // 16
+  h = features.grid(cfg.input_size)
   cache = np.zeros((len(index.train), h, h, features.channels), np.float32)
   for batch in input_pipeline.make_eval_iterator(index.train, index, cfg, batch_size=cfg.batch_size,
                                                  process_index=jax.process_index(),

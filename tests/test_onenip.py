@@ -12,7 +12,8 @@ import pytest
 
 from configs.common import get_base_config
 from onenip_jax.losses import dice_loss
-from onenip_jax.models.onenip import MultiheadAttention, OneNIP, neck, neighbor_mask
+from onenip_jax.models.features import neck
+from onenip_jax.models.onenip import MultiheadAttention, OneNIP, neighbor_mask
 from onenip_jax.models.resize import resize_align_corners
 
 C = 272

@@ -1,5 +1,6 @@
 """Frozen backbone + neck: images (B, H, W, 3) -> features (B, H/16, W/16, C), no gradient."""
 import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,20 @@ import ml_collections
 
 from onenip_jax.models import convert
 from onenip_jax.models.efficientnet import EfficientNet, tap_channels
-from onenip_jax.models.onenip import neck
+from onenip_jax.models.resize import resize_align_corners
+
+
+def neck(taps: Sequence[jax.Array], out_hw: Sequence[int]) -> jax.Array:
+  """MFCN neck: align-corners bilinear resize of every tap to out_hw, concatenated on channels.
+
+  Args:
+    taps: backbone feature maps, each (B, h_i, w_i, C_i).
+    out_hw: (h, w) target grid (H/stride, W/stride).
+
+  Returns:
+    (B, h, w, sum C_i), channels in tap order.
+  """
+  return jnp.concatenate([resize_align_corners(t, out_hw) for t in taps], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,9 +31,15 @@ class FrozenFeatures:
   Attributes:
     backbone: the EfficientNet module (BatchNorm on running statistics).
     channels: C, the number of concatenated channels (272 for B4, 208 for Lite2).
+    stride: input pixels per feature cell (the last tap's stride, 16).
   """
   backbone: EfficientNet
   channels: int
+  stride: int = 16
+
+  def grid(self, size: int) -> int:
+    """Feature-map side h for an input side `size` (h = size // stride)."""
+    return size // self.stride
 
   @classmethod
   def from_config(cls, model_cfg: ml_collections.ConfigDict) -> "FrozenFeatures":
@@ -34,8 +54,8 @@ class FrozenFeatures:
     return convert.feature_variables(full, model_cfg.backbone)
 
   def __call__(self, variables: dict, images: jax.Array) -> jax.Array:
-    """images (B, H, W, 3) normalised -> (B, H/16, W/16, C) float32, outside the gradient."""
+    """images (B, H, W, 3) normalised -> (B, H/stride, W/stride, C) float32, outside the gradient."""
     taps = self.backbone.apply(variables, images)
-    h, w = images.shape[1] // 16, images.shape[2] // 16
+    h, w = self.grid(images.shape[1]), self.grid(images.shape[2])
     with jax.named_scope("neck"):
       return jax.lax.stop_gradient(neck(taps, (h, w)).astype(jnp.float32))

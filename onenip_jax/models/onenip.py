@@ -41,19 +41,6 @@ def packed_in_proj_init(embed_dim: int) -> Callable[..., Array]:
   return init
 
 
-def neck(taps: Sequence[Array], out_hw: Sequence[int]) -> Array:
-  """MFCN neck: align-corners bilinear resize of every tap to out_hw, concatenated on channels.
-
-  Args:
-    taps: backbone feature maps, each (B, h_i, w_i, C_i).
-    out_hw: (h, w) target grid (H/16, W/16).
-
-  Returns:
-    (B, h, w, sum C_i), channels in tap order.
-  """
-  return jnp.concatenate([resize_align_corners(t, out_hw) for t in taps], axis=-1)
-
-
 def neighbor_mask(h: int, w: int, n: Union[int, Sequence[int]]) -> np.ndarray:
   """Neighbour-masked-attention (NMA) mask over a row-major h x w token grid (spec 5.4).
 
