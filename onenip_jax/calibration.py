@@ -67,7 +67,8 @@ def _objective(figures: Mapping) -> float:
 
 
 def _pixel_figures(maps: np.ndarray, masks: np.ndarray) -> dict:
-  return {"p_auroc": metrics.auroc(maps, masks), "p_ap": metrics.average_precision(maps, masks)}
+  p_auroc, p_ap = metrics.pixel_auroc_ap(maps, masks)
+  return {"p_auroc": p_auroc, "p_ap": p_ap}
 
 
 def _image_figures(scores: np.ndarray, labels: np.ndarray) -> dict:

@@ -15,7 +15,8 @@ per threshold, the same points as `sklearn.metrics._binary_clf_curve`). From tho
   at 0.3) and divided by 0.3. No threshold grid, so no discretisation error; the only error is
   float64 rounding of the cumulative sums (~1e-12).
 
-One argsort is shared by the pixel ROC-AUC, AP, F1-max and AUPRO of a class. Peak memory for
+One sort is shared by the pixel ROC-AUC, AP, F1-max and AUPRO of a class (float32 maps: one
+in-place sort of packed (score, GT component) keys). Peak memory for
 n pixels is about 40 bytes * n (float32 maps; 10M VisA pixels ~ 0.4 GB), with no sklearn copies.
 
 A metric that cannot be computed (a single class present, no masks, no normal pixels) is None.
@@ -64,6 +65,30 @@ def _threshold_ends(sorted_scores: np.ndarray) -> np.ndarray:
   return np.append(ends, sorted_scores.size - 1)
 
 
+
+def _sort_with_payload(scores: np.ndarray, payload: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """float32 scores (n,) and uint32-range payload (n,) -> (keys, payload) in descending score order.
+
+  Each score becomes an order-preserving uint32 key (sign-magnitude to unsigned, -0.0 as +0.0),
+  packed above its payload in one uint64 that is sorted in place: a plain sort, ~2-3x faster than
+  an argsort plus two gathers. Ties in the score stay adjacent, so the curve is the same.
+  """
+  u = (scores + np.float32(0.0)).view(np.uint32)
+  u = np.where(u >> np.uint32(31), ~u, u | np.uint32(0x80000000))
+  packed = (u.astype(np.uint64) << np.uint64(32)) | payload.astype(np.uint64)
+  del u
+  packed.sort()
+  packed = packed[::-1]
+  return (packed >> np.uint64(32)).astype(np.uint32), (packed & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
+
+def _keys_to_scores(keys: np.ndarray) -> np.ndarray:
+  """Inverse of `_sort_with_payload`'s key: uint32 keys -> float32 scores."""
+  keys = keys.astype(np.uint32)
+  u = np.where(keys >> np.uint32(31), keys & np.uint32(0x7FFFFFFF), ~keys)
+  return u.view(np.float32)
+
+
 class _Curve:
   """Confusion counts at every distinct threshold, highest threshold first.
 
@@ -77,12 +102,22 @@ class _Curve:
   def __init__(self, scores: np.ndarray, labels: np.ndarray, order: Optional[np.ndarray] = None):
     if order is None:
       order = _descending_order(scores)
-    sorted_scores = scores[order]
+    self._from_sorted(scores[order], labels[order])
+
+  @classmethod
+  def from_sorted(cls, sorted_keys: np.ndarray, sorted_labels: np.ndarray, thresholds) -> "_Curve":
+    """The curve of scores already in descending order: `sorted_keys` (n,) order-preserving keys
+    of the scores (equal iff the scores are), `thresholds(keys)` maps keys back to scores."""
+    curve = cls.__new__(cls)
+    curve._from_sorted(sorted_keys, sorted_labels)
+    curve.thresholds = thresholds(curve.thresholds)
+    return curve
+
+  def _from_sorted(self, sorted_scores: np.ndarray, sorted_labels: np.ndarray) -> None:
     ends = _threshold_ends(sorted_scores)
     self.ends = ends
     self.thresholds = sorted_scores[ends]
-    del sorted_scores
-    self.tps = np.cumsum(labels[order], dtype=np.int64)[ends]
+    self.tps = np.cumsum(sorted_labels, dtype=np.int64)[ends]
     self.fps = ends + 1 - self.tps
     self.n_pos = int(self.tps[-1]) if self.tps.size else 0
     self.n_neg = int(self.fps[-1]) if self.fps.size else 0
@@ -172,6 +207,19 @@ def f1_max(scores, labels) -> tuple[Optional[float], Optional[float]]:
   return _Curve(scores, labels).f1_max()
 
 
+def pixel_auroc_ap(maps, masks) -> tuple[Optional[float], Optional[float]]:
+  """(AUROC, AP) of pixel `maps` against `masks` (same shape; > 0 anomalous) from one sort."""
+  scores, labels = _prepare(maps, masks)
+  if scores.size == 0:
+    return None, None
+  if scores.dtype == np.float32:
+    keys, sorted_labels = _sort_with_payload(scores, labels.astype(np.uint32))
+    curve = _Curve.from_sorted(keys, sorted_labels > 0, _keys_to_scores)
+  else:
+    curve = _Curve(scores, labels)
+  return curve.auroc(), curve.average_precision()
+
+
 def _label_components(masks: np.ndarray) -> tuple[np.ndarray, int]:
   """8-connected components of each (H, W) slice of bool masks (N, H, W), numbered across N.
 
@@ -184,17 +232,17 @@ def _label_components(masks: np.ndarray) -> tuple[np.ndarray, int]:
   return components, int(k)
 
 
-def _aupro_sorted(components: np.ndarray, n_components: int, order: np.ndarray,
+def _aupro_sorted(components: np.ndarray, n_components: int, order: Optional[np.ndarray],
                   ends: np.ndarray, fpr_limit: float) -> Optional[float]:
-  """AUPRO from flat (n,) component ids, the descending score order (n,) and its run ends (k,)."""
-  normal = components == 0
-  n_normal = int(normal.sum())
+  """AUPRO from flat (n,) component ids in the descending score order (`order` None) or with that
+  order (n,), and the order's run ends (k,)."""
+  sorted_components = components if order is None else components[order]
+  n_normal = int(np.count_nonzero(sorted_components == 0))
   if n_components == 0 or n_normal == 0:
     return None
-  sizes = np.bincount(components, minlength=n_components + 1).astype(np.float64)
+  sizes = np.bincount(sorted_components, minlength=n_components + 1).astype(np.float64)
   weight = np.zeros(n_components + 1, dtype=np.float64)
   weight[1:] = 1.0 / (n_components * sizes[1:])
-  sorted_components = components[order]
   pro = np.cumsum(weight[sorted_components])[ends]
   fp = np.cumsum(sorted_components == 0, dtype=np.int64)[ends]
   del sorted_components
@@ -285,16 +333,24 @@ def class_metrics(image_scores, image_labels, maps=None, masks=None, *,
   if maps.size == 0:
     return out
   pixel_scores, pixel_labels = _prepare(maps, masks)
-  order = _descending_order(pixel_scores)
-  curve = _Curve(pixel_scores, pixel_labels, order)
+  components, k = _label_components(pixel_labels.reshape(maps.shape))
+  components = components.reshape(-1)
+  if pixel_scores.dtype == np.float32:   # one in-place sort of packed (score, component) keys
+    keys, sorted_components = _sort_with_payload(pixel_scores, components)
+    del components
+    curve = _Curve.from_sorted(keys, sorted_components > 0, _keys_to_scores)
+    del keys
+    order = None
+  else:
+    order = _descending_order(pixel_scores)
+    curve, sorted_components = _Curve(pixel_scores, pixel_labels, order), components
+  del pixel_labels
   out["p_auroc"] = curve.auroc(flip_auroc)
   out["p_ap"] = curve.average_precision()
   out["p_f1max"] = curve.f1_max()[0]
   ends = curve.ends
   del curve
-  components, k = _label_components(pixel_labels.reshape(maps.shape))
-  del pixel_labels
-  out["aupro"] = _aupro_sorted(components.reshape(-1), k, order, ends, fpr_limit)
+  out["aupro"] = _aupro_sorted(sorted_components, k, order, ends, fpr_limit)
   return out
 
 

@@ -214,3 +214,24 @@ def test_summarize_means_ignore_none():
   assert s["mean"]["aupro"] == pytest.approx(0.5)
   assert s["mean"]["n_images"] == 16
   assert M.summarize({"c": c})["mean"]["aupro"] is None
+
+
+def test_packed_sort_path_equals_argsort_path():
+  """float32 maps take the packed-key sort; float64 the argsort: same metrics, incl. ties, negative
+  scores and -0.0 (equal to +0.0)."""
+  rng = np.random.default_rng(3)
+  maps = rng.normal(size=(6, 20, 20)).astype(np.float32)
+  maps[:, :5] = np.round(maps[:, :5], 1)          # many ties
+  maps[0, 0, :4] = (-0.0, 0.0, -0.0, 0.0)
+  masks = np.zeros(maps.shape, bool)
+  masks[1, 3:9, 4:8] = masks[2, 10:12, 1:19] = masks[4, 0:3, 0:3] = True
+  maps[masks] += 0.7
+  scores, labels = maps.max(axis=(1, 2)), masks.any(axis=(1, 2))
+  fast = M.class_metrics(scores, labels, maps, masks)
+  slow = M.class_metrics(scores, labels, maps.astype(np.float64), masks)
+  for key in M.METRIC_KEYS:
+    assert fast[key] == pytest.approx(slow[key], abs=1e-12), key
+  assert M.pixel_auroc_ap(maps, masks) == pytest.approx((slow["p_auroc"], slow["p_ap"]), abs=1e-12)
+  keys, payload = M._sort_with_payload(maps.reshape(-1), np.arange(maps.size, dtype=np.uint32))  # pylint: disable=protected-access
+  assert np.array_equal(M._keys_to_scores(keys), maps.reshape(-1)[payload] + np.float32(0))  # pylint: disable=protected-access
+  assert np.all(np.diff(M._keys_to_scores(keys)) <= 0)  # pylint: disable=protected-access
