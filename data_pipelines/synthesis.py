@@ -13,13 +13,15 @@ images (uint8 rounding of each step, PIL's HSV), PIL `rotate(expand=True)` with 
 imgaug 0.4 texture augmenters (LUT semantics, OpenCV HSV) and DRAEM's `rand_perlin_2d_np`.
 """
 import dataclasses
+import io
 import math
 import os
-import tempfile
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
+
+from data_pipelines import storage
 
 BRANCH_CUTPASTE = 0   # CutPaste "normal": jittered rectangle pasted elsewhere
 BRANCH_SCAR = 1       # CutPaste "scar": thin jittered patch, rotated, pasted elsewhere
@@ -91,8 +93,8 @@ def _cache_root() -> str:
 
 
 def _listdir_images(folder: str) -> list:
-  return [os.path.join(folder, f) for f in os.listdir(folder)
-          if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f))]
+  return [storage.join(folder, f) for f in storage.listdir(folder)
+          if f.lower().endswith(IMAGE_EXTENSIONS) and storage.isfile(storage.join(folder, f))]
 
 
 def _skimage_texture_arrays() -> dict:
@@ -131,19 +133,12 @@ def _skimage_textures() -> list:
   paths = [os.path.join(folder, f"skimage_{n}.png") for n in names]
   if all(os.path.isfile(p) for p in paths):
     return sorted(paths)
-  os.makedirs(folder, exist_ok=True)
   arrays = _skimage_texture_arrays()
   for n, p in zip(names, paths):
-    if os.path.isfile(p):
-      continue
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-      Image.fromarray(arrays[n]).save(tmp, format="PNG")
-      os.replace(tmp, p)   # atomic: concurrent readers never see a half-written file
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
+    if not os.path.isfile(p):
+      buf = io.BytesIO()
+      Image.fromarray(arrays[n]).save(buf, format="PNG")
+      storage.atomic_write(p, buf.getvalue())   # concurrent readers never see a half-written file
   return sorted(paths)
 
 
@@ -163,16 +158,16 @@ def texture_paths(textures_dir: str) -> list:
   """
   if not textures_dir:
     return _skimage_textures()
-  root = os.path.abspath(os.path.expanduser(textures_dir))
-  if not os.path.isdir(root):
+  root = storage.abspath(textures_dir)
+  if not storage.isdir(root):
     raise ValueError(f"data.textures: texture folder {root} does not exist")
   paths = []
-  for base in (os.path.join(root, "images"), root):
-    if not os.path.isdir(base):
+  for base in (storage.join(root, "images"), root):
+    if not storage.isdir(base):
       continue
-    for cls in sorted(os.listdir(base)):
-      if os.path.isdir(os.path.join(base, cls)):
-        paths += _listdir_images(os.path.join(base, cls))
+    for cls in sorted(storage.listdir(base)):
+      if storage.isdir(storage.join(base, cls)):
+        paths += _listdir_images(storage.join(base, cls))
     if paths:
       break
   if not paths:
