@@ -120,14 +120,14 @@ def _pipeline(base: str, data_root: str) -> dict:
                 storage.join(data_root, "alpha", "test")])
   read = lambda *p: json.loads(storage.read_text(storage.join(*p)))
   predictions = read(preds, "predictions.json")["predictions"]
+  name = lambda r: "/".join(r["path"].split("/")[-2:])   # <defect>/<file>, the same in both runs
   return {"metrics": read(workdir, "eval", "step_3", "metrics.json"),
           "steps": sorted(storage.listdir(storage.join(workdir, "checkpoints"))),
           "heatmaps": sorted(storage.listdir(storage.join(workdir, "eval", "step_3", "heatmaps",
                                                           "alpha"))),
           "thresholds": read(exp, "export.json")["thresholds"],
-          "scores": {os.path.basename(r["path"]): r["score"] for r in predictions},
-          "maps": {os.path.basename(r["path"]): np.load(io.BytesIO(storage.read_bytes(r["map"])))
-                   for r in predictions}}
+          "scores": {name(r): r["score"] for r in predictions},
+          "maps": {name(r): np.load(io.BytesIO(storage.read_bytes(r["map"]))) for r in predictions}}
 
 
 @pytest.fixture(scope="module")
