@@ -9,12 +9,13 @@ Without --root the built-in demo dataset is used (generated into the cache on fi
 """
 import argparse
 import glob
+import io
 import os
 from typing import Optional, Sequence
 
 import numpy as np
 
-from data_pipelines import synthesis, textures
+from data_pipelines import storage, synthesis, textures
 
 
 def train_good_paths(root: str) -> list:
@@ -108,11 +109,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   from PIL import Image  # pylint: disable=import-outside-toplevel
   root = args.root or default_demo_root()
   sheet = make_sheet(root, args.textures, args.size, args.num, args.seed, args.cols)
-  out = os.path.abspath(args.out)
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  tmp = out + ".tmp.png"
-  Image.fromarray(sheet).save(tmp)
-  os.replace(tmp, out)
+  out = storage.abspath(args.out)
+  buf = io.BytesIO()
+  Image.fromarray(sheet).save(buf, format="PNG")
+  storage.atomic_write(out, buf.getvalue())
   print(out)
 
 

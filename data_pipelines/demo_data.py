@@ -22,11 +22,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from data_pipelines import storage
 
 DEMO_CLASSES = ("brick", "grass", "gravel")
 DEFECT_TYPES = ("scratch", "stain", "hole")
@@ -195,15 +196,17 @@ def _params(size, num_train, num_test_good, num_test_bad, seed) -> dict:
 
 
 def _is_complete(root: str, params: dict) -> bool:
+  path = storage.join(root, META_FILE)
   try:
-    with open(os.path.join(root, META_FILE), encoding="utf-8") as f:
-      meta = json.load(f)
+    meta = json.loads(storage.read_text(path)) if storage.isfile(path) else None
   except (OSError, ValueError):
+    return False
+  if not isinstance(meta, dict):
     return False
   if {k: meta.get(k) for k in params} != params:
     return False
   files = _expected_files(params["num_train"], params["num_test_good"], params["num_test_bad"])
-  return all(os.path.isfile(os.path.join(root, p)) for p in files)
+  return all(storage.isfile(storage.join(root, p)) for p in files)
 
 
 def _save_png(path: str, array: np.ndarray) -> None:
@@ -248,29 +251,26 @@ def make_demo_dataset(root: str, *, size: int = 256, num_train: int = 32, num_te
     seed: generation seed.
 
   Returns:
-    root (absolute path).
+    root (absolute when local; a `gs://` or `ram://` root is kept as given).
   """
   if size < 64 or min(num_train, num_test_good, num_test_bad) < 0:
     raise ValueError(f"make_demo_dataset: need size >= 64 and non-negative counts, got size={size}, "
                      f"num_train={num_train}, num_test_good={num_test_good}, num_test_bad={num_test_bad}")
-  root = os.path.abspath(os.path.expanduser(root))
+  root = storage.abspath(root)
   params = _params(int(size), int(num_train), int(num_test_good), int(num_test_bad), int(seed))
   if _is_complete(root, params):
     return root
-  if os.path.isdir(root) and os.listdir(root) and not os.path.isfile(os.path.join(root, META_FILE)):
+  if (storage.isdir(root) and storage.listdir(root)
+      and not storage.isfile(storage.join(root, META_FILE))):
     raise ValueError(f"make_demo_dataset: {root} is not empty and holds no {META_FILE}; refusing to "
                      "overwrite it, choose another folder")
-  parent = os.path.dirname(root)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp_", dir=parent)
+  tmp = storage.staging_dir(root)   # local; beside `root` when that is local
   try:
     _write(tmp, params)
-    if os.path.isdir(root):
-      if _is_complete(root, params):   # another process finished first
-        return root
-      shutil.rmtree(root)
+    if storage.isdir(root) and _is_complete(root, params):   # another process finished first
+      return root
     try:
-      os.replace(tmp, root)
+      storage.move_dir(tmp, root)
     except OSError:
       if not _is_complete(root, params):
         raise

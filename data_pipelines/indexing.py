@@ -39,11 +39,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 from typing import Any, Iterable, Optional
 
 import numpy as np
 from PIL import Image
+
+from data_pipelines import storage
 
 logger = logging.getLogger(__name__)
 
@@ -161,10 +162,9 @@ def _probe(path: str) -> tuple:
   damaged JPEG data; PIL for anything else, and for everything where TF is not installed), so a
   file damaged anywhere fails here, not at the training step that first reads it.
   """
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise _Unreadable(f"file not found: {path}")
-  with open(path, "rb") as f:
-    data = f.read()
+  data = storage.read_bytes(path)
   if not data:
     raise _Unreadable(f"empty (zero-byte) image file: {path}")
   try:
@@ -185,21 +185,20 @@ def _probe(path: str) -> tuple:
 
 
 def _file_key(path: str) -> Optional[list]:
-  """[size, mtime_ns] of `path` (what the verification cache is keyed by), None if absent."""
-  try:
-    st = os.stat(path)
-  except OSError:
+  """[size, mtime_ns] of `path` (what the verification cache is keyed by), None if absent.
+
+  `ram://` reports mtime 0, so there only the size tells a changed file."""
+  if not storage.exists(path):
     return None
-  return [st.st_size, st.st_mtime_ns]
+  return list(storage.stat(path))
 
 
 def _read_cache(cache_path: Optional[str]) -> dict:
   """{path: [size, mtime_ns, [w, h]]} of a verification cache; {} when absent or unreadable."""
-  if not cache_path or not os.path.isfile(cache_path):
+  if not cache_path or not storage.isfile(cache_path):
     return {}
   try:
-    with open(cache_path, encoding="utf-8") as f:
-      cache = json.load(f)
+    cache = json.loads(storage.read_text(cache_path))
     return cache["files"] if cache.get("version") == _CACHE_VERSION else {}
   except (OSError, ValueError, KeyError, TypeError, AttributeError):
     logger.warning("ignoring the unreadable image verification cache %s", cache_path)
@@ -207,18 +206,8 @@ def _read_cache(cache_path: Optional[str]) -> dict:
 
 
 def _write_cache(cache_path: str, files: dict) -> None:
-  """Writes the cache atomically (temporary file beside it, then rename)."""
-  folder = os.path.dirname(os.path.abspath(cache_path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".verified_images.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump({"version": _CACHE_VERSION, "files": files}, f)
-    os.replace(tmp, cache_path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Writes the cache atomically (`storage.atomic_write`)."""
+  storage.atomic_write(cache_path, json.dumps({"version": _CACHE_VERSION, "files": files}))
 
 
 def _probe_all(paths: Iterable[str], cache_path: Optional[str] = None) -> dict:
@@ -321,19 +310,19 @@ def _validate(records: list, skip_bad: bool, dataset: str, cache_path: Optional[
 
 
 def _list_images(folder: str) -> list:
-  return sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                if _is_image_file(n) and os.path.isfile(os.path.join(folder, n)))
+  return sorted(os.path.join(folder, n) for n in storage.listdir(folder)
+                if _is_image_file(n) and storage.isfile(os.path.join(folder, n)))
 
 
 def _subdirs(folder: str) -> list:
-  return sorted(n for n in os.listdir(folder)
-                if not n.startswith(".") and os.path.isdir(os.path.join(folder, n)))
+  return sorted(n for n in storage.listdir(folder)
+                if not n.startswith(".") and storage.isdir(os.path.join(folder, n)))
 
 
 def _mvtec_records(root: str) -> list:
   """Records of a folder-layout dataset (MVTec AD, BTAD, custom)."""
-  if os.path.isdir(os.path.join(root, "train")):
-    class_dirs = [(os.path.basename(os.path.normpath(root)), os.path.normpath(root))]
+  if storage.isdir(os.path.join(root, "train")):
+    class_dirs = [(os.path.basename(storage.normpath(root)), storage.normpath(root))]
   else:
     class_dirs = [(c, os.path.join(root, c)) for c in _subdirs(root)]
   if not class_dirs:
@@ -342,7 +331,7 @@ def _mvtec_records(root: str) -> list:
   for cls, cdir in class_dirs:
     train_dir = os.path.join(cdir, "train")
     normal_dirs = ([os.path.join(train_dir, d) for d in _subdirs(train_dir)
-                    if d.lower() in NORMAL_FOLDERS] if os.path.isdir(train_dir) else [])
+                    if d.lower() in NORMAL_FOLDERS] if storage.isdir(train_dir) else [])
     train = [p for d in normal_dirs for p in _list_images(d)]
     if not train:
       raise ValueError(
@@ -350,14 +339,14 @@ def _mvtec_records(root: str) -> list:
           f"(class folder {cdir})")
     records += [_Record("train", p, cls, 0, None, "good") for p in train]
     test_dir = os.path.join(cdir, "test")
-    if not os.path.isdir(test_dir):
+    if not storage.isdir(test_dir):
       logger.warning("class %r has no test folder %s", cls, test_dir)
       continue
     for defect in _subdirs(test_dir):
       normal = defect.lower() in NORMAL_FOLDERS
       masks = {}
       gt_dir = os.path.join(cdir, "ground_truth", defect)
-      if not normal and os.path.isdir(gt_dir):
+      if not normal and storage.isdir(gt_dir):
         for m in _list_images(gt_dir):
           masks.setdefault(os.path.splitext(os.path.basename(m))[0], m)
       for p in _list_images(os.path.join(test_dir, defect)):
@@ -372,10 +361,10 @@ def _meta_records(root: str, meta_file: str, split: str) -> list:
   """Records of one UniAD json-lines meta file (spec 1.1), duplicates kept."""
   if not meta_file:
     return []
-  if not os.path.isfile(meta_file):
+  if not storage.isfile(meta_file):
     raise ValueError(f"meta file not found: {meta_file} (data.meta_{split})")
   records = []
-  with open(meta_file, encoding="utf-8") as f:
+  with storage.open(meta_file, "r") as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -408,10 +397,10 @@ def _visa_records(root: str, csv_file: str) -> list:
   """Records of VisA's split csv (`object,split,label,image,mask`)."""
   if not csv_file:
     raise ValueError("data.visa_csv is empty (layout 'visa_csv')")
-  if not os.path.isfile(csv_file):
+  if not storage.isfile(csv_file):
     raise ValueError(f"data.visa_csv not found: {csv_file}")
   records = []
-  with open(csv_file, newline="", encoding="utf-8") as f:
+  with storage.open(csv_file, "r") as f:
     reader = csv.DictReader(f)
     need = {"object", "split", "label", "image"}
     if not need <= set(reader.fieldnames or ()):
@@ -441,7 +430,7 @@ def _index_one(dcfg: dict, cache_path: Optional[str] = None) -> tuple:
     layout, root = "mvtec", demo_data.make_demo_dataset(root)
   if layout not in _LAYOUTS:
     raise ValueError(f"unknown data.layout {layout!r}; supported: {list(_LAYOUTS) + ['demo']}")
-  if not root or not os.path.isdir(root):
+  if not root or not storage.isdir(root):
     raise ValueError(f"data.root {root!r} does not exist or is not a folder")
   if layout == "mvtec":
     records = _mvtec_records(root)
@@ -498,7 +487,7 @@ def index_dataset(data_cfg: Any, verify_cache: Optional[str] = None) -> DatasetI
 
   tags = []
   for i, d in enumerate(dcfgs):
-    tag = d["tag"] or os.path.basename(os.path.normpath(d["root"])) or f"data{i}"
+    tag = d["tag"] or os.path.basename(storage.normpath(d["root"])) or f"data{i}"
     tags.append(tag if tag not in tags else f"{tag}_{i}")
   count = collections.Counter(c for _, _, classes in parts for c in set(classes))
   train, test, classes = [], [], []

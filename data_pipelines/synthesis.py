@@ -24,6 +24,7 @@ from data_pipelines.tf_setup import import_tensorflow
 
 tf = import_tensorflow()
 
+
 BRANCH_CUTPASTE = 0   # CutPaste "normal": jittered rectangle pasted elsewhere
 BRANCH_SCAR = 1       # CutPaste "scar": thin jittered patch, rotated, pasted elsewhere
 BRANCH_PERLIN = 2     # DRAEM: augmented texture blended through a Perlin mask

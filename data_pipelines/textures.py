@@ -1,11 +1,12 @@
 """Texture images of the Perlin branch: listing a DTD-layout folder (or the scikit-image fallback)
 and reading one file as the reference's cv2.imread + cv2.resize would.
 """
+import io
 import os
-import tempfile
 
 import numpy as np
 
+from data_pipelines import storage
 from data_pipelines.image_ops import to_u8
 from data_pipelines.tf_setup import import_tensorflow
 
@@ -24,8 +25,8 @@ def cache_root() -> str:
 
 
 def _listdir_images(folder: str) -> list:
-  return [os.path.join(folder, f) for f in os.listdir(folder)
-          if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f))]
+  return [storage.join(folder, f) for f in storage.listdir(folder)
+          if f.lower().endswith(IMAGE_EXTENSIONS) and storage.isfile(storage.join(folder, f))]
 
 
 def _skimage_texture_arrays() -> dict:
@@ -64,19 +65,12 @@ def _skimage_textures() -> list:
   paths = [os.path.join(folder, f"skimage_{n}.png") for n in names]
   if all(os.path.isfile(p) for p in paths):
     return sorted(paths)
-  os.makedirs(folder, exist_ok=True)
   arrays = _skimage_texture_arrays()
   for n, p in zip(names, paths):
-    if os.path.isfile(p):
-      continue
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-      Image.fromarray(arrays[n]).save(tmp, format="PNG")
-      os.replace(tmp, p)   # atomic: concurrent readers never see a half-written file
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
+    if not os.path.isfile(p):
+      buf = io.BytesIO()
+      Image.fromarray(arrays[n]).save(buf, format="PNG")
+      storage.atomic_write(p, buf.getvalue())   # concurrent readers never see a half-written file
   return sorted(paths)
 
 
@@ -96,16 +90,16 @@ def texture_paths(textures_dir: str) -> list:
   """
   if not textures_dir:
     return _skimage_textures()
-  root = os.path.abspath(os.path.expanduser(textures_dir))
-  if not os.path.isdir(root):
+  root = storage.abspath(textures_dir)
+  if not storage.isdir(root):
     raise ValueError(f"data.textures: texture folder {root} does not exist")
   paths = []
-  for base in (os.path.join(root, "images"), root):
-    if not os.path.isdir(base):
+  for base in (storage.join(root, "images"), root):
+    if not storage.isdir(base):
       continue
-    for cls in sorted(os.listdir(base)):
-      if os.path.isdir(os.path.join(base, cls)):
-        paths += _listdir_images(os.path.join(base, cls))
+    for cls in sorted(storage.listdir(base)):
+      if storage.isdir(storage.join(base, cls)):
+        paths += _listdir_images(storage.join(base, cls))
     if paths:
       break
   if not paths:

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from data_pipelines import indexing
+from data_pipelines import indexing, storage
 from data_pipelines.tf_setup import import_tensorflow
 
 import_tensorflow()  # GPUs hidden before tensorflow_datasets imports TensorFlow
@@ -78,12 +78,8 @@ class OnenipIndex(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, samples, index):
     for i, s in enumerate(samples):
-      with open(s.path, "rb") as f:
-        image = f.read()
-      mask = b""
-      if s.mask_path:
-        with open(s.mask_path, "rb") as f:
-          mask = f.read()
+      image = storage.read_bytes(s.path)
+      mask = storage.read_bytes(s.mask_path) if s.mask_path else b""
       yield i, {"image": image, "mask": mask, "label": int(s.label),
                 "class_id": index.class_id(s.cls), "cls": s.cls, "defect": s.defect,
                 "path": s.path, "index": i}

@@ -5,15 +5,30 @@ restarts from the last complete checkpoint. They are asynchronous: `save` return
 is copied off the devices and Orbax writes it in a background thread; `save(..., wait=True)`,
 `replace` and the manager's `close()` wait until it is on storage. A checkpoint that cannot be read is reported in one
 line naming its step and file, and the newest intact one is used instead (`restore_latest`).
+
+Storage: Orbax (TensorStore for the arrays, `etils.epath` for the folders) writes local and
+`gs://` work directories itself. It cannot write other schemes: `epath` raises KeyError for
+TensorFlow's `ram://` and TensorStore has no driver for it. For such a work directory the manager
+is a `_StagedManager`: Orbax works on a local temporary copy of `<workdir>/checkpoints`, filled
+from the work directory when the manager is made; each finished step is copied there through
+`data_pipelines.storage` whenever the manager waits for its saves (Orbax's `save` does so before
+each save, `checkpoints.save` after it, `close` at the end) or reloads, and steps Orbax deleted are
+deleted there. A copied step gets the marker file `UPLOADED` last; a step without it (a copy cut
+short) is not restored and is removed at the next copy. Staging supports one process only: with
+several, each would hold a different part of the arrays.
 """
 import json
 import logging
 import os
 import re
 import shutil
+import tempfile
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from data_pipelines import storage
 
 log = logging.getLogger("onenip")
 
@@ -21,16 +36,84 @@ _REPLACED = ".replaced"   # `<step>.replaced`: a step being rewritten by `replac
 DAMAGED = ".damaged"      # `<step>.damaged`: a step moved aside by `restore_latest`
 
 
+ORBAX_SCHEMES = ("", "gs")   # schemes Orbax writes itself ('' = local); others are staged
+UPLOADED = "UPLOADED"        # marker file, written last into a step copied by `_StagedManager`
+_STEP = re.compile(r"^\d+$")
+
+
 class CheckpointError(ValueError):
   """No checkpoint of a work directory can be read (the message names each step and file)."""
 
 
+class _StagedManager(ocp.CheckpointManager):
+  """An Orbax manager on a local copy of `remote` (a folder of a scheme Orbax lacks; module doc)."""
+
+  def __init__(self, remote: str, options: ocp.CheckpointManagerOptions):
+    if jax.process_count() > 1:
+      raise ValueError(f"{remote}: checkpoints on {storage.scheme(remote)}:// need a single "
+                       f"process (they are staged locally); use a local or gs:// workdir")
+    self._remote, self._read_only = remote, options.read_only
+    self._stage = tempfile.mkdtemp(prefix="onenip-ckpt-")
+    self._copied = {}   # step folder name -> (inode, mtime) of the local folder last copied
+    if storage.isdir(remote):
+      for name in storage.listdir(remote):
+        src = storage.join(remote, name)
+        if _STEP.match(name) and storage.exists(storage.join(src, UPLOADED)):
+          storage.copytree(src, os.path.join(self._stage, name))
+          os.remove(os.path.join(self._stage, name, UPLOADED))
+          self._copied[name] = self._stamp(name)
+    _recover_replaced(self._stage)
+    super().__init__(self._stage, options=options)
+
+  def _stamp(self, name: str) -> tuple:
+    st = os.stat(os.path.join(self._stage, name))
+    return st.st_ino, st.st_mtime_ns
+
+  def _mirror(self) -> None:
+    """Copies the finished local steps not yet copied, deletes the remote ones gone locally."""
+    if self._read_only:
+      return
+    local = {n for n in os.listdir(self._stage) if _STEP.match(n) or n.endswith(DAMAGED)}
+    storage.makedirs(self._remote)
+    for name in sorted(local):
+      if self._copied.get(name) != self._stamp(name):
+        dst = storage.join(self._remote, name)
+        storage.rmtree(dst)
+        storage.copytree(os.path.join(self._stage, name), dst)
+        storage.atomic_write(storage.join(dst, UPLOADED), "")
+        self._copied[name] = self._stamp(name)
+    for name in storage.listdir(self._remote):
+      if _STEP.match(name) and name not in local:
+        storage.rmtree(storage.join(self._remote, name))
+        self._copied.pop(name, None)
+
+  def wait_until_finished(self):
+    super().wait_until_finished()
+    self._mirror()
+
+  def reload(self):
+    super().reload()
+    self._mirror()
+
+  def close(self):
+    super().close()   # waits for the saves
+    self._mirror()
+    shutil.rmtree(self._stage, ignore_errors=True)
+
+
+def _manager(workdir: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
+  directory = storage.join(workdir, "checkpoints")
+  if storage.scheme(directory) in ORBAX_SCHEMES:
+    _recover_replaced(directory)
+    return ocp.CheckpointManager(directory, options=options)
+  return _StagedManager(directory, options)
+
+
 def make_manager(workdir: str, cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   """`<workdir>/checkpoints`, keeping the last `ckpt.keep`; saves are asynchronous (see `save`)."""
-  _recover_replaced(f"{workdir}/checkpoints")
   options = ocp.CheckpointManagerOptions(max_to_keep=cfg.ckpt.keep, create=True,
                                          enable_async_checkpointing=True)
-  return ocp.CheckpointManager(f"{workdir}/checkpoints", options=options)
+  return _manager(workdir, options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, cfg: ml_collections.ConfigDict,
@@ -52,8 +135,7 @@ def save(manager: ocp.CheckpointManager, step: int, state, cfg: ml_collections.C
 
 def restore_calibration(manager: ocp.CheckpointManager, step: int) -> dict | None:
   """The calibration stored with `step` (see `onenip_jax.calibration`), None if it has none."""
-  path = os.path.join(str(manager.directory), str(step), "calibration")
-  if not os.path.isdir(path):
+  if not storage.isdir(storage.join(str(manager.directory), str(step), "calibration")):
     return None
   restored = manager.restore(step, args=ocp.args.Composite(calibration=ocp.args.JsonRestore()))
   return dict(restored.calibration)
@@ -62,8 +144,11 @@ def restore_calibration(manager: ocp.CheckpointManager, step: int) -> dict | Non
 def read_calibration(workdir: str, step: int) -> dict | None:
   """`restore_calibration` of `<workdir>/checkpoints` (read-only), e.g. for `onenip-eval`."""
   options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-  with ocp.CheckpointManager(f"{workdir}/checkpoints", options=options) as manager:
+  manager = _manager(workdir, options)
+  try:
     return restore_calibration(manager, step)
+  finally:
+    manager.close()
 
 
 def replace(manager: ocp.CheckpointManager, step: int, state, cfg: ml_collections.ConfigDict,
@@ -74,25 +159,25 @@ def replace(manager: ocp.CheckpointManager, step: int, state, cfg: ml_collection
   complete; a run killed in between gets the old one back from `make_manager`.
   """
   manager.wait_until_finished()  # no background save may still write into the directory
-  path = os.path.join(str(manager.directory), str(step))
-  if os.path.isdir(path):
-    os.replace(path, path + _REPLACED)
+  path = storage.join(str(manager.directory), str(step))
+  if storage.isdir(path):
+    storage.move_dir(path, path + _REPLACED)
     manager.reload()
   save(manager, step, state, cfg, calibration, wait=True)
-  shutil.rmtree(path + _REPLACED, ignore_errors=True)
+  storage.rmtree(path + _REPLACED)
 
 
 def _recover_replaced(directory: str) -> None:
   """Finishes or undoes a `replace` that was killed half-way."""
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     return
-  for name in os.listdir(directory):
+  for name in storage.listdir(directory):
     if name.endswith(_REPLACED) and name[:-len(_REPLACED)].isdigit():
-      old, new = os.path.join(directory, name), os.path.join(directory, name[:-len(_REPLACED)])
-      if os.path.isdir(new):
-        shutil.rmtree(old, ignore_errors=True)
+      old, new = storage.join(directory, name), storage.join(directory, name[:-len(_REPLACED)])
+      if storage.isdir(new):
+        storage.rmtree(old)
       else:
-        os.replace(old, new)
+        storage.move_dir(old, new)
 
 
 def restore(manager: ocp.CheckpointManager, template, step: int | None = None):
@@ -127,8 +212,8 @@ def restore_latest(manager: ocp.CheckpointManager, template, *, move_damaged: bo
       log.warning("resuming from step %d, the newest intact checkpoint", step)
       if move_damaged:
         for d in damaged:
-          path = os.path.join(str(manager.directory), str(d))
-          os.replace(path, path + DAMAGED)
+          path = storage.join(str(manager.directory), str(d))
+          storage.move_dir(path, path + DAMAGED)
           log.warning("moved the damaged checkpoint aside to %s", path + DAMAGED)
         manager.reload()
     return restored.state, dict(restored.config), step
@@ -150,7 +235,7 @@ def latest_config(manager: ocp.CheckpointManager):
 
 def describe_damage(manager: ocp.CheckpointManager, step: int, error: BaseException) -> str:
   """One line naming the step, the file and the reason of a failed restore (no TensorStore dump)."""
-  step_dir = os.path.join(str(manager.directory), str(step))
+  step_dir = storage.join(str(manager.directory), str(step))
   messages = []
   e = error
   while e is not None and len(messages) < 10:
@@ -172,7 +257,7 @@ def describe_damage(manager: ocp.CheckpointManager, step: int, error: BaseExcept
 def restore_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
   """The config stored with a checkpoint, e.g. for `onenip-eval --workdir`."""
   options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-  with ocp.CheckpointManager(f"{workdir}/checkpoints", options=options) as manager:
+  with _manager(workdir, options) as manager:
     if step is None:  # the newest config that reads back
       found = latest_config(manager)
       if found is None:

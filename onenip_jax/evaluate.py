@@ -27,6 +27,7 @@ import os
 
 import numpy as np
 
+from data_pipelines import storage
 from onenip_jax import metrics, reports, scoring
 
 log = logging.getLogger("onenip")
@@ -181,7 +182,7 @@ class ReportBuilder:
       self.pool_hits += int(np.sum(np.asarray(pool_class_ids) == np.asarray(class_ids)))
       self.pool_total += len(samples)
     if e.heatmaps and write_files and load_image is not None:
-      _write_heatmaps(os.path.join(self.out_dir, "heatmaps", cls), samples, anomaly_maps, masks,
+      _write_heatmaps(storage.join(self.out_dir, "heatmaps", cls), samples, anomaly_maps, masks,
                       scores, self.cfg, load_image)
 
   def add_alternative(self, name, cls, samples, anomaly_maps, scores, masks, has_mask) -> None:
@@ -212,7 +213,7 @@ class ReportBuilder:
                             sections=sections)
       text = io.StringIO()
       csv.writer(text, lineterminator="\n").writerows(self.score_rows)
-      reports.atomic_write_text(os.path.join(self.out_dir, "scores.csv"), text.getvalue())
+      storage.atomic_write(storage.join(self.out_dir, "scores.csv"), text.getvalue())
     result.update(extra)
     return result
 
@@ -237,7 +238,6 @@ def _write_heatmaps(out_dir, samples, anomaly_maps, masks, scores, cfg, load_ima
   """Up to `eval.max_heatmaps_per_class` PNGs (defective images first, then normal ones) and a
   contact sheet of them; `load_image(path)` gives the uint8 (H, W, 3) model input."""
   from onenip_jax import heatmaps  # pylint: disable=g-import-not-at-top
-  os.makedirs(out_dir, exist_ok=True)
   vmax = float(np.percentile(anomaly_maps, 99.9)) if anomaly_maps.size else 1.0
   n = cfg.eval.max_heatmaps_per_class
   bad = [i for i, s in enumerate(samples) if s.label]
@@ -247,14 +247,14 @@ def _write_heatmaps(out_dir, samples, anomaly_maps, masks, scores, cfg, load_ima
   for i in chosen:
     sample = samples[i]
     stem = os.path.splitext(os.path.basename(sample.path))[0]
-    path = os.path.join(out_dir, f"{sample.defect}_{stem}.png")
+    path = storage.join(out_dir, f"{sample.defect}_{stem}.png")
     heatmaps.save_heatmap(path, load_image(sample.path), anomaly_maps[i],
                           masks[i] if masks[i].any() else None, float(scores[i]),
                           vmin=float(anomaly_maps.min()), vmax=vmax,
                           title=f"{sample.cls}/{sample.defect}")
     paths.append(path)
   if paths:
-    heatmaps.contact_sheet(paths, os.path.join(out_dir, "contact_sheet.png"))
+    heatmaps.contact_sheet(paths, storage.join(out_dir, "contact_sheet.png"))
 
 
 def _tf_image_loader(cfg):

@@ -29,11 +29,11 @@ export.json records the source, method, image counts and target of each threshol
 """
 import dataclasses
 import importlib.metadata
+import io
 import json
 import logging
 import os
 import shutil
-import tempfile
 
 import flax.serialization
 import jax
@@ -41,6 +41,7 @@ import ml_collections
 import numpy as np
 from absl import app
 
+from data_pipelines import storage
 from onenip_jax import checkpoints, exported, inference, sharding
 from onenip_jax.config_loading import load_config
 
@@ -92,9 +93,14 @@ def check_classes(predictor: inference.Predictor, index) -> None:
                      f"{predictor.classes}")
 
 
-def _write_bytes(path: str, data: bytes) -> None:
-  with open(path, "wb") as f:
-    f.write(data)
+def _npz_bytes(**arrays) -> bytes:
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  return buf.getvalue()
+
+
+def _canonical(path: str) -> str:
+  return os.path.realpath(path) if storage.is_local(path) else storage.normpath(path)
 
 
 def _host_tree(tree):
@@ -165,17 +171,17 @@ def check_out_dir(out_dir: str, overwrite: bool, workdir: str | None = None) -> 
   Raises:
     FileExistsError / ValueError naming the folder.
   """
-  out = os.path.realpath(out_dir)
+  out = _canonical(out_dir)
   if workdir is not None:
-    work = os.path.realpath(workdir)
+    work = _canonical(workdir)
     if out == work or work.startswith(out.rstrip(os.sep) + os.sep):
       raise ValueError(f"--out {out_dir} is the training workdir {workdir} or a folder holding "
                        "it; export to another folder")
-  if not os.path.lexists(out_dir):
+  if not (os.path.lexists(out_dir) if storage.is_local(out_dir) else storage.exists(out_dir)):
     return
   if not overwrite:
     raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace an earlier export")
-  if not os.path.isdir(out_dir) or not os.path.isfile(os.path.join(out_dir, "export.json")):
+  if not storage.isdir(out_dir) or not storage.isfile(storage.join(out_dir, "export.json")):
     raise ValueError(f"--overwrite replaces only an earlier export, and {out_dir} holds no "
                      "export.json; choose another --out or remove it yourself")
 
@@ -183,23 +189,21 @@ def check_out_dir(out_dir: str, overwrite: bool, workdir: str | None = None) -> 
 def write_export(out_dir: str, cfg, predictor: inference.Predictor, classes, fusion_c: float,
                  step: int, thresholds: dict | None = None, overwrite: bool = False,
                  workdir: str | None = None) -> None:
-  """Writes the export directory atomically (temporary sibling directory, then rename)."""
+  """Writes the export directory: built in a local staging folder, then `storage.move_dir`d (a
+  rename beside a local `out_dir`; a copy to `gs://` or `ram://`, see `data_pipelines.storage`)."""
   check_out_dir(out_dir, overwrite, workdir)
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+  tmp = storage.staging_dir(out_dir)
   try:
-    host = _host_tree(predictor.variables)
-    _write_bytes(os.path.join(tmp, "model.msgpack"), flax.serialization.msgpack_serialize(host))
-    bb = _host_tree(predictor.backbone_vars)
-    _write_bytes(os.path.join(tmp, "backbone.msgpack"), flax.serialization.msgpack_serialize(bb))
+    write = lambda name, data: storage.atomic_write(os.path.join(tmp, name), data)
+    write("model.msgpack", flax.serialization.msgpack_serialize(_host_tree(predictor.variables)))
+    write("backbone.msgpack",
+          flax.serialization.msgpack_serialize(_host_tree(predictor.backbone_vars)))
     pool = predictor.pool
-    np.savez(os.path.join(tmp, exported.POOL_FILE), features=pool.features,
-             class_ids=pool.class_ids, descriptors=pool.descriptors)
+    write(exported.POOL_FILE, _npz_bytes(features=pool.features, class_ids=pool.class_ids,
+                                         descriptors=pool.descriptors))
     program, leaves, platforms = serialize_predictor(predictor, cfg)
-    _write_bytes(os.path.join(tmp, exported.PROGRAM_FILE), program)
-    np.savez(os.path.join(tmp, exported.WEIGHTS_FILE),
-             **{f"w{i:05d}": x for i, x in enumerate(leaves)})
+    write(exported.PROGRAM_FILE, program)
+    write(exported.WEIGHTS_FILE, _npz_bytes(**{f"w{i:05d}": x for i, x in enumerate(leaves)}))
     meta = {"format_version": FORMAT_VERSION, "package_version": package_version(),
             "classes": list(classes), "step": step, "input_size": cfg.input_size,
             "preprocessing": {"resize": exported.RESIZE_METHOD, "resize_masks": "pil-nearest",
@@ -212,11 +216,8 @@ def write_export(out_dir: str, cfg, predictor: inference.Predictor, classes, fus
                         "n_weights": len(leaves), "platforms": list(platforms),
                         "jax_version": jax.__version__, "prompts": "pool"},
             "config": json.loads(cfg.to_json_best_effort())}
-    with open(os.path.join(tmp, "export.json"), "w", encoding="utf-8") as f:
-      json.dump(meta, f, indent=1)
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    write("export.json", json.dumps(meta, indent=1))
+    storage.move_dir(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -298,25 +299,24 @@ def validation_samples(folder: str, classes) -> list:
   from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
   samples = []
   for cls in classes:
-    d = os.path.join(folder, cls)
-    if not os.path.isdir(d):
+    d = storage.join(folder, cls)
+    if not storage.isdir(d):
       raise FileNotFoundError(f"validation folder {folder} has no folder for class {cls!r} ({d})")
-    for sub in sorted(os.listdir(d)):
-      files = sorted(f for f in os.listdir(os.path.join(d, sub))
+    for sub in sorted(storage.listdir(d)):
+      files = sorted(f for f in storage.listdir(storage.join(d, sub))
                      if f.lower().endswith(indexing.IMAGE_EXTENSIONS)) \
-          if os.path.isdir(os.path.join(d, sub)) else []
+          if storage.isdir(storage.join(d, sub)) else []
       label = 0 if sub in indexing.NORMAL_FOLDERS else 1
-      samples += [indexing.Sample(os.path.join(d, sub, f), cls, label, None, sub) for f in files]
+      samples += [indexing.Sample(storage.join(d, sub, f), cls, label, None, sub) for f in files]
     if not any(s.cls == cls and s.label == 0 for s in samples):
       raise ValueError(f"validation folder {d} has no normal images (expected {d}/good/)")
   return samples
 
 
 def _read(path: str, what: str) -> bytes:
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f"export is incomplete: {what} missing ({path})")
-  with open(path, "rb") as f:
-    return f.read()
+  return storage.read_bytes(path)
 
 
 def load_export(export_dir: str, mesh=None) -> LoadedModel:
@@ -325,12 +325,12 @@ def load_export(export_dir: str, mesh=None) -> LoadedModel:
   meta = exported.read_meta(export_dir)
   cfg = ml_collections.ConfigDict(meta["config"])
   model, features = inference.make_model(cfg)
-  variables = _restore_msgpack(os.path.join(export_dir, "model.msgpack"))
-  backbone_vars = _restore_msgpack(os.path.join(export_dir, "backbone.msgpack"))
-  pool_path = os.path.join(export_dir, "prompt_pool.npz")
-  _read(pool_path, "prompt_pool.npz")
+  variables = _restore_msgpack(storage.join(export_dir, "model.msgpack"))
+  backbone_vars = _restore_msgpack(storage.join(export_dir, "backbone.msgpack"))
+  pool_path = storage.join(export_dir, "prompt_pool.npz")
+  data = _read(pool_path, "prompt_pool.npz")
   try:
-    with np.load(pool_path) as z:
+    with np.load(io.BytesIO(data)) as z:
       pool = inference.PromptPool(z["features"], z["class_ids"], z["descriptors"])
   except Exception as e:  # zipfile / pickle errors of a damaged file
     raise ValueError(f"{pool_path} cannot be read ({e}); the export is damaged") from e

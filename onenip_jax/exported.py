@@ -1,7 +1,8 @@
 """The serialised predictor of an export, run with jax, numpy and Pillow only.
 
 This module imports nothing of flax, TensorFlow, Orbax or `onenip_jax.models` (only
-`data_pipelines.pil_decode`, the pipeline's numpy/PIL decoder): it scores images on any machine
+`data_pipelines.pil_decode`, the pipeline's numpy/PIL decoder, and `data_pipelines.storage`, which
+imports TensorFlow only for a non-local path such as `gs://`): it scores images on any machine
 with jax, numpy and Pillow. What it reads (written by `onenip-export`, format version 2):
 
   export.json                 format and package version, classes, input size, preprocessing
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -37,6 +39,7 @@ import os
 import jax
 import numpy as np
 
+from data_pipelines import storage
 from data_pipelines.pil_decode import pil_decode
 
 FORMAT_VERSION = 2
@@ -53,8 +56,7 @@ RESIZE_METHOD = "tf-bilinear-antialias"
 
 def decode_image(path: str, channels: int = 3) -> np.ndarray:
   """Any PIL-readable file -> uint8 (h, w, channels), decoded as the tf.data pipeline's PIL path."""
-  with open(path, "rb") as f:
-    return pil_decode(f.read(), channels)
+  return pil_decode(storage.read_bytes(path), channels)
 
 
 @functools.lru_cache(maxsize=64)
@@ -137,12 +139,11 @@ def load_mask(path: str, size: int) -> np.ndarray:
 
 def read_meta(export_dir: str) -> dict:
   """export.json of `export_dir`; clear errors for a missing, damaged or foreign file."""
-  path = os.path.join(export_dir, META_FILE)
-  if not os.path.isfile(path):
+  path = storage.join(export_dir, META_FILE)
+  if not storage.isfile(path):
     raise FileNotFoundError(f"export is incomplete: {META_FILE} missing ({path})")
   try:
-    with open(path, encoding="utf-8") as f:
-      meta = json.load(f)
+    meta = json.loads(storage.read_text(path))
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON ({e}); the export is damaged") from e
   version = meta.get("format_version")
@@ -154,14 +155,14 @@ def read_meta(export_dir: str) -> dict:
 
 def has_program(export_dir: str) -> bool:
   """Whether `export_dir` holds a serialised predictor (format 2 exports do)."""
-  return os.path.isfile(os.path.join(export_dir, PROGRAM_FILE))
+  return storage.isfile(storage.join(export_dir, PROGRAM_FILE))
 
 
 def _load_npz(path: str) -> dict:
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f"export is incomplete: {os.path.basename(path)} missing ({path})")
   try:
-    with np.load(path) as z:
+    with np.load(io.BytesIO(storage.read_bytes(path))) as z:
       return {k: z[k] for k in z.files}
   except Exception as e:  # zipfile / format errors of a damaged file
     raise ValueError(f"{path} cannot be read ({e}); the export is damaged") from e
@@ -195,12 +196,11 @@ class ExportedPredictor:
   @classmethod
   def load(cls, export_dir: str, batch_size: int = 8) -> "ExportedPredictor":
     meta = read_meta(export_dir)
-    path = os.path.join(export_dir, PROGRAM_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(export_dir, PROGRAM_FILE)
+    if not storage.isfile(path):
       raise FileNotFoundError(f"{export_dir} has no serialised predictor ({PROGRAM_FILE}); "
                               "re-export it with this onenip-jax")
-    with open(path, "rb") as f:
-      data = f.read()
+    data = storage.read_bytes(path)
     try:
       program = jax.export.deserialize(bytearray(data))
     except Exception as e:  # flatbuffer / version errors
@@ -210,13 +210,13 @@ class ExportedPredictor:
     if backend not in program.platforms:
       raise ValueError(f"{path} was lowered for {program.platforms}, not for this machine's "
                        f"{backend!r}; re-export on a jax that can lower for it")
-    raw = _load_npz(os.path.join(export_dir, WEIGHTS_FILE))
+    raw = _load_npz(storage.join(export_dir, WEIGHTS_FILE))
     n = int(meta["program"]["n_weights"])
     missing = [f"w{i:05d}" for i in range(n) if f"w{i:05d}" not in raw]
     if missing:
-      raise ValueError(f"{os.path.join(export_dir, WEIGHTS_FILE)} lacks {len(missing)} of {n} "
+      raise ValueError(f"{storage.join(export_dir, WEIGHTS_FILE)} lacks {len(missing)} of {n} "
                        f"weights (e.g. {missing[0]}); the export is damaged")
-    pool = _load_npz(os.path.join(export_dir, POOL_FILE))
+    pool = _load_npz(storage.join(export_dir, POOL_FILE))
     pool["class_ids"] = pool["class_ids"].astype(np.int32)
     # On the device once, not copied at every call.
     weights = jax.device_put([raw[f"w{i:05d}"] for i in range(n)])

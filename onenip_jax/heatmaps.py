@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import io
 import os
-import pathlib
 from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from onenip_jax.reports import atomic_write_bytes
+from data_pipelines import storage
 
 PathLike = Union[str, os.PathLike]
 
@@ -105,7 +104,7 @@ def _png_bytes(picture: Image.Image) -> bytes:
 
 def save_heatmap(path: PathLike, image: np.ndarray, anomaly_map: np.ndarray,
                  mask: Optional[np.ndarray] = None, score: Optional[float] = None, *,
-                 vmin: float, vmax: float, title: Optional[str] = None) -> pathlib.Path:
+                 vmin: float, vmax: float, title: Optional[str] = None) -> str:
   """Writes a PNG: image | overlay (with the GT contour in white), title and score below.
 
   Args:
@@ -119,7 +118,7 @@ def save_heatmap(path: PathLike, image: np.ndarray, anomaly_map: np.ndarray,
   Returns:
     The written path. Size: (2 * W + GAP, H + TEXT_BAND).
   """
-  path = pathlib.Path(path)
+  path = os.fspath(path)
   rgb = _as_rgb_uint8(image)
   blended = overlay(rgb, anomaly_map, vmin=vmin, vmax=vmax)
   if mask is not None:
@@ -137,12 +136,11 @@ def save_heatmap(path: PathLike, image: np.ndarray, anomaly_map: np.ndarray,
   if parts:
     ImageDraw.Draw(canvas).text((2, h + 3), "  ".join(parts), fill=TEXT_COLOR,
                                 font=ImageFont.load_default())
-  path.parent.mkdir(parents=True, exist_ok=True)
-  atomic_write_bytes(path, _png_bytes(canvas))
+  storage.atomic_write(path, _png_bytes(canvas))
   return path
 
 
-def contact_sheet(png_paths: Sequence[PathLike], out_path: PathLike, cols: int = 4) -> pathlib.Path:
+def contact_sheet(png_paths: Sequence[PathLike], out_path: PathLike, cols: int = 4) -> str:
   """Tiles PNGs into one grid picture (a per-class quick look).
 
   Every tile takes the size of the first picture (others are resized to it); rows are filled
@@ -155,14 +153,14 @@ def contact_sheet(png_paths: Sequence[PathLike], out_path: PathLike, cols: int =
   Returns:
     The written path. Size: (min(cols, n) * W, ceil(n / cols) * H) of the first picture.
   """
-  paths = [pathlib.Path(p) for p in png_paths]
+  paths = [os.fspath(p) for p in png_paths]
   if not paths:
     raise ValueError("contact_sheet: no pictures given")
   if cols < 1:
     raise ValueError(f"cols must be >= 1, got {cols}")
   tiles = []
   for p in paths:
-    with Image.open(p) as im:
+    with Image.open(io.BytesIO(storage.read_bytes(p))) as im:
       tiles.append(im.convert("RGB"))
   w, h = tiles[0].size
   n_cols = min(cols, len(tiles))
@@ -172,7 +170,6 @@ def contact_sheet(png_paths: Sequence[PathLike], out_path: PathLike, cols: int =
     if tile.size != (w, h):
       tile = tile.resize((w, h), Image.Resampling.BILINEAR)
     sheet.paste(tile, ((i % cols) * w, (i // cols) * h))
-  out_path = pathlib.Path(out_path)
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  atomic_write_bytes(out_path, _png_bytes(sheet))
+  out_path = os.fspath(out_path)
+  storage.atomic_write(out_path, _png_bytes(sheet))
   return out_path

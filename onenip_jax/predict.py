@@ -17,12 +17,15 @@ end `predictions.json` with all rows. An image is anomalous iff its score > the 
 one); without any, only scores are written.
 """
 import csv
+import io
 import json
 import logging
 import os
 import sys
 
 import numpy as np
+
+from data_pipelines import storage
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 log = logging.getLogger("onenip")
@@ -32,13 +35,13 @@ def find_images(inputs) -> list[str]:
   """Files and folders (searched recursively) -> sorted image paths; an empty result is an error."""
   paths = []
   for item in inputs:
-    if os.path.isdir(item):
-      found = sorted(os.path.join(d, f) for d, _, files in os.walk(item) for f in files
+    if storage.isdir(item):
+      found = sorted(storage.join(d, f) for d, _, files in storage.walk(item) for f in files
                      if f.lower().endswith(IMAGE_EXTENSIONS))
       if not found:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {item}")
       paths.extend(found)
-    elif os.path.isfile(item):
+    elif storage.isfile(item):
       paths.append(item)
     else:
       raise FileNotFoundError(f"no such file or folder: {item}")
@@ -137,6 +140,12 @@ def predict(scorer, paths, *, batch_size: int = 8, skip_bad: bool = False):
     yield rows, maps, raw
 
 
+def _npy_bytes(anomaly_map) -> bytes:
+  buf = io.BytesIO()
+  np.save(buf, np.asarray(anomaly_map, np.float32))
+  return buf.getvalue()
+
+
 def _stem(path: str) -> str:
   return os.path.splitext(os.path.relpath(path).replace(os.sep, "_").lstrip("._"))[0]
 
@@ -149,10 +158,10 @@ def main(args) -> None:
     scorer = ExportedScorer(args.exported, args.batch_size)
   else:
     scorer = FlaxScorer(args.exported, args.batch_size)
-  os.makedirs(args.out, exist_ok=True)
+  storage.makedirs(args.out)
   results, vmax = [], None
-  csv_path = os.path.join(args.out, "predictions.csv")
-  with open(csv_path, "w", newline="", encoding="utf-8") as f:
+  csv_path = storage.join(args.out, "predictions.csv")
+  with storage.open(csv_path, "w") as f:
     w = csv.writer(f)
     w.writerow(["path", "score", "anomalous", "matched_class", "threshold"])
     for rows, maps, images in predict(scorer, paths, batch_size=args.batch_size,
@@ -161,15 +170,13 @@ def main(args) -> None:
         t = threshold_for(scorer, r["matched_class"], args.threshold)
         r["threshold"], r["anomalous"] = t, None if t is None else bool(r["score"] > t)
         if args.save_maps:
-          r["map"] = os.path.join(args.out, "maps", _stem(r["path"]) + ".npy")
-          os.makedirs(os.path.dirname(r["map"]), exist_ok=True)
-          np.save(r["map"], np.asarray(m, np.float32))
+          r["map"] = storage.join(args.out, "maps", _stem(r["path"]) + ".npy")
+          storage.atomic_write(r["map"], _npy_bytes(m))
         if args.heatmaps:
           from onenip_jax import heatmaps  # pylint: disable=g-import-not-at-top
           if vmax is None:
             vmax = float(np.percentile(maps, 99.9)) or 1.0
-          r["heatmap"] = os.path.join(args.out, "heatmaps", _stem(r["path"]) + ".png")
-          os.makedirs(os.path.dirname(r["heatmap"]), exist_ok=True)
+          r["heatmap"] = storage.join(args.out, "heatmaps", _stem(r["path"]) + ".png")
           heatmaps.save_heatmap(r["heatmap"], img, m, None, r["score"], vmin=0.0, vmax=vmax,
                                 title=r["matched_class"])
         w.writerow([r["path"], f"{r['score']:.7g}", r["anomalous"], r["matched_class"],
@@ -184,10 +191,7 @@ def main(args) -> None:
   payload = {"threshold": global_t, "thresholds": None if args.threshold is not None
              else scorer.thresholds, "fusion_c": scorer.fusion_c, "step": scorer.step,
              "backend": scorer.backend, "predictions": results}
-  tmp = os.path.join(args.out, ".predictions.json.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(payload, f, indent=1)
-  os.replace(tmp, os.path.join(args.out, "predictions.json"))
+  storage.atomic_write(storage.join(args.out, "predictions.json"), json.dumps(payload, indent=1))
   flagged = sum(bool(r["anomalous"]) for r in results)
   print(f"{len(results)} images scored ({scorer.backend} predictor) -> {args.out}/predictions.json"
         + (f"; {flagged} above threshold" if any(r["threshold"] is not None for r in results)

@@ -9,8 +9,8 @@
    "config": {...} ({} when no config is given),
    ...extra keys}
 
-Every file is written to a temporary name in the destination folder and then `os.replace`d,
-so a reader never sees a half-written file.
+Every file is written through `data_pipelines.storage.atomic_write` (a temporary name, then a
+rename), so a reader never sees a half-written file; the folder may be local, `gs://` or `ram://`.
 """
 from __future__ import annotations
 
@@ -20,12 +20,11 @@ import io
 import json
 import math
 import os
-import pathlib
-import tempfile
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
+from data_pipelines import storage
 from onenip_jax.metrics import ALL_KEYS, METRIC_KEYS
 
 PathLike = Union[str, os.PathLike]
@@ -40,34 +39,6 @@ COLUMN_TITLES = {
     "p_f1max": "P-F1",
 }
 RESERVED_KEYS = ("classes", "mean", "step", "config")
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-  """Writes `data` to a temporary file beside `path`, fsyncs it and `os.replace`s it onto `path`.
-
-  Args:
-    path: destination file; its folder must exist.
-    data: the full content.
-  """
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except FileNotFoundError:
-      pass
-    raise
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-  """`atomic_write_bytes` for UTF-8 text."""
-  atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def json_safe(obj: Any) -> Any:
@@ -200,16 +171,14 @@ def write_reports(out_dir: PathLike, metrics: Mapping, *, config: Any = None,
     if clash:
       raise ValueError(f"write_reports: extra keys {clash} clash with reserved {RESERVED_KEYS}")
     doc.update(json_safe(dict(extra)))
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
   text = json.dumps(doc, indent=2, allow_nan=False)
   title = "# Metrics" + ("" if step is None else f" (step {int(step)})")
-  atomic_write_text(out_dir / "metrics.json", text + "\n")
+  storage.atomic_write(storage.join(out_dir, "metrics.json"), text + "\n")
   md = f"{title}\n\n{format_table(checked)}\n"
   for name, table in (sections or {}).items():
     md += f"\n## {name}\n\n{format_table(_check_metrics(table, f'write_reports {name}'))}\n"
-  atomic_write_text(out_dir / "metrics.md", md)
-  atomic_write_text(out_dir / "metrics.csv", format_csv(checked))
+  storage.atomic_write(storage.join(out_dir, "metrics.md"), md)
+  storage.atomic_write(storage.join(out_dir, "metrics.csv"), format_csv(checked))
   return doc
 
 
@@ -224,10 +193,10 @@ def read_metrics(path: PathLike) -> dict:
     FileNotFoundError: the file does not exist.
     ValueError: the file is not valid JSON or lacks the expected layout; the message names it.
   """
-  path = pathlib.Path(path)
-  if path.is_dir():
-    path = path / "metrics.json"
-  text = path.read_text(encoding="utf-8")
+  path = os.fspath(path)
+  if storage.isdir(path):
+    path = storage.join(path, "metrics.json")
+  text = storage.read_text(path)
   try:
     doc = json.loads(text)
   except json.JSONDecodeError as e:

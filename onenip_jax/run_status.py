@@ -2,29 +2,31 @@
 
 Training writes it after the final evaluation (`{"step": N, "metrics": "eval/step_N/metrics.json"}`,
 paths relative to the workdir), so a run is finished exactly when the marker and the metrics it
-names exist. Standard library only.
+names exist. Through the path layer (local, gs://, ram://).
 """
 import json
-import os
+
+from data_pipelines import storage
 
 MARKER = "finished.json"
 
 
 def mark_finished(workdir: str, step: int, eval_dir: str) -> None:
   """Records that `workdir` finished training at `step`, its final metrics in `eval_dir`."""
-  metrics = os.path.relpath(os.path.join(eval_dir, "metrics.json"), workdir)
-  tmp = os.path.join(workdir, f".{MARKER}.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({"step": int(step), "metrics": metrics}, f)
-  os.replace(tmp, os.path.join(workdir, MARKER))
+  rel = eval_dir[len(workdir):].lstrip("/") if eval_dir.startswith(workdir) else eval_dir
+  storage.atomic_write(storage.join(workdir, MARKER),
+                       json.dumps({"step": int(step), "metrics": storage.join(rel, "metrics.json")}))
 
 
 def finished(workdir: str) -> dict | None:
   """{'step', 'metrics' (the final metrics.json)} of a finished run; None if it did not finish."""
+  if not storage.exists(storage.join(workdir, MARKER)):
+    return None
   try:
-    with open(os.path.join(workdir, MARKER), encoding="utf-8") as f:
-      marker = json.load(f)
-    with open(os.path.join(workdir, marker["metrics"]), encoding="utf-8") as f:
-      return {"step": marker["step"], "metrics": json.load(f)}
+    marker = json.loads(storage.read_text(storage.join(workdir, MARKER)))
+    if not storage.exists(storage.join(workdir, marker["metrics"])):
+      return None
+    return {"step": marker["step"],
+            "metrics": json.loads(storage.read_text(storage.join(workdir, marker["metrics"])))}
   except (OSError, ValueError, KeyError, TypeError):
     return None

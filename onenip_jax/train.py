@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from data_pipelines import indexing, input_pipeline
+from data_pipelines import indexing, input_pipeline, storage
 from onenip_jax import (checkpoints, evaluate, losses, metric_logging, run_control, run_status,
                         sharding)
 from onenip_jax.compile_options import compiler_options
@@ -191,16 +191,16 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
 
 def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> TrainState:
   with guard.interruptible():  # start-up: nothing to save, a restart redoes it
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(cfg.batch_size, mesh)
     if cfg.data.layout == "demo" and not cfg.data.root:
-      cfg.data.root = os.path.join(os.path.abspath(workdir), "demo_data")
+      cfg.data.root = storage.join(storage.abspath(workdir), "demo_data")
     manager = checkpoints.make_manager(workdir, cfg)
     stored = checkpoints.latest_config(manager)  # (step, config) of the newest checkpoint
     if stored is not None:  # before any work: a resume with another model or data fails at once
       run_control.check_resume(stored[1], cfg, workdir, stored[0])
-    index = indexing.index_config(cfg, verify_cache=os.path.join(workdir, "verified_images.json"))
+    index = indexing.index_config(cfg, verify_cache=storage.join(workdir, "verified_images.json"))
     spe = input_pipeline.steps_per_epoch(index, cfg.batch_size)
     num_steps = total_steps(cfg, spe)
     log.info("%d classes, %d train / %d test images; %d steps (%d per epoch) on %d devices",

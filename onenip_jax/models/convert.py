@@ -18,7 +18,6 @@ import glob
 import importlib.util
 import os
 import sys
-import tempfile
 from typing import Mapping, Optional
 
 import flax
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app
 
+from data_pipelines import storage
 from onenip_jax.models import efficientnet as enet
 from onenip_jax.models import pth
 
@@ -225,24 +225,10 @@ def feature_variables(variables: Mapping, variant: str, taps: Optional[tuple] = 
   return {col: {k: v for k, v in tree.items() if k in keep} for col, tree in variables.items()}
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def save_variables(path: str, variables: Mapping) -> None:
   """Writes variables as flax msgpack (to a temporary name, then renamed)."""
   tree = jax.tree_util.tree_map(np.asarray, flax.core.unfreeze(dict(variables)))
-  _atomic_write(os.fspath(path), flax.serialization.msgpack_serialize(tree))
+  storage.atomic_write(os.fspath(path), flax.serialization.msgpack_serialize(tree))
 
 
 def load_variables(path: str, variant: str) -> dict:
@@ -256,10 +242,9 @@ def load_variables(path: str, variant: str) -> dict:
     ValueError: unreadable / truncated file or a tree of another architecture (names the file).
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f"backbone weights not found: {path} (model.backbone_weights)")
-  with open(path, "rb") as f:
-    data = f.read()
+  data = storage.read_bytes(path)
   try:
     tree = flax.serialization.msgpack_restore(data)
   except Exception as e:  # msgpack raises several types on truncated / foreign data
