@@ -37,7 +37,8 @@ def scheme(path: PathLike) -> str:
 
 
 def _gfile():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from data_pipelines.tf_setup import import_tensorflow  # pylint: disable=g-import-not-at-top
+  tf = import_tensorflow()
   return tf.io.gfile
 
 

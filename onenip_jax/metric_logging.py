@@ -34,7 +34,8 @@ def _writers():
 def make_jsonl_writer(path: str):
   """A clu MetricWriter that appends each `write_scalars` call to `path` as one JSON line."""
   metric_writers = _writers()
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from data_pipelines.tf_setup import import_tensorflow  # pylint: disable=g-import-not-at-top
+  tf = import_tensorflow()
 
   class JsonlWriter(metric_writers.MetricWriter):
     """Scalars as JSON lines {"step": s, name: value, ...}; every other kind is not written."""
@@ -112,7 +113,8 @@ def eval_scalars(result: Mapping) -> dict:
 def read_contact_sheets(eval_dir: str, max_classes: int = 4) -> dict:
   """{'heatmaps/<class>': (H, W, 3) uint8} from `<eval_dir>/heatmaps/<class>/contact_sheet.png`,
   written by evaluate when `eval.heatmaps` is on; {} when there are none."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from data_pipelines.tf_setup import import_tensorflow  # pylint: disable=g-import-not-at-top
+  tf = import_tensorflow()
   from PIL import Image  # pylint: disable=g-import-not-at-top
   root = os.path.join(eval_dir, "heatmaps")
   if not tf.io.gfile.isdir(root):
