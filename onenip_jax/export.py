@@ -481,7 +481,7 @@ def main(args) -> None:
   predictor.pool = inference.build_prompt_pool(predictor, index, cfg)
   calibration = checkpoints.read_calibration(args.workdir, step)
   scoring = make_scoring(cfg, fusion_c, calibration)
-  log.info("export scoring: %s%s", scoring["fusion"], f" ({scoring['note']})" * bool(scoring["note"]))
+  log.info("export scoring: %s %s", scoring["fusion"], scoring["note"])
   model = LoadedModel(predictor, cfg, tuple(index.classes), fusion_c, step, None, scoring,
                       calibration)
   thresholds = None

@@ -234,7 +234,9 @@ def test_eval_without_flax_tf_orbax_matches_flax_eval(tiny, tmp_path):
       if v is None:
         assert mine["classes"][cls][k] is None, (cls, k)
       else:
-        assert mine["classes"][cls][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (cls, k)
+        # abs 3e-5: the numpy/PIL and tf.data pixels differ by up to 1e-5, which reorders a few
+        # near-tied pixels of the calibrated map in the pixel metrics.
+        assert mine["classes"][cls][k] == pytest.approx(v, rel=1e-5, abs=3e-5), (cls, k)
 
 
 def _write_format_2_program(out):
@@ -246,7 +248,8 @@ def _write_format_2_program(out):
 
   def old(weights, images, feats, desc, ids, c):
     m = c * images.mean(-1) + weights[0]
-    return m, m.max(axis=(1, 2)), jnp.zeros(images.shape[:1], jnp.int32) + ids[0] + feats.shape[0] * 0
+    del feats, desc
+    return m, m.max(axis=(1, 2)), jnp.zeros(images.shape[:1], jnp.int32) + ids[0]
 
   with np.load(os.path.join(out, exported.POOL_FILE)) as z:
     feats, desc = z["features"], z["descriptors"]
