@@ -59,8 +59,9 @@ def _export_flags(fv):
                       "the stored run's); " + _CONFIG_HELP, flag_values=fv)
   flags.DEFINE_integer("step", None, "checkpoint step (default: latest)", flag_values=fv)
   flags.DEFINE_boolean("overwrite", False, "replace an existing export", flag_values=fv)
-  flags.DEFINE_float("threshold-fraction", 0.1, "fraction of each class's normal training images "
-                     "scored for the thresholds (0 = no thresholds)", lower_bound=0.0,
+  flags.DEFINE_float("threshold-fraction", 0.1, "thresholds from the held-out normals; for a class "
+                     "without any, from this fraction of its normal training images (0 = no "
+                     "thresholds)", lower_bound=0.0,
                      upper_bound=1.0, flag_values=fv)
   flags.DEFINE_float("target-fpr", 0.01, "false-positive rate the normal-image thresholds aim at, "
                      "in [0, 1)", lower_bound=0.0, flag_values=fv)

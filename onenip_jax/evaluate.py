@@ -354,7 +354,7 @@ def evaluate_predictor(cfg, predictor, index, out_dir: str, frozen_c: float, *, 
 
 def evaluate_exported(cfg, model, index, out_dir: str, *, samples=None) -> dict:
   """`evaluate_predictor` through the serialised predictor (`onenip_jax.exported.ExportedPredictor`):
-  numpy/PIL preprocessing, pool prompts, the export's frozen fusion constant."""
+  numpy/PIL preprocessing, pool prompts, the export's scoring (`model.scoring`) only."""
   from onenip_jax import exported  # pylint: disable=g-import-not-at-top
   samples = index.test if samples is None else samples
   if tuple(index.classes) != model.classes:
@@ -382,11 +382,14 @@ def evaluate_exported(cfg, model, index, out_dir: str, *, samples=None) -> dict:
                       class_ids=np.full(n, index.class_id(cls)),
                       load_image=lambda p: exported.load_image(p, size))
     del maps, masks
-  c = float(model.meta["fusion_c"])
-  extra = {"fusion": "frozen", "fusion_c": c, "prompt_mode": "pool", "backend": "exported"}
+  c, scoring_entry = float(model.meta["fusion_c"]), model.scoring
+  extra = {"fusion": scoring_entry["fusion"], "scoring": scoring_entry, "fusion_c": c,
+           "fusion_c_source": "frozen", "alpha": cfg.eval.alpha,
+           "calibration": model.meta.get("calibration"), "prompt_mode": "pool",
+           "backend": "exported"}
   result = builder.finish(step=model.meta.get("step"), extra=extra)
-  log.info("eval of the serialised predictor (frozen fusion c=%.4f, pool prompts) -> %s\n%s", c,
-           out_dir, reports.format_table(result))
+  log.info("eval of the serialised predictor (%s scoring, pool prompts) -> %s\n%s",
+           scoring_entry["fusion"], out_dir, reports.format_table(result))
   return result
 
 
@@ -431,6 +434,11 @@ def main(args) -> None:
       log.info("the serialised predictor uses pool prompts (eval.prompt_mode=%r needs --flax)",
                cfg.eval.prompt_mode)
       cfg.eval.prompt_mode = "pool"
+    wanted = default_scoring(cfg, model.meta.get("calibration"), bool(cfg.model.refiner))
+    if wanted != model.scoring["fusion"]:
+      log.warning("eval.fusion asks for the %r scoring; the serialised predictor computes the "
+                  "export's %r (pass --flax, or re-export with --config.eval.fusion=%s)", wanted,
+                  model.scoring["fusion"], wanted)
     out = args.out or os.path.join(args.exported, "eval")
     result = evaluate_exported(cfg, model, indexing.index_config(cfg), out)
     print(f"step {model.meta.get('step')}, pool prompts, serialised predictor -> {out}/metrics.json"
@@ -442,11 +450,14 @@ def main(args) -> None:
     loaded = export.load_export(args.exported, mesh)
     cfg = load_config(args.config, args.overrides, base=loaded.config)
     predictor, frozen_c, step = loaded.predictor, loaded.fusion_c, loaded.step
+    calibration = loaded.calibration
     out = args.out or os.path.join(args.exported, "eval")
   else:
     cfg, predictor, frozen_c, step = export.load_checkpoint(
         args.workdir, mesh, args.step, config=args.config, overrides=args.overrides)
     out = args.out or os.path.join(args.workdir, "eval")
+    from onenip_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    calibration = checkpoints.read_calibration(args.workdir, step)
   cfg.unlock()
   cfg.eval.heatmaps = cfg.eval.heatmaps or args.heatmaps
   index = indexing.index_config(cfg)
@@ -455,8 +466,6 @@ def main(args) -> None:
     predictor.pool = inference.build_prompt_pool(predictor, index, cfg)
   elif cfg.eval.prompt_mode == "class":
     predictor.pool = None
-  from onenip_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  calibration = None if args.exported else checkpoints.read_calibration(args.workdir, step)
   result = evaluate_predictor(cfg, predictor, index, out, frozen_c, step=step,
                               calibration=calibration)
   print(f"step {step}, {cfg.eval.prompt_mode} prompts -> {out}/metrics.json\n"

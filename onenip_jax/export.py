@@ -5,8 +5,10 @@
 
 EXPORT_DIR holds everything inference needs and nothing of training (no optimiser state):
   export.json              format and package version, classes, input size, preprocessing (resize
-                           method, mean, std), fusion constant, thresholds (each with how it was
-                           made), checkpoint step, the serialised program's platforms, the config
+                           method, mean, std), fusion constant, `scoring` (the map the predictors
+                           compute), `calibration` (the run's, or null), thresholds (each with how
+                           it was made), checkpoint step, the serialised program's platforms, the
+                           config
   predictor.jaxexport      `jax.export` serialisation of the whole pool-mode predictor and
   predictor_weights.npz    its weights (see `onenip_jax.exported`, which runs them with jax,
                            numpy and Pillow only)
@@ -15,17 +17,33 @@ EXPORT_DIR holds everything inference needs and nothing of training (no optimise
   prompt_pool.npz          per-class prompt features for class-agnostic (pool) prompts
 The directory is written under a temporary name and renamed, so it is complete or absent.
 
-Thresholds on the image score (an image is anomalous iff score > threshold), one per class and a
-global one, never from the test set by default:
-  default            the `--target-fpr` quantile of the pool-mode scores of a `--threshold-fraction`
-                     of each class's normal training images (not the prompt-pool images). These were
-                     seen in training (the training split holds none out), so the thresholds are
-                     somewhat optimistic (low); use --threshold-dir for unseen images.
+Scoring: `eval.fusion` of the (overridable) config, as `onenip-eval` scores: "calibrated" (the
+default) uses the calibration stored with the checkpoint (`onenip_jax.calibration`, made at the end
+of training on held-out normals), falling back to "reference" with a note in export.json when the
+run has none; `--config.eval.fusion=reference` exports the reference fusion. Both export
+predictors (Flax, `load_export`, and serialised) score with pool prompts, so they use the GLOBAL
+calibration, which is what it was fitted for (one set of statistics and weight over all classes,
+chosen on the mean objective of the classes): an image's map and score then do not depend on which
+class its prompt matched (a wrong match changes the prompt, not the normalisation), pool-mode
+`onenip-eval --workdir` reports the same numbers, and the program has one box size. export.json
+keeps the whole calibration (per class and global: the choice, its validation figures, every
+candidate, the held-out images, the synthesis seed).
+
+Thresholds on the image score of that scoring (an image is anomalous iff score > threshold), one
+per class and a global one, never from the test set by default:
+  default            the `--target-fpr` quantile of the pool-mode scores of the class's held-out
+                     normal training images (`index.holdout`, `calibration.holdout_fraction`):
+                     never trained on, but also the calibration's normals (its statistics and
+                     weight were chosen on them), so the FPR on new normals may be a little
+                     higher. A class without held-out images (or a run without a holdout) uses a
+                     `--threshold-fraction` of its normal training images (not the prompt-pool
+                     images), seen in training, so somewhat optimistic (low).
+                     `--threshold-fraction 0`: no thresholds.
   --threshold-dir    a labelled validation folder `DIR/<class>/good/*` (normal) and
                      `DIR/<class>/<defect>/*` (anomalous): F1-optimal where a class has both, else
                      the normal-score quantile.
   --calibrate-on-test  F1-optimal on the config's TEST set (optimistic; for comparisons only).
-export.json records the source, method, image counts and target of each threshold.
+export.json records the scoring, source, method, image counts and target of each threshold.
 """
 import dataclasses
 import importlib.metadata
@@ -57,11 +75,18 @@ class LoadedModel:
   fusion_c: float
   step: int
   thresholds: dict | None
+  scoring: dict | None = None      # export.json's `scoring` (`exported.scoring_entry`)
+  calibration: dict | None = None  # the run's calibration, or None
 
   @property
   def threshold(self) -> float | None:
     """The global threshold (None without one)."""
     return exported.threshold_value(self.thresholds, None)
+
+  def score(self, rec: np.ndarray, ref: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H, W) maps of pool prompts -> (anomaly maps (N, H, W) f32, image scores (N,)) of the
+    export's scoring."""
+    return score_maps(self.scoring, rec, ref, self.config, self.fusion_c, self.calibration)
 
 
 def load_checkpoint(workdir: str, mesh, step=None, *, config=None, overrides=()):
@@ -108,24 +133,25 @@ def _host_tree(tree):
                       else np.asarray(x), tree)
 
 
-def serialize_predictor(predictor: inference.Predictor, cfg,
+def serialize_predictor(predictor: inference.Predictor, cfg, scoring: dict,
                         platforms=("cpu", "cuda", "tpu")) -> tuple[bytes, list, tuple]:
-  """`jax.export` of `Predictor.fused` (pool prompts, fusion, image score) with symbolic B and K.
+  """`jax.export` of `Predictor.fused` (pool prompts, scoring, image score) with symbolic B and K.
 
-  The weights are the program's first argument (a flat list), not embedded constants: see
-  `onenip_jax.exported` for why. Platforms the installed jax cannot lower for are left out.
+  The weights are the program's first argument (a flat list) and the six `scoring` numbers its
+  last, not embedded constants: see `onenip_jax.exported` for why. Only `scoring["pool_size"]` is
+  compiled in. Platforms the installed jax cannot lower for are left out.
 
   Returns:
     (serialised program, weight leaves in the program's order, platforms lowered for).
   """
   leaves, treedef = jax.tree.flatten({"model": _host_tree(predictor.variables),
                                       "backbone": _host_tree(predictor.backbone_vars)})
-  alpha, pool_size = float(cfg.eval.alpha), int(cfg.eval.pool_size)
+  pool_size = int(scoring["pool_size"])
 
-  def predict(weights, images, pool_feats, pool_desc, pool_class_ids, fusion_c):
+  def predict(weights, images, pool_feats, pool_desc, pool_class_ids, scoring_params):
     w = jax.tree.unflatten(treedef, weights)
     return predictor.fused(w["model"], w["backbone"], images, pool_feats, pool_desc,
-                           pool_class_ids, fusion_c, alpha=alpha, pool_size=pool_size)
+                           pool_class_ids, scoring_params, pool_size=pool_size)
 
   b, k = jax.export.symbolic_shape("b, k")
   size, pool = cfg.input_size, predictor.pool
@@ -133,7 +159,8 @@ def serialize_predictor(predictor: inference.Predictor, cfg,
            jax.ShapeDtypeStruct((b, size, size, 3), np.float32),
            jax.ShapeDtypeStruct((k,) + pool.features.shape[1:], np.float32),
            jax.ShapeDtypeStruct((k, pool.descriptors.shape[1]), np.float32),
-           jax.ShapeDtypeStruct((k,), np.int32), jax.ShapeDtypeStruct((), np.float32))
+           jax.ShapeDtypeStruct((k,), np.int32),
+           jax.ShapeDtypeStruct((len(exported.SCORING_KEYS),), np.float32))
 
   def lower(plats):
     return jax.export.export(jax.jit(predict), platforms=plats)(*specs)
@@ -153,6 +180,49 @@ def serialize_predictor(predictor: inference.Predictor, cfg,
       raise
     program = lower(tuple(ok))
   return bytes(program.serialize()), leaves, tuple(program.platforms)
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def make_scoring(cfg, fusion_c: float, calibration: dict | None) -> dict:
+  """export.json's `scoring`: the `eval.fusion` scoring (`evaluate.default_scoring`, with its
+  fallbacks) as {"fusion", "params": {exported.SCORING_KEYS}, "pool_size", "calibration_scope",
+  "requested", "note"}; calibrated uses the GLOBAL calibration (pool prompts, module doc)."""
+  from onenip_jax import evaluate  # pylint: disable=g-import-not-at-top
+  requested = {"frozen": "reference"}.get(cfg.eval.fusion, cfg.eval.fusion)
+  name = evaluate.default_scoring(cfg, calibration, bool(cfg.model.refiner))
+  alpha, pool_size, scope, note = float(cfg.eval.alpha), int(cfg.eval.pool_size), None, ""
+  values = {"reference": (0.0, 1.0, 0.0, 1.0, float(np.float32(1.0 - alpha)),
+                          float(np.float32(alpha) * np.float32(fusion_c))),
+            "refiner": (0.0, 1.0, 0.0, 1.0, 0.0, 1.0),
+            "reconstruction": (0.0, 1.0, 0.0, 1.0, 1.0, 0.0)}
+  if name == "calibrated":
+    g, scope = calibration["global"], "global"
+    values["calibrated"] = (g["rec_mean"], g["rec_std"], g["ref_mean"], g["ref_std"],
+                            float(np.float32(1.0 - g["weight"])), float(g["weight"]))
+    pool_size = int(g["pool_size"])
+    note = (f"global calibration: w={g['weight']:g}, box {pool_size}, validation "
+            f"mean {100 * g['objective']:.2f} ({g['n_normal']} held-out normal + "
+            f"{g['n_synthetic']} synthetic images, {calibration.get('prompt_mode', '?')} prompts)")
+  elif requested == "calibrated" and name == "reference":
+    note = ("eval.fusion='calibrated' but the run has no calibration (calibration."
+            "holdout_fraction=0 or an older run): the reference fusion")
+  elif name != requested:
+    note = f"eval.fusion={requested!r} needs a refiner; this model has none"
+  return {"fusion": name, "params": dict(zip(exported.SCORING_KEYS, map(float, values[name]))),
+          "pool_size": pool_size, "calibration_scope": scope, "requested": requested,
+          "note": note}
+
+
+def score_maps(scoring: dict, rec: np.ndarray, ref: np.ndarray | None, cfg, fusion_c: float,
+               calibration: dict | None) -> tuple[np.ndarray, np.ndarray]:
+  """(N, H, W) pool-prompt maps -> (anomaly maps (N, H, W) f32, image scores (N,)) of `scoring`
+  (`make_scoring`), computed as `onenip-eval` does (`evaluate.scored_maps`)."""
+  from onenip_jax import evaluate  # pylint: disable=g-import-not-at-top
+  return evaluate.scored_maps(scoring["fusion"], rec, ref, c=fusion_c, cfg=cfg,
+                              calibration=calibration, cls=None)
 
 
 def package_version() -> str:
@@ -188,10 +258,15 @@ def check_out_dir(out_dir: str, overwrite: bool, workdir: str | None = None) -> 
 
 def write_export(out_dir: str, cfg, predictor: inference.Predictor, classes, fusion_c: float,
                  step: int, thresholds: dict | None = None, overwrite: bool = False,
-                 workdir: str | None = None) -> None:
+                 workdir: str | None = None, *, calibration: dict | None = None,
+                 scoring: dict | None = None) -> None:
   """Writes the export directory: built in a local staging folder, then `storage.move_dir`d (a
-  rename beside a local `out_dir`; a copy to `gs://` or `ram://`, see `data_pipelines.storage`)."""
+  rename beside a local `out_dir`; a copy to `gs://` or `ram://`, see `data_pipelines.storage`).
+
+  `scoring` defaults to `make_scoring(cfg, fusion_c, calibration)`; `thresholds` must have been
+  made on it (`make_thresholds`)."""
   check_out_dir(out_dir, overwrite, workdir)
+  scoring = scoring or make_scoring(cfg, fusion_c, calibration)
   tmp = storage.staging_dir(out_dir)
   try:
     write = lambda name, data: storage.atomic_write(os.path.join(tmp, name), data)
@@ -201,7 +276,7 @@ def write_export(out_dir: str, cfg, predictor: inference.Predictor, classes, fus
     pool = predictor.pool
     write(exported.POOL_FILE, _npz_bytes(features=pool.features, class_ids=pool.class_ids,
                                          descriptors=pool.descriptors))
-    program, leaves, platforms = serialize_predictor(predictor, cfg)
+    program, leaves, platforms = serialize_predictor(predictor, cfg, scoring)
     write(exported.PROGRAM_FILE, program)
     write(exported.WEIGHTS_FILE, _npz_bytes(**{f"w{i:05d}": x for i, x in enumerate(leaves)}))
     meta = {"format_version": FORMAT_VERSION, "package_version": package_version(),
@@ -211,9 +286,13 @@ def write_export(out_dir: str, cfg, predictor: inference.Predictor, classes, fus
                               "mean": list(cfg.data.mean), "std": list(cfg.data.std)},
             "mean": list(cfg.data.mean), "std": list(cfg.data.std),
             "fusion_c": fusion_c, "alpha": cfg.eval.alpha, "pool_size": cfg.eval.pool_size,
+            "scoring": scoring, "calibration": calibration,
             "thresholds": thresholds, "backbone": cfg.model.backbone,
             "program": {"file": exported.PROGRAM_FILE, "weights": exported.WEIGHTS_FILE,
                         "n_weights": len(leaves), "platforms": list(platforms),
+                        "arguments": ["weights", "images", "pool_features", "pool_descriptors",
+                                      "pool_class_ids", "scoring"],
+                        "scoring_layout": list(exported.SCORING_KEYS),
                         "jax_version": jax.__version__, "prompts": "pool"},
             "config": json.loads(cfg.to_json_best_effort())}
     write("export.json", json.dumps(meta, indent=1))
@@ -255,36 +334,46 @@ def _threshold_entry(scores, labels, source: str, target_fpr: float, note: str =
   return entry
 
 
-def _class_scores(predictor, samples, index, cfg, fusion_c: float) -> dict:
-  """{class: (pool-mode image scores (n,), labels (n,))}, evaluated one class at a time."""
+def _class_scores(model: LoadedModel, samples, index) -> dict:
+  """{class: (pool-mode image scores of the export's scoring (n,), labels (n,))}, one class at a
+  time."""
   from onenip_jax import evaluate  # pylint: disable=g-import-not-at-top
   out = {}
   for cls, rows in evaluate.class_rows(samples, index.classes):
     subset = [samples[i] for i in rows]
-    maps = evaluate.collect_maps(predictor, subset, index, cfg)
-    s = evaluate.fused_maps(maps, np.arange(len(subset)), fusion_c, cfg.eval.alpha)
+    maps = evaluate.collect_maps(model.predictor, subset, index, model.config)
+    _, scores = model.score(maps["rec"], maps["ref"])
     labels = np.where(maps["has_mask"], maps["mask"].any(axis=(1, 2)), maps["label"] > 0)
-    out[cls] = (evaluate.image_scores(s, cfg.eval.pool_size), labels.astype(np.int32))
+    out[cls] = (scores, labels.astype(np.int32))
   return out
 
 
-def make_thresholds(predictor, samples, index, cfg, fusion_c: float, source: str,
-                    target_fpr: float, note: str = "") -> dict:
-  """{'global': entry, 'per_class': {class: entry}} from `samples` (see the module doc)."""
-  by_class = _class_scores(predictor, samples, index, cfg, fusion_c)
-  per_class = {c: _threshold_entry(s, l, source, target_fpr, note) for c, (s, l) in by_class.items()}
+def make_thresholds(model: LoadedModel, samples, index, source: str, target_fpr: float,
+                    note: str = "", class_sources: dict | None = None) -> dict:
+  """{'global': entry, 'per_class': {class: entry}, 'scoring': name} from `samples` (module doc),
+  on `model`'s scoring. `class_sources`: {class: (source, note)} for classes whose samples come
+  from elsewhere than `source`."""
+  class_sources = class_sources or {}
+  by_class = _class_scores(model, samples, index)
+  per_class = {}
+  for c, (s, l) in by_class.items():
+    src, why = class_sources.get(c, (source, note))
+    per_class[c] = _threshold_entry(s, l, src, target_fpr, why)
+  used = sorted({e["source"] for e in per_class.values()})
   scores = np.concatenate([s for s, _ in by_class.values()])
   labels = np.concatenate([l for _, l in by_class.values()])
-  return {"global": _threshold_entry(scores, labels, source, target_fpr, note),
-          "per_class": per_class}
+  glob = _threshold_entry(scores, labels, "+".join(used), target_fpr,
+                          note if used == [source] else "pooled over the per-class sources")
+  return {"global": glob, "per_class": per_class, "scoring": model.scoring["fusion"]}
 
 
-def threshold_normals(index, pool: inference.PromptPool, fraction: float, seed: int) -> list:
+def threshold_normals(index, pool: inference.PromptPool, fraction: float, seed: int,
+                      classes=None) -> list:
   """A `fraction` (at least 1) of each class's normal training images, prompt images excluded."""
   rng = np.random.default_rng(seed + 1)
   taken = set(pool.paths)
   chosen = []
-  for cls in index.classes:
+  for cls in index.classes if classes is None else classes:
     cand = [s for s in index.train if s.cls == cls and s.label == 0 and s.path not in taken]
     if not cand:
       raise ValueError(f"class {cls!r} has no normal training image outside the prompt pool to "
@@ -292,6 +381,23 @@ def threshold_normals(index, pool: inference.PromptPool, fraction: float, seed: 
     n = max(1, int(round(fraction * len(cand))))
     chosen += [cand[i] for i in sorted(rng.choice(len(cand), size=n, replace=False))]
   return chosen
+
+
+def default_threshold_samples(index, pool: inference.PromptPool, fraction: float,
+                              seed: int) -> tuple[list, dict]:
+  """(samples, {class: (source, note)}) of the default thresholds (module doc): each class's
+  held-out normals, else `threshold_normals` of its training images."""
+  held = {s.cls for s in index.holdout}
+  rest = [c for c in index.classes if c not in held]
+  sources = {c: ("holdout-normals", "held-out normal training images (calibration."
+                 "holdout_fraction): never trained on; also the calibration's normal set")
+             for c in held}
+  sources.update({c: ("train-normals", f"{fraction:g} of the class's normal training images "
+                      "(prompt images excluded); they were seen in training") for c in rest})
+  samples = [s for s in index.holdout if s.label == 0]
+  if rest:
+    samples += threshold_normals(index, pool, fraction, seed, rest)
+  return samples, sources
 
 
 def validation_samples(folder: str, classes) -> list:
@@ -343,7 +449,8 @@ def load_export(export_dir: str, mesh=None) -> LoadedModel:
     thresholds = {"global": {"value": meta["threshold"], "method": "f1-max", "source": "test-set"},
                   "per_class": {}}
   return LoadedModel(predictor, cfg, tuple(meta["classes"]), float(meta["fusion_c"]),
-                     int(meta["step"]), thresholds)
+                     int(meta["step"]), thresholds, exported.scoring_entry(meta),
+                     meta.get("calibration"))
 
 
 def _restore_msgpack(path: str) -> dict:
@@ -369,29 +476,33 @@ def main(args) -> None:
   if np.isnan(fusion_c):
     raise ValueError(f"{args.workdir}: the checkpoint at step {step} has no frozen fusion constant "
                      "(training did not finish); finish training or pass --step of a final checkpoint")
-  index = indexing.index_dataset(cfg.data,
-                                 verify_cache=os.path.join(args.workdir, "verified_images.json"))
+  index = indexing.index_config(cfg, verify_cache=os.path.join(args.workdir,
+                                                               "verified_images.json"))
   predictor.pool = inference.build_prompt_pool(predictor, index, cfg)
+  calibration = checkpoints.read_calibration(args.workdir, step)
+  scoring = make_scoring(cfg, fusion_c, calibration)
+  log.info("export scoring: %s %s", scoring["fusion"], scoring["note"])
+  model = LoadedModel(predictor, cfg, tuple(index.classes), fusion_c, step, None, scoring,
+                      calibration)
   thresholds = None
   if args.calibrate_on_test:
-    thresholds = make_thresholds(predictor, index.test, index, cfg, fusion_c, "test-set",
-                                 args.target_fpr, "fitted on the test set: optimistic")
+    thresholds = make_thresholds(model, index.test, index, "test-set", args.target_fpr,
+                                 "fitted on the test set: optimistic")
   elif args.threshold_dir:
     samples = validation_samples(args.threshold_dir, index.classes)
-    thresholds = make_thresholds(predictor, samples, index, cfg, fusion_c,
-                                 f"validation-folder:{args.threshold_dir}", args.target_fpr)
+    thresholds = make_thresholds(model, samples, index, f"validation-folder:{args.threshold_dir}",
+                                 args.target_fpr)
   elif args.threshold_fraction > 0:
-    samples = threshold_normals(index, predictor.pool, args.threshold_fraction, cfg.seed)
-    thresholds = make_thresholds(
-        predictor, samples, index, cfg, fusion_c, "train-normals", args.target_fpr,
-        f"{args.threshold_fraction:g} of each class's normal training images (prompt images "
-        "excluded); they were seen in training")
+    samples, sources = default_threshold_samples(index, predictor.pool, args.threshold_fraction,
+                                                 cfg.seed)
+    thresholds = make_thresholds(model, samples, index, "holdout-normals", args.target_fpr,
+                                 class_sources=sources)
   if thresholds:
     log.info("thresholds (%s): global %.5f; %s", thresholds["global"]["source"],
              thresholds["global"]["value"],
              ", ".join(f"{c} {e['value']:.5f}" for c, e in thresholds["per_class"].items()))
   write_export(args.out, cfg, predictor, index.classes, fusion_c, step, thresholds,
-               args.overwrite, args.workdir)
+               args.overwrite, args.workdir, calibration=calibration, scoring=scoring)
   log.info("exported step %d to %s", step, args.out)
 
 

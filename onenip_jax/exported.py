@@ -3,24 +3,35 @@
 This module imports nothing of flax, TensorFlow, Orbax or `onenip_jax.models` (only
 `data_pipelines.pil_decode`, the pipeline's numpy/PIL decoder, and `data_pipelines.storage`, which
 imports TensorFlow only for a non-local path such as `gs://`): it scores images on any machine
-with jax, numpy and Pillow. What it reads (written by `onenip-export`, format version 2):
+with jax, numpy and Pillow. What it reads (written by `onenip-export`, format version 3; versions
+1 and 2 are still read):
 
   export.json                 format and package version, classes, input size, preprocessing
-                              (resize method, mean, std), fusion constant, thresholds (each with how
-                              it was made), the serialised platforms and the config
+                              (resize method, mean, std), fusion constant, `scoring` (the anomaly
+                              map the program computes: its name, SCORING_KEYS values and box
+                              size), `calibration` (the run's, or null), thresholds (each with how
+                              it was made, on that scoring), the serialised platforms and the config
   predictor.jaxexport         `jax.export` serialisation (StableHLO) of the whole pool-mode predictor
                               f(weights, images (B, H, W, 3), pool features (K, h, w, C), pool
-                              descriptors (K, C), pool class ids (K,), fusion constant ()) ->
-                              (fused anomaly map (B, H, W), image score (B,), matched class id (B,)),
+                              descriptors (K, C), pool class ids (K,), scoring (6,)) ->
+                              (anomaly map (B, H, W), image score (B,), matched class id (B,)),
                               B and K symbolic, lowered for cpu and, when the installed jax can, cuda
-                              and tpu
+                              and tpu (format 2: the last argument is the fusion constant ())
   predictor_weights.npz       the weights, leaves `w00000`, `w00001`, ... in the program's order
   prompt_pool.npz             features, descriptors and class_ids of the prompt pool
 
-The weights are arguments stored beside the program rather than constants inside it: the program
-stays small (a few hundred kB) whatever the backbone, its serialisation does not copy hundreds of
-MB of constants through MLIR, the weights stay plain numpy arrays anyone can inspect, and the same
-program serves any retrained weights of the same architecture.
+The map is S = rec_weight (rec - rec_mean) / rec_std + ref_weight (ref - ref_mean) / ref_std
+(`scoring` argument, SCORING_KEYS order), and the image score the max of its stride-1
+`scoring.pool_size` box mean. This one form holds every scoring of `onenip-eval`: the calibrated
+one (normal-data statistics, w; `onenip_jax.calibration`), the reference fusion (means 0, stds 1,
+weights 1 - alpha and alpha c), refiner or reconstruction only.
+
+The weights and the six scoring numbers are arguments stored beside the program rather than
+constants inside it: the program stays small (a few hundred kB) whatever the backbone, its
+serialisation does not copy hundreds of MB of constants through MLIR, the weights stay plain numpy
+arrays anyone can inspect, the scoring stays readable (and editable) in export.json, and the same
+program serves any retrained weights or scoring of the same architecture. Only the box size, a
+shape, is compiled in.
 
 Preprocessing is the eval pipeline's (`data_pipelines/input_pipeline.py`) redone in numpy: PIL
 decoding, TF's antialiased bilinear resize (`tf.image.resize(..., antialias=True)`, the same spans,
@@ -42,7 +53,9 @@ import numpy as np
 from data_pipelines import storage
 from data_pipelines.pil_decode import pil_decode
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+SCORING_KEYS = ("rec_mean", "rec_std", "ref_mean", "ref_std", "rec_weight", "ref_weight")
 PROGRAM_FILE = "predictor.jaxexport"
 WEIGHTS_FILE = "predictor_weights.npz"
 POOL_FILE = "prompt_pool.npz"
@@ -147,14 +160,14 @@ def read_meta(export_dir: str) -> dict:
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON ({e}); the export is damaged") from e
   version = meta.get("format_version")
-  if version not in (1, FORMAT_VERSION):
+  if version not in READABLE_VERSIONS:
     raise ValueError(f"{path}: export format version {version!r} is not supported by this "
                      f"onenip-jax (expects {FORMAT_VERSION}); re-export the model")
   return meta
 
 
 def has_program(export_dir: str) -> bool:
-  """Whether `export_dir` holds a serialised predictor (format 2 exports do)."""
+  """Whether `export_dir` holds a serialised predictor (format 2 and later exports do)."""
   return storage.isfile(storage.join(export_dir, PROGRAM_FILE))
 
 
@@ -166,6 +179,26 @@ def _load_npz(path: str) -> dict:
       return {k: z[k] for k in z.files}
   except Exception as e:  # zipfile / format errors of a damaged file
     raise ValueError(f"{path} cannot be read ({e}); the export is damaged") from e
+
+
+def scoring_entry(meta: dict) -> dict:
+  """export.json's `scoring` ({"fusion", "params": {SCORING_KEYS}, "pool_size", ...}); for format
+  1 and 2 exports, the reference fusion they used."""
+  if meta.get("scoring"):
+    return meta["scoring"]
+  cfg_eval = (meta.get("config") or {}).get("eval", {})
+  alpha = float(meta.get("alpha", cfg_eval.get("alpha", 0.5)))
+  c = float(meta["fusion_c"])
+  params = dict(zip(SCORING_KEYS, (0.0, 1.0, 0.0, 1.0, float(np.float32(1.0 - alpha)),
+                                   float(np.float32(alpha) * np.float32(c)))))
+  return {"fusion": "reference", "params": params,
+          "pool_size": int(meta.get("pool_size", cfg_eval.get("pool_size", 16))),
+          "note": f"format {meta.get('format_version')} export: the reference fusion"}
+
+
+def scoring_vector(entry: dict) -> np.ndarray:
+  """float32 (6,) program argument of a `scoring_entry`, in SCORING_KEYS order."""
+  return np.asarray([entry["params"][k] for k in SCORING_KEYS], np.float32)
 
 
 def threshold_value(thresholds: dict | None, cls: str | None) -> float | None:
@@ -224,6 +257,11 @@ class ExportedPredictor:
     return cls(meta, program, weights, pool, batch_size)
 
   @property
+  def scoring(self) -> dict:
+    """The scoring the program computes (`scoring_entry`)."""
+    return scoring_entry(self.meta)
+
+  @property
   def classes(self) -> tuple[str, ...]:
     return tuple(self.meta["classes"])
 
@@ -236,9 +274,13 @@ class ExportedPredictor:
     pre = self.meta["preprocessing"]
     return normalize(load_image(path, self.input_size), pre["mean"], pre["std"])
 
-  def __call__(self, images: np.ndarray, fusion_c: float | None = None) -> dict:
-    """Normalised float32 (B, H, W, 3) -> {'map' (B, H, W) f32, 'score' (B,) f32, 'class_id' (B,)}."""
-    c = np.float32(self.meta["fusion_c"] if fusion_c is None else fusion_c)
+  def __call__(self, images: np.ndarray) -> dict:
+    """Normalised float32 (B, H, W, 3) -> {'map' (B, H, W) f32, 'score' (B,) f32, 'class_id' (B,)}
+    of the export's scoring."""
+    if int(self.meta["format_version"]) >= 3:
+      last = scoring_vector(self.scoring)
+    else:  # format 2: the program takes the reference fusion constant
+      last = np.float32(self.meta["fusion_c"])
     images = np.asarray(images, np.float32)
     outs = []
     for i in range(0, len(images), self.batch_size):
@@ -247,7 +289,7 @@ class ExportedPredictor:
       if n < self.batch_size:
         x = np.concatenate([x, np.zeros((self.batch_size - n,) + x.shape[1:], np.float32)])
       m, s, k = self.program.call(self.weights, x, self.pool["features"],
-                                  self.pool["descriptors"], self.pool["class_ids"], c)
+                                  self.pool["descriptors"], self.pool["class_ids"], last)
       outs.append((np.asarray(m)[:n], np.asarray(s)[:n], np.asarray(k)[:n]))
     size = self.input_size
     if not outs:

@@ -77,19 +77,26 @@ class Predictor:
     return {"rec": out["rec"][..., 0], "ref": ref, "pool_choice": choice}
 
   def fused(self, variables, backbone_vars, images, pool_feats, pool_desc, pool_class_ids,
-            fusion_c, *, alpha: float, pool_size: int):
+            scoring_params, *, pool_size: int):
     """Pool-mode prediction as one pure function (what `onenip-export` serialises).
 
     Args:
       images: (B, H, W, 3) normalised images.
       pool_feats: (K, h, w, C) prompt features; pool_desc: (K, C) their descriptors;
         pool_class_ids: (K,) int32 class of each prompt.
-      fusion_c: () float32 fusion constant.
+      scoring_params: (6,) float32 (rec_mean, rec_std, ref_mean, ref_std, rec_weight, ref_weight)
+        (`onenip_jax.exported.SCORING_KEYS`): S = rec_weight (rec - rec_mean) / rec_std
+        + ref_weight (ref - ref_mean) / ref_std, in the float32 order of `calibration.fuse` and
+        `evaluate.fused_maps`.
+      pool_size: the image score's box size.
     Returns:
       (anomaly map (B, H, W) float32, image score (B,) float32, matched class id (B,) int32).
     """
     maps = self.infer(variables, backbone_vars, images, None, pool_feats, pool_desc)
-    s = scoring.fuse(maps["rec"], maps["ref"], fusion_c, alpha)
+    p = jnp.asarray(scoring_params, jnp.float32)
+    s = p[4] * ((maps["rec"].astype(jnp.float32) - p[0]) / p[1])
+    if maps["ref"] is not None:
+      s = s + p[5] * ((maps["ref"].astype(jnp.float32) - p[2]) / p[3])
     return s, scoring.image_scores(s, pool_size), pool_class_ids[maps["pool_choice"]]
 
   @functools.cached_property

@@ -4,17 +4,19 @@
                  [--skip-bad] [--flax] IMAGE_OR_FOLDER...
 
 Each image is resized to the model's input size (any size or channel count), paired with the most
-similar prompt of the export's prompt pool (class-agnostic: no label needed), and scored. With a
-serialised predictor in the export (format 2) this runs through `onenip_jax.exported` (jax, numpy
-and Pillow only; no flax, TensorFlow or Orbax is imported); --flax, or an older export, uses the
-Flax predictor and tf.data decoding instead (same scores to float tolerance).
+similar prompt of the export's prompt pool (class-agnostic: no label needed), and scored with the
+export's scoring (export.json `scoring`: by default the run's global calibration, else the
+reference fusion). With a serialised predictor in the export (format 2 and later) this runs
+through `onenip_jax.exported` (jax, numpy and Pillow only; no flax, TensorFlow or Orbax is
+imported); --flax, or an older export, uses the Flax predictor and tf.data decoding instead (same
+scores to float tolerance).
 
 Results are written as they come, batch by batch: `predictions.csv` (path, score, anomalous,
 matched class, threshold), with --heatmaps one PNG per image (one colour scale for the run, set by
 the first batch), with --save-maps the raw float32 (H, W) anomaly map of each image as `.npy`; at the
 end `predictions.json` with all rows. An image is anomalous iff its score > the threshold:
 --threshold for every image, else the export's threshold of the matched class (else its global
-one); without any, only scores are written.
+one), which the export computed on the same scoring; without any, only scores are written.
 """
 import csv
 import io
@@ -59,7 +61,7 @@ class ExportedScorer:
     self.classes, self.input_size = self.model.classes, self.model.input_size
     self.fusion_c, self.step, self.thresholds = meta["fusion_c"], meta.get("step"), meta.get(
         "thresholds")
-    self.backend = "exported"
+    self.scoring, self.backend = self.model.scoring, "exported"
 
   def load(self, path: str) -> np.ndarray:
     """An image file -> uint8 (H, W, 3) model input pixels."""
@@ -82,6 +84,7 @@ class FlaxScorer:
     self.classes, self.input_size = self.loaded.classes, self.loaded.config.input_size
     self.fusion_c, self.step, self.thresholds = (self.loaded.fusion_c, self.loaded.step,
                                                  self.loaded.thresholds)
+    self.scoring = self.loaded.scoring
     n_dev = self.loaded.predictor.mesh.devices.size
     self.batch_size = max(n_dev, (batch_size + n_dev - 1) // n_dev * n_dev)
     self.backend = "flax"
@@ -91,7 +94,6 @@ class FlaxScorer:
     return input_pipeline.load_image(path, self.input_size, None, None)
 
   def __call__(self, raw: np.ndarray):
-    from onenip_jax import evaluate  # pylint: disable=g-import-not-at-top
     cfg, predictor = self.loaded.config, self.loaded.predictor
     n = len(raw)
     mean, std = np.asarray(cfg.data.mean, np.float32), np.asarray(cfg.data.std, np.float32)
@@ -102,10 +104,10 @@ class FlaxScorer:
     maps = predictor(g["image"])
     host = {k: None if maps[k] is None else self._sharding.to_host(maps[k])[:n].astype(np.float32)
             for k in ("rec", "ref")}
-    s = evaluate.fused_maps(host, np.arange(n), self.fusion_c, cfg.eval.alpha)
+    s, scores = self.loaded.score(host["rec"], host["ref"])
     choice = self._sharding.to_host(maps["pool_choice"])[:n]
     names = [self.classes[int(predictor.pool.class_ids[c])] for c in choice]
-    return s, evaluate.image_scores(s, cfg.eval.pool_size), names
+    return s, scores, names
 
 
 def threshold_for(scorer, cls: str, override: float | None) -> float | None:
@@ -189,8 +191,8 @@ def main(args) -> None:
     sys.exit(1)
   global_t = args.threshold if args.threshold is not None else threshold_for(scorer, None, None)
   payload = {"threshold": global_t, "thresholds": None if args.threshold is not None
-             else scorer.thresholds, "fusion_c": scorer.fusion_c, "step": scorer.step,
-             "backend": scorer.backend, "predictions": results}
+             else scorer.thresholds, "scoring": scorer.scoring, "fusion_c": scorer.fusion_c,
+             "step": scorer.step, "backend": scorer.backend, "predictions": results}
   storage.atomic_write(storage.join(args.out, "predictions.json"), json.dumps(payload, indent=1))
   flagged = sum(bool(r["anomalous"]) for r in results)
   print(f"{len(results)} images scored ({scorer.backend} predictor) -> {args.out}/predictions.json"
