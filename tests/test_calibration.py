@@ -126,6 +126,8 @@ def test_calibration_reads_no_test_image_is_deterministic_and_is_reported(tmp_pa
     with open(p, "wb") as f:
       f.write(data)
   out = tmp_path / "eval"
+  with cfg.unlocked():
+    cfg.eval.fusion = "calibrated"
   result = evaluate.evaluate_predictor(cfg, predictor, index, str(out), 0.5, calibration=first)
   m = json.loads((out / "metrics.json").read_text())
   assert m["fusion"] == "calibrated" and m["calibration"]["global"]["weight"] == g["weight"]

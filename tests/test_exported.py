@@ -92,7 +92,8 @@ def tiny(tmp_path_factory):
   cfg = load_config(str(REPO / "configs" / "real.py") + ":steps=6,backbone=lite0",
                     [f"input_size={SIZE}", f"data.root={base / 'data'}", f"data.classes={CLASSES}",
                      "eval.batch_size=8", "eval.prompt_mode=pool", "eval.heatmaps=False",
-                     "eval.pool_k=2", "calibration.holdout_fraction=0.2"])
+                     "eval.pool_k=2", "calibration.holdout_fraction=0.2",
+                     "eval.fusion=calibrated"])
   index = indexing.index_config(cfg)
   assert len(index.holdout) == 2
   mesh = sharding.make_mesh()
