@@ -359,8 +359,8 @@ def make_eval_iterator(samples: Sequence[indexing.Sample], index: indexing.Datas
   seed_pos = tf.constant(np.arange(n) if seed_positions is None
                          else np.asarray(seed_positions, np.int64), tf.int64)
   if synthesis_seed is not None:
-    from data_pipelines import synthesis  # pylint: disable=g-import-not-at-top
-    textures = tf.constant(synthesis.texture_paths(cfg.data.textures), tf.string)
+    from data_pipelines import synthesis, textures  # pylint: disable=g-import-not-at-top
+    texture_list = tf.constant(textures.texture_paths(cfg.data.textures), tf.string)
 
   @tf.autograph.experimental.do_not_convert
   def load(k):
@@ -376,7 +376,7 @@ def make_eval_iterator(samples: Sequence[indexing.Sample], index: indexing.Datas
     label = tf.where(valid, tf.gather(labels, i), 0)
     if synthesis_seed is not None:
       syn, syn_mask = synthesis.synthesize(
-          image, _seed(synthesis_seed, _TAG_SYNTH, tf.gather(seed_pos, i)), textures,
+          image, _seed(synthesis_seed, _TAG_SYNTH, tf.gather(seed_pos, i)), texture_list,
           cfg.data.synthesis)
       image = tf.ensure_shape(syn, [size, size, 3])
       mask = tf.where(valid, tf.cast(syn_mask, tf.float32), 0.0)

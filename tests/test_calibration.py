@@ -80,11 +80,14 @@ def test_training_stream_and_cache_never_read_held_out_images(tmp_path):
 
 class _TinyFeatures:
   """A stand-in frozen backbone: (B, H, W, 3) -> (B, H/16, W/16, 3) subsampled pixels."""
-  channels = 3
+  channels, stride = 3, 16
+
+  def grid(self, size: int) -> int:
+    return size // self.stride
 
   def __call__(self, variables, images):
     del variables
-    return images[:, ::16, ::16, :]
+    return images[:, ::self.stride, ::self.stride, :]
 
 
 def _state_and_backbone(cfg, mesh):
