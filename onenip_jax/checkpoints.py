@@ -158,13 +158,25 @@ def replace(manager: ocp.CheckpointManager, step: int, state, cfg: ml_collection
   The old step is renamed `<step>.replaced` first and deleted only after the new one is
   complete; a run killed in between gets the old one back from `make_manager`.
   """
+  import jax  # pylint: disable=g-import-not-at-top
   manager.wait_until_finished()  # no background save may still write into the directory
   path = storage.join(str(manager.directory), str(step))
-  if storage.isdir(path):
+  if jax.process_index() == 0 and storage.isdir(path):   # one process renames (shared storage)
     storage.move_dir(path, path + _REPLACED)
-    manager.reload()
+  _sync_processes("onenip_replace_moved")                 # ... and every process then sees it
+  manager.reload()
   save(manager, step, state, cfg, calibration, wait=True)
-  storage.rmtree(path + _REPLACED)
+  _sync_processes("onenip_replace_saved")
+  if jax.process_index() == 0:
+    storage.rmtree(path + _REPLACED)
+
+
+def _sync_processes(name: str) -> None:
+  """A barrier over all processes (nothing with one)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 def _recover_replaced(directory: str) -> None:

@@ -18,7 +18,8 @@ STEPS = 5
 ARGS = [f"--config=configs/real.py:steps={STEPS},backbone=lite0", "--config.input_size=64",
         "--config.data.classes=('bottle',)", "--config.log_every_steps=1",
         "--config.ckpt.every_steps=100", "--config.eval.fusion_max_images=16",
-        "--config.eval.heatmaps=False", "--config.eval.batch_size=32"]
+        "--config.eval.heatmaps=False", "--config.eval.batch_size=32",
+        "--config.calibration.holdout_fraction=0.0"]  # no calibration phase: preemption only
 
 
 def _launch(workdir):
