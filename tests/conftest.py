@@ -1,4 +1,5 @@
 """Test setup: 8 fake CPU devices (set before jax is imported) and the shared real data."""
+import json
 import os
 import pathlib
 
@@ -18,3 +19,13 @@ def shared_data() -> pathlib.Path:
   if not (SHARED_DATA / "real").is_dir():
     pytest.skip(f"real data not found at {SHARED_DATA}")
   return SHARED_DATA
+
+
+def train_losses(workdir) -> dict:
+  """step -> total loss, the last line of each step winning (a resumed run re-logs steps)."""
+  path = os.path.join(workdir, "train_log.jsonl")
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return {r["step"]: r["total"] for r in rows if "total" in r}

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, train_losses as _losses
 
 STEPS = 6
 ARGS = ["--config=configs/real.py:steps=6,backbone=lite0", "--config.input_size=64",
@@ -26,16 +26,6 @@ def _train(workdir, *extra, wait=True):
   if wait:
     assert proc.wait(timeout=900) == 0, f"training failed, see {log.name}"
   return proc
-
-
-def _losses(workdir) -> dict:
-  """step -> total loss, the last line of each step winning (a resumed run re-logs steps)."""
-  path = os.path.join(workdir, "train_log.jsonl")
-  if not os.path.exists(path):
-    return {}
-  with open(path, encoding="utf-8") as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  return {r["step"]: r["total"] for r in rows if "total" in r}
 
 
 def _wait_for_step(proc, workdir, step, timeout=600):

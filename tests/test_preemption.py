@@ -1,7 +1,6 @@
 """Collective preemption (issue 11): a signal that reaches one process stops every process at the
 same point. Two CPU processes through launch/local_multiprocess.py on ../shared/data (bottle,
 64 px, Lite0), and the collective rules of run_control.SignalGuard with a fake reduction."""
-import json
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, train_losses as _losses
 from onenip_jax import run_control
 
 STEPS = 5
@@ -44,16 +43,6 @@ def _finish(proc, timeout=900) -> tuple:
 def _log(workdir, i) -> str:
   with open(os.path.join(workdir, f"process_{i}.log"), encoding="utf-8", errors="replace") as f:
     return f.read()
-
-
-def _losses(workdir) -> dict:
-  """step -> total loss, the last line of each step winning (a resumed run re-logs steps)."""
-  path = os.path.join(workdir, "train_log.jsonl")
-  if not os.path.exists(path):
-    return {}
-  with open(path, encoding="utf-8") as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  return {r["step"]: r["total"] for r in rows if "total" in r}
 
 
 def _checkpoints(workdir) -> list:
