@@ -2,46 +2,71 @@
 
 The validation set of a class is its held-out normal training images (`index.holdout`, label 0,
 empty masks) and K synthetic anomalies made from each by the training synthesis with another seed
-(`evaluate.calibrate_state` collects its maps). Calibration then
-  1. normalises each map by its pixel mean / std on the held-out NORMAL images:
-       z_rec = (rec - m_rec) / s_rec,  z_ref = (ref - m_ref) / s_ref;
-  2. picks the refiner weight w in `calibration.weights` (and the image-score box size in
-     `calibration.pool_sizes`) maximising the mean of I-AUROC, I-AP, P-AUROC and P-AP on the
-     validation set for the map S = (1 - w) z_rec + w z_ref (w = 1: refiner only, 0: reconstruction
-     only). Ties (within 1e-9) go to the box size nearest `eval.pool_size`, then to the smaller w.
+(`validation.calibrate_predictor` collects its maps). Calibration then
+  1. normalises each map by its pixel mean / std on the held-out NORMAL images, the refiner's in
+     log-odds (its probabilities are nearly binary: their std on normals is ~1e-4, which made any
+     w > 0 rank pixels by the refiner alone):
+       z_rec = (rec - m_rec) / s_rec,  z_ref = (logodds(ref) - m_ref) / s_ref;
+  2. scores every refiner weight w in `calibration.weights` and image-score box size in
+     `calibration.pool_sizes` by the mean of I-AUROC, I-AP, P-AUROC and P-AP on the validation set
+     for the map S = (1 - w) z_rec + w z_ref (w = 1: refiner only, 0: reconstruction only);
+  3. takes, among the candidates whose objective is within one standard error of the best one's,
+     the box size nearest `eval.pool_size`, then the largest w (the refiner is the head trained to
+     output the map; mixing its input back in must beat the noise of a small validation set). The
+     standard error is that of the paired difference over `FOLDS` folds of the held-out images (an
+     image and the synthetic anomalies made from it share a fold).
 This is done per class (used with class prompts) and once for all classes with shared statistics
 (`"global"`, used with pool prompts, where the objective is the mean over the classes).
 
 A calibration is a JSON-able dict (stored with the final checkpoint and in metrics.json):
-  {"per_class": {cls: PARAMS}, "global": PARAMS, "prompt_mode", "synthesis_seed", ...}
-  PARAMS = {"rec_mean", "rec_std", "ref_mean", "ref_std", "weight", "pool_size", "objective",
-            "validation": {i_auroc, i_ap, p_auroc, p_ap} of the choice, "n_normal", "n_synthetic",
-            "candidates": [{"weight", "pool_size", i_auroc, i_ap, p_auroc, p_ap, "objective"}]}.
+  {"method": METHOD, "per_class": {cls: PARAMS}, "global": PARAMS, "prompt_mode", ...}
+  PARAMS = {"rec_mean", "rec_std", "ref_mean", "ref_std", "ref_space", "weight", "pool_size",
+            "objective", "validation": {i_auroc, i_ap, p_auroc, p_ap} of the choice, "n_normal",
+            "n_synthetic", "candidates": [{"weight", "pool_size", i_auroc, i_ap, p_auroc, p_ap,
+            "objective", "se", "within_se"}]}.
+`ref_space` is "logodds"; a calibration stored before it existed (no key) is in "probability"
+space and is applied as it was chosen.
 """
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from onenip_jax import metrics
+from onenip_jax import metrics, scoring
 
+METHOD = "z-scores (refiner in log-odds); largest weight within one paired SE of the best (5 folds)"
 OBJECTIVE_KEYS = ("i_auroc", "i_ap", "p_auroc", "p_ap")
+FOLDS = 5
 _STD_FLOOR = 1e-12
 _TIE = 1e-9
 
 
+def ref_values(ref: np.ndarray, space: str) -> np.ndarray:
+  """The refiner map (N, H, W) float32 in `space`: "logodds" (`scoring.logodds`) or
+  "probability"."""
+  if space == "logodds":
+    return scoring.logodds_np(ref)
+  if space == "probability":
+    return np.asarray(ref, np.float32)
+  raise ValueError(f"unknown calibration ref_space {space!r}")
+
+
 def normal_stats(rec: np.ndarray, ref: np.ndarray) -> dict:
-  """Pixel mean and std (float64 accumulation) of the maps (N, H, W) of normal images."""
-  rec, ref = np.asarray(rec, np.float64), np.asarray(ref, np.float64)
+  """Pixel mean and std (float64 accumulation) of the maps (N, H, W) of normal images, the
+  refiner's in log-odds."""
+  rec, ref = np.asarray(rec, np.float64), np.asarray(ref_values(ref, "logodds"), np.float64)
   return {"rec_mean": float(rec.mean()), "rec_std": float(max(rec.std(), _STD_FLOOR)),
-          "ref_mean": float(ref.mean()), "ref_std": float(max(ref.std(), _STD_FLOOR))}
+          "ref_mean": float(ref.mean()), "ref_std": float(max(ref.std(), _STD_FLOOR)),
+          "ref_space": "logodds"}
 
 
 def fuse(rec: np.ndarray, ref: np.ndarray, stats: Mapping, weight: float) -> np.ndarray:
-  """(N, H, W) float32 map (1 - w) (rec - m_rec) / s_rec + w (ref - m_ref) / s_ref."""
+  """(N, H, W) float32 map (1 - w) (rec - m_rec) / s_rec + w (g(ref) - m_ref) / s_ref, g the
+  `stats["ref_space"]` transform (`ref_values`)."""
   z_rec = (np.asarray(rec, np.float32) - np.float32(stats["rec_mean"])) / np.float32(stats["rec_std"])
   if weight == 0.0:
     return z_rec
-  z_ref = (np.asarray(ref, np.float32) - np.float32(stats["ref_mean"])) / np.float32(stats["ref_std"])
+  z_ref = ((ref_values(ref, stats.get("ref_space", "probability")) - np.float32(stats["ref_mean"]))
+           / np.float32(stats["ref_std"]))
   if weight == 1.0:
     return z_ref
   return np.float32(1.0 - weight) * z_rec + np.float32(weight) * z_ref
@@ -101,12 +126,38 @@ def candidate_figures(groups: Sequence[Mapping], stats: Mapping, weight: float,
   return out
 
 
-def select(candidates: Sequence[Mapping], default_pool_size: int) -> dict:
-  """The best candidate: highest objective; ties -> box size nearest the default, then smaller w."""
-  def key(c):
-    obj = c["objective"] if np.isfinite(c["objective"]) else -np.inf
-    return (-round(obj / _TIE) * _TIE, abs(c["pool_size"] - default_pool_size), c["weight"])
-  return dict(min(candidates, key=key))
+def _fold_objectives(groups: Sequence[Mapping], stats: Mapping, weight: float,
+                     pool_sizes: Sequence[int]) -> np.ndarray:
+  """(len(pool_sizes), folds) objectives of `weight` on each fold (rows with `source` % folds
+  == k), folds = min(FOLDS, held-out images of the smallest group)."""
+  folds = min(FOLDS, min(int(g["source"].max()) + 1 for g in groups))
+  out = np.full((len(pool_sizes), folds), np.nan)
+  for k in range(folds):
+    parts = [{key: g[key][g["source"] % folds == k] for key in ("rec", "ref", "mask", "label")}
+             for g in groups]
+    out[:, k] = [c["objective"] for c in candidate_figures(parts, stats, weight, pool_sizes)]
+  return out
+
+
+def select(candidates: Sequence[dict], fold_objectives: np.ndarray, default_pool_size: int) -> dict:
+  """The chosen candidate (module doc, step 3); sets "se" (of its paired difference from the
+  best) and "within_se" on every candidate.
+
+  Args:
+    candidates: `candidate_figures` rows; fold_objectives: (len(candidates), folds) objectives.
+  """
+  objs = np.asarray([c["objective"] if np.isfinite(c["objective"]) else -np.inf
+                     for c in candidates])
+  best = int(np.argmax(objs))
+  diffs = fold_objectives[best][None, :] - fold_objectives
+  if diffs.shape[1] > 1:
+    se = np.nan_to_num(np.nanstd(diffs, axis=1, ddof=1) / np.sqrt(diffs.shape[1]))
+  else:
+    se = np.zeros(len(candidates))
+  for c, o, e in zip(candidates, objs, se):
+    c["se"], c["within_se"] = float(e), bool(objs[best] - o <= e + _TIE)
+  tied = [c for c in candidates if c["within_se"]]
+  return dict(min(tied, key=lambda c: (abs(c["pool_size"] - default_pool_size), -c["weight"])))
 
 
 def fit(groups: Sequence[Mapping], normal_rows: Sequence[np.ndarray], weights: Sequence[float],
@@ -114,15 +165,19 @@ def fit(groups: Sequence[Mapping], normal_rows: Sequence[np.ndarray], weights: S
   """PARAMS (module doc) for `groups` with statistics over their normal rows.
 
   Args:
-    groups: per-class validation maps (see `candidate_figures`).
+    groups: per-class validation maps (see `candidate_figures`) and 'source' (N,) int: the
+      held-out image each row is, or was made from.
     normal_rows: per group, the (n,) rows of the held-out normal images (statistics).
   """
   rec = np.concatenate([g["rec"][r] for g, r in zip(groups, normal_rows)])
   ref = np.concatenate([g["ref"][r] for g, r in zip(groups, normal_rows)])
   stats = normal_stats(rec, ref)
   del rec, ref
-  candidates = [c for w in weights for c in candidate_figures(groups, stats, float(w), pool_sizes)]
-  best = select(candidates, default_pool_size)
+  candidates, per_fold = [], []
+  for w in weights:
+    candidates += candidate_figures(groups, stats, float(w), pool_sizes)
+    per_fold.append(_fold_objectives(groups, stats, float(w), pool_sizes))
+  best = select(candidates, np.concatenate(per_fold), default_pool_size)
   n_normal = int(sum(len(r) for r in normal_rows))
   return dict(stats, weight=best["weight"], pool_size=best["pool_size"],
               objective=best["objective"], validation={k: best[k] for k in OBJECTIVE_KEYS},
@@ -135,10 +190,11 @@ def calibrate(groups: Mapping[str, Mapping], calib_cfg, default_pool_size: int) 
 
   Args:
     groups: {class: {'rec', 'ref' (N, H, W) float32, 'mask' (N, H, W) bool, 'label' (N,) int,
-      'normal' (N,) bool: a held-out normal image (else synthetic)}}; classes without rows absent.
+      'normal' (N,) bool: a held-out normal image (else synthetic), 'source' (N,) int: the
+      class's held-out image the row is or was made from}}; classes without rows absent.
     calib_cfg: config.calibration (weights, pool_sizes).
   Returns:
-    {"per_class": {cls: PARAMS}, "global": PARAMS}, or None without any group.
+    {"method", "per_class": {cls: PARAMS}, "global": PARAMS}, or None without any group.
   """
   groups = {c: g for c, g in groups.items() if np.any(g["normal"])}
   if not groups:
@@ -149,7 +205,7 @@ def calibrate(groups: Mapping[str, Mapping], calib_cfg, default_pool_size: int) 
     raise ValueError(f"calibration.weights={weights}: need values in [0, 1]")
   rows = {c: np.flatnonzero(g["normal"]) for c, g in groups.items()}
   per_class = {c: fit([g], [rows[c]], weights, pools, default_pool_size) for c, g in groups.items()}
-  return {"per_class": per_class,
+  return {"method": METHOD, "per_class": per_class,
           "global": fit(list(groups.values()), list(rows.values()), weights, pools,
                         default_pool_size)}
 
@@ -182,7 +238,8 @@ def add_reference_figures(calibration: dict, groups: Mapping[str, Mapping], c: f
                           pool_size: int) -> None:
   """Adds "reference_validation" (figures of (1 - alpha) rec + alpha c ref, box `pool_size`) to
   each class's PARAMS and to the global ones (mean over classes), for comparison."""
-  stats = {"rec_mean": 0.0, "rec_std": 1.0, "ref_mean": 0.0, "ref_std": 1.0 / c}
+  stats = {"rec_mean": 0.0, "rec_std": 1.0, "ref_mean": 0.0, "ref_std": 1.0 / c,
+           "ref_space": "probability"}
   for cls, params in calibration["per_class"].items():
     params["reference_validation"] = candidate_figures([groups[cls]], stats, alpha, (pool_size,))[0]
   used = [groups[cls] for cls in calibration["per_class"]]

@@ -195,13 +195,14 @@ def make_scoring(cfg, fusion_c: float, calibration: dict | None) -> dict:
   name = evaluate.default_scoring(cfg, calibration, bool(cfg.model.refiner))
   alpha, pool_size, scope, note = float(cfg.eval.alpha), int(cfg.eval.pool_size), None, ""
   values = {"reference": (0.0, 1.0, 0.0, 1.0, float(np.float32(1.0 - alpha)),
-                          float(np.float32(alpha) * np.float32(fusion_c))),
-            "refiner": (0.0, 1.0, 0.0, 1.0, 0.0, 1.0),
-            "reconstruction": (0.0, 1.0, 0.0, 1.0, 1.0, 0.0)}
+                          float(np.float32(alpha) * np.float32(fusion_c)), 0.0),
+            "refiner": (0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0),
+            "reconstruction": (0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0)}
   if name == "calibrated":
     g, scope = calibration["global"], "global"
     values["calibrated"] = (g["rec_mean"], g["rec_std"], g["ref_mean"], g["ref_std"],
-                            float(np.float32(1.0 - g["weight"])), float(g["weight"]))
+                            float(np.float32(1.0 - g["weight"])), float(g["weight"]),
+                            float(g.get("ref_space", "probability") == "logodds"))
     pool_size = int(g["pool_size"])
     note = (f"global calibration: w={g['weight']:g}, box {pool_size}, validation "
             f"mean {100 * g['objective']:.2f} ({g['n_normal']} held-out normal + "

@@ -3,8 +3,8 @@
 This module imports nothing of flax, TensorFlow, Orbax or `onenip_jax.models` (only
 `data_pipelines.pil_decode`, the pipeline's numpy/PIL decoder, and `data_pipelines.storage`, which
 imports TensorFlow only for a non-local path such as `gs://`): it scores images on any machine
-with jax, numpy and Pillow. What it reads (written by `onenip-export`, format version 3; versions
-1 and 2 are still read):
+with jax, numpy and Pillow. What it reads (written by `onenip-export`, format version 4; versions
+1 to 3 are still read):
 
   export.json                 format and package version, classes, input size, preprocessing
                               (resize method, mean, std), fusion constant, `scoring` (the anomaly
@@ -13,20 +13,22 @@ with jax, numpy and Pillow. What it reads (written by `onenip-export`, format ve
                               it was made, on that scoring), the serialised platforms and the config
   predictor.jaxexport         `jax.export` serialisation (StableHLO) of the whole pool-mode predictor
                               f(weights, images (B, H, W, 3), pool features (K, h, w, C), pool
-                              descriptors (K, C), pool class ids (K,), scoring (6,)) ->
+                              descriptors (K, C), pool class ids (K,), scoring (7,)) ->
                               (anomaly map (B, H, W), image score (B,), matched class id (B,)),
                               B and K symbolic, lowered for cpu and, when the installed jax can, cuda
-                              and tpu (format 2: the last argument is the fusion constant ())
+                              and tpu (format 3: scoring (6,), without ref_logodds; format 2:
+                              the last argument is the fusion constant ())
   predictor_weights.npz       the weights, leaves `w00000`, `w00001`, ... in the program's order
   prompt_pool.npz             features, descriptors and class_ids of the prompt pool
 
-The map is S = rec_weight (rec - rec_mean) / rec_std + ref_weight (ref - ref_mean) / ref_std
-(`scoring` argument, SCORING_KEYS order), and the image score the max of its stride-1
+The map is S = rec_weight (rec - rec_mean) / rec_std + ref_weight (g(ref) - ref_mean) / ref_std
+(`scoring` argument, SCORING_KEYS order), g the refiner's log-odds (`scoring.logodds`) where
+ref_logodds is 1 and the identity where it is 0, and the image score the max of its stride-1
 `scoring.pool_size` box mean. This one form holds every scoring of `onenip-eval`: the calibrated
 one (normal-data statistics, w; `onenip_jax.calibration`), the reference fusion (means 0, stds 1,
 weights 1 - alpha and alpha c), refiner or reconstruction only.
 
-The weights and the six scoring numbers are arguments stored beside the program rather than
+The weights and the scoring numbers are arguments stored beside the program rather than
 constants inside it: the program stays small (a few hundred kB) whatever the backbone, its
 serialisation does not copy hundreds of MB of constants through MLIR, the weights stay plain numpy
 arrays anyone can inspect, the scoring stays readable (and editable) in export.json, and the same
@@ -53,9 +55,10 @@ import numpy as np
 from data_pipelines import storage
 from data_pipelines.pil_decode import pil_decode
 
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
-SCORING_KEYS = ("rec_mean", "rec_std", "ref_mean", "ref_std", "rec_weight", "ref_weight")
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+SCORING_KEYS = ("rec_mean", "rec_std", "ref_mean", "ref_std", "rec_weight", "ref_weight",
+                "ref_logodds")
 PROGRAM_FILE = "predictor.jaxexport"
 WEIGHTS_FILE = "predictor_weights.npz"
 POOL_FILE = "prompt_pool.npz"
@@ -190,15 +193,16 @@ def scoring_entry(meta: dict) -> dict:
   alpha = float(meta.get("alpha", cfg_eval.get("alpha", 0.5)))
   c = float(meta["fusion_c"])
   params = dict(zip(SCORING_KEYS, (0.0, 1.0, 0.0, 1.0, float(np.float32(1.0 - alpha)),
-                                   float(np.float32(alpha) * np.float32(c)))))
+                                   float(np.float32(alpha) * np.float32(c)), 0.0)))
   return {"fusion": "reference", "params": params,
           "pool_size": int(meta.get("pool_size", cfg_eval.get("pool_size", 16))),
           "note": f"format {meta.get('format_version')} export: the reference fusion"}
 
 
-def scoring_vector(entry: dict) -> np.ndarray:
-  """float32 (6,) program argument of a `scoring_entry`, in SCORING_KEYS order."""
-  return np.asarray([entry["params"][k] for k in SCORING_KEYS], np.float32)
+def scoring_vector(entry: dict, layout=SCORING_KEYS) -> np.ndarray:
+  """float32 program argument of a `scoring_entry`, in the order `layout` (the export's
+  program.scoring_layout: SCORING_KEYS, or its first six for format 3)."""
+  return np.asarray([entry["params"].get(k, 0.0) for k in layout], np.float32)
 
 
 def threshold_value(thresholds: dict | None, cls: str | None) -> float | None:
@@ -278,7 +282,7 @@ class ExportedPredictor:
     """Normalised float32 (B, H, W, 3) -> {'map' (B, H, W) f32, 'score' (B,) f32, 'class_id' (B,)}
     of the export's scoring."""
     if int(self.meta["format_version"]) >= 3:
-      last = scoring_vector(self.scoring)
+      last = scoring_vector(self.scoring, self.meta["program"]["scoring_layout"])
     else:  # format 2: the program takes the reference fusion constant
       last = np.float32(self.meta["fusion_c"])
     images = np.asarray(images, np.float32)

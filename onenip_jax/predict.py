@@ -176,8 +176,9 @@ def main(args) -> None:
           storage.atomic_write(r["map"], _npy_bytes(m))
         if args.heatmaps:
           from onenip_jax import heatmaps  # pylint: disable=g-import-not-at-top
-          if vmax is None:
-            vmax = float(np.percentile(maps, 99.9)) or 1.0
+          if vmax is None:  # 0: the low end (the normal mean of a calibrated z-map)
+            vmax = float(np.percentile(maps, 99.9))
+            vmax = vmax if vmax > 0 else 1.0
           r["heatmap"] = storage.join(args.out, "heatmaps", _stem(r["path"]) + ".png")
           heatmaps.save_heatmap(r["heatmap"], img, m, None, r["score"], vmin=0.0, vmax=vmax,
                                 title=r["matched_class"])

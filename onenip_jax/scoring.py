@@ -3,8 +3,12 @@ from typing import Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jnp.ndarray
+# Probabilities are clipped to [smallest normal float32, 1 - 2^-24] before the log-odds (float32
+# sigmoid outputs reach 0 and 1): log-odds in about [-87.3, 16.6].
+_LOGODDS_LO, _LOGODDS_HI = float(np.finfo(np.float32).tiny), 1.0 - 2.0 ** -24
 
 
 def anomaly_maps(outputs: Mapping[str, Optional[Array]]) -> Tuple[Array, Optional[Array]]:
@@ -20,6 +24,18 @@ def anomaly_maps(outputs: Mapping[str, Optional[Array]]) -> Tuple[Array, Optiona
   logit = outputs.get("ref_logit")
   ref = None if logit is None else jax.nn.sigmoid(logit.astype(jnp.float32))[..., 0]
   return rec, ref
+
+
+def logodds(p: Array) -> Array:
+  """float32 log(p / (1 - p)) of refiner probabilities (any shape), clipped as above."""
+  p = jnp.clip(jnp.asarray(p, jnp.float32), _LOGODDS_LO, _LOGODDS_HI)
+  return jnp.log(p) - jnp.log1p(-p)
+
+
+def logodds_np(p: np.ndarray) -> np.ndarray:
+  """`logodds` in numpy (the evaluation's fusion is numpy)."""
+  p = np.clip(np.asarray(p, np.float32), np.float32(_LOGODDS_LO), np.float32(_LOGODDS_HI))
+  return np.log(p) - np.log1p(-p)
 
 
 def mid_range(min_value: Array, max_value: Array) -> Array:

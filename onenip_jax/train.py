@@ -378,17 +378,22 @@ def _add_fusion_constant(run: _Run, state: TrainState, num_steps: int) -> TrainS
 def _add_calibration(run: _Run, state: TrainState, num_steps: int, redo: bool) -> dict | None:
   """The calibration of the final state (`onenip_jax.validation`), saved with step num_steps.
 
-  Computed when the final step was trained by this process (`redo`: a new or extended run) or
-  when its checkpoint lacks it (a signal stopped the previous run during it); else read back.
+  Computed when the final step was trained by this process (`redo`: a new or extended run), when
+  its checkpoint lacks it (a signal stopped the previous run during it) or when it was made by
+  another `calibration.METHOD` (rerunning a finished run brings it up to date); else read back.
   None when calibration is off (`calibration.holdout_fraction=0`) or the model has no refiner.
   """
+  from onenip_jax import calibration as calib  # pylint: disable=g-import-not-at-top
   from onenip_jax import reports, validation  # pylint: disable=g-import-not-at-top
   cfg, manager = run.cfg, run.manager
   if not run.index.holdout or not cfg.model.refiner:
     return None
   stored = None if redo else checkpoints.restore_calibration(manager, num_steps)
-  if stored is not None:
+  if stored is not None and stored.get("method") == calib.METHOD:
     return stored
+  if stored is not None:
+    log.info("the calibration stored with step %d was made by another method (%s): calibrating "
+             "again", num_steps, stored.get("method", "before calibration.METHOD"))
   with run.guard.interruptible():  # the final state is saved: a restart calibrates again
     log.info("calibrating the scoring of step %d on %d held-out normal images", num_steps,
              len(run.index.holdout))

@@ -46,13 +46,17 @@ def calibrate_predictor(cfg, predictor, index, frozen_c: float = float("nan")) -
   maps = {key: np.concatenate([p[key] for p in parts]) for key in ("rec", "ref", "mask")}
   del parts
   cls = np.asarray([s.cls for s in holdout] * (k + 1))
+  # The class-local index of the held-out image each row is, or was made from (the folds).
+  local = np.zeros(n, np.int64)
+  for c in set(cls[:n]):
+    local[cls[:n] == c] = np.arange(np.sum(cls[:n] == c))
   groups = {}
   for c, _ in evaluate.class_rows(holdout, index.classes):
     rows = np.flatnonzero(cls == c)
     mask = maps["mask"][rows]
     groups[c] = {"rec": maps["rec"][rows], "ref": maps["ref"][rows], "mask": mask,
                  "label": mask.reshape(len(mask), -1).any(axis=1).astype(np.int32),
-                 "normal": rows < n}
+                 "normal": rows < n, "source": local[rows % n]}
   del maps
   result = calib.calibrate(groups, cfg.calibration, int(cfg.eval.pool_size))
   if result is None:

@@ -144,40 +144,76 @@ def test_calibration_reads_no_test_image_is_deterministic_and_is_reported(tmp_pa
 
 
 def _groups(informative: str, n=12, seed=0):
-  """Validation maps of one class where only `informative` ('rec' or 'ref') sees the defects."""
+  """Validation maps of one class where only `informative` ('rec' or 'ref') sees the defects:
+  n // 3 normal images, then two synthetic ones made from each (`source`)."""
   rng = np.random.default_rng(seed)
   mask = np.zeros((n, 32, 32), bool)
   mask[n // 3:, 8:20, 8:20] = True  # the first third: normal images
   signal = rng.normal(size=mask.shape) * 0.5 + 2.0 * mask
   noise = rng.normal(size=mask.shape)
-  rec, ref = (signal * 30.0 + 100.0, noise * 1e-3) if informative == "rec" else (
-      noise * 30.0 + 100.0, signal * 1e-3 + 0.01)  # scales as unlike as the real maps
+  sigmoid = lambda x: 1.0 / (1.0 + np.exp(-x))
+  rec, ref = (signal * 30.0 + 100.0, sigmoid(noise - 12.0)) if informative == "rec" else (
+      noise * 30.0 + 100.0, sigmoid(4.0 * signal - 12.0))  # nearly binary, as the real refiner
   return {"rec": rec.astype(np.float32), "ref": ref.astype(np.float32), "mask": mask,
-          "label": mask.reshape(n, -1).any(1).astype(np.int32), "normal": np.arange(n) < n // 3}
+          "label": mask.reshape(n, -1).any(1).astype(np.int32), "normal": np.arange(n) < n // 3,
+          "source": np.arange(n) % (n // 3)}
 
 
-@pytest.mark.parametrize("informative,weight", [("ref", 1.0), ("rec", 0.0)])
-def test_the_informative_map_is_chosen_after_normalisation(informative, weight):
+@pytest.mark.parametrize("informative", ["ref", "rec"])
+def test_the_informative_map_is_chosen_after_normalisation(informative):
   cfg = common.get_base_config().calibration
   cfg.pool_sizes = (4, 8)
   result = calibration.calibrate({"x": _groups(informative), "y": _groups(informative, seed=1)},
                                  cfg, 8)
-  assert result["per_class"]["x"]["weight"] == weight
-  assert result["global"]["weight"] == weight
+  assert result["method"] == calibration.METHOD
+  for params in (result["per_class"]["x"], result["global"]):
+    cands = params["candidates"]
+    best = max(cands, key=lambda c: c["objective"])
+    assert best["weight"] == (1.0 if informative == "ref" else 0.0)
+    assert params["ref_space"] == "logodds"
+    chosen = [c for c in cands if (c["weight"], c["pool_size"]) == (params["weight"],
+                                                                     params["pool_size"])]
+    assert chosen[0]["within_se"] and chosen[0]["objective"] >= best["objective"] - chosen[0]["se"]
+    assert params["weight"] == 1.0 if informative == "ref" else params["weight"] < 0.5
   assert len(result["global"]["candidates"]) == 22
-  assert result["global"]["objective"] == max(c["objective"] for c in result["global"]["candidates"])
 
 
-def test_ties_go_to_the_default_box_then_the_smaller_weight():
+def test_ties_go_to_the_default_box_then_the_larger_weight():
   g = _groups("rec")
-  g["ref"] = g["rec"] * 2.0 + 1.0  # the same map up to an affine change: every weight ties
+  # The refiner's log-odds are an affine change of rec: every weight ties.
+  g["ref"] = (1.0 / (1.0 + np.exp(-(g["rec"].astype(np.float64) - 100.0) / 30.0))).astype(
+      np.float32)
   cfg = common.get_base_config().calibration
   cfg.pool_sizes = (4, 8)
   best = calibration.calibrate({"x": g}, cfg, 8)["per_class"]["x"]
   objs = {(c["weight"], c["pool_size"]): c["objective"] for c in best["candidates"]}
-  assert all(abs(objs[(w, 8)] - objs[(0.0, 8)]) < 1e-9 for w in cfg.weights)
-  assert best["weight"] == 0.0
-  assert best["pool_size"] == (4 if objs[(0.0, 4)] > objs[(0.0, 8)] + 1e-9 else 8)
+  assert all(abs(objs[(w, 8)] - objs[(0.0, 8)]) < 1e-6 for w in cfg.weights)
+  assert best["weight"] == 1.0 and best["pool_size"] == 8
+
+
+def test_a_gain_within_one_standard_error_does_not_beat_the_refiner():
+  cands = [{"weight": 0.5, "pool_size": 16, "objective": 0.80},
+           {"weight": 1.0, "pool_size": 16, "objective": 0.79}]
+  steady = np.full(5, 0.80)
+  noisy = np.array([0.75, 0.83, 0.75, 0.83, 0.79])  # paired SE of the difference 0.018 > 0.01
+  assert calibration.select(cands, np.stack([steady, noisy]), 16)["weight"] == 1.0
+  assert [c["within_se"] for c in cands] == [True, True]
+  assert cands[1]["se"] == pytest.approx(np.std(steady - noisy, ddof=1) / np.sqrt(5))
+  consistent = np.full(5, 0.79)  # the same gain on every fold: SE 0
+  assert calibration.select(cands, np.stack([steady, consistent]), 16)["weight"] == 0.5
+
+
+def test_calibrations_stored_before_log_odds_are_applied_in_probability_space():
+  rec = np.random.default_rng(0).normal(size=(2, 8, 8)).astype(np.float32)
+  ref = np.random.default_rng(1).uniform(size=(2, 8, 8)).astype(np.float32)
+  old = {"rec_mean": 0.0, "rec_std": 1.0, "ref_mean": 0.5, "ref_std": 0.25, "weight": 0.5,
+         "pool_size": 4}
+  np.testing.assert_allclose(calibration.apply(rec, ref, old)[0],
+                             0.5 * rec + 0.5 * (ref - 0.5) / 0.25, rtol=1e-6)
+  new = dict(old, ref_space="logodds")
+  np.testing.assert_allclose(calibration.apply(rec, ref, new)[0],
+                             0.5 * rec + 0.5 * (np.log(ref / (1 - ref)) - 0.5) / 0.25,
+                             rtol=1e-4, atol=1e-5)
 
 
 def test_box_max_equals_the_scoring_image_score():

@@ -134,7 +134,7 @@ def test_export_layout_and_metadata(tiny):
           "model.msgpack", "backbone.msgpack"} <= set(os.listdir(out))
   with open(os.path.join(out, "export.json"), encoding="utf-8") as f:
     meta = json.load(f)
-  assert meta["format_version"] == 3 and meta["package_version"]
+  assert meta["format_version"] == 4 and meta["package_version"]
   assert meta["preprocessing"]["resize"] == "tf-bilinear-antialias"
   assert meta["preprocessing"]["mean"] == list(tiny[0].data.mean)
   assert "cpu" in meta["program"]["platforms"]
@@ -145,7 +145,8 @@ def test_export_layout_and_metadata(tiny):
   g = cal["global"]
   assert sc["params"] == {"rec_mean": g["rec_mean"], "rec_std": g["rec_std"],
                           "ref_mean": g["ref_mean"], "ref_std": g["ref_std"],
-                          "rec_weight": pytest.approx(0.7), "ref_weight": 0.3}
+                          "rec_weight": pytest.approx(0.7), "ref_weight": 0.3,
+                          "ref_logodds": 1.0}
   assert meta["program"]["scoring_layout"] == list(sc["params"])
   th = meta["thresholds"]
   assert set(th["per_class"]) == set(CLASSES) and th["scoring"] == "calibrated"
