@@ -9,12 +9,15 @@ empty masks) and K synthetic anomalies made from each by the training synthesis 
        z_rec = (rec - m_rec) / s_rec,  z_ref = (logodds(ref) - m_ref) / s_ref;
   2. scores every refiner weight w in `calibration.weights` and image-score box size in
      `calibration.pool_sizes` by the mean of I-AUROC, I-AP, P-AUROC and P-AP on the validation set
-     for the map S = (1 - w) z_rec + w z_ref (w = 1: refiner only, 0: reconstruction only);
+     for the map S = (1 - w) z_rec + w z_ref (w = 1: refiner only, 0: reconstruction only), and
+     the refiner's own probability map (w = 1, `ref_space` "probability": the same pixel ranking
+     as log-odds w = 1, but its box means pool probabilities);
   3. takes, among the candidates whose objective is within one standard error of the best one's,
-     the box size nearest `eval.pool_size`, then the largest w (the refiner is the head trained to
-     output the map; mixing its input back in must beat the noise of a small validation set). The
-     standard error is that of the paired difference over `FOLDS` folds of the held-out images (an
-     image and the synthetic anomalies made from it share a fold).
+     the box size nearest `eval.pool_size`, then the largest w, then the probability map: the
+     refiner is the head trained to output the map, so mixing its input back in, or re-scaling its
+     output, must beat the noise of a small validation set. The standard error is that of the
+     paired difference over `FOLDS` folds of the held-out images (an image and the synthetic
+     anomalies made from it share a fold).
 This is done per class (used with class prompts) and once for all classes with shared statistics
 (`"global"`, used with pool prompts, where the objective is the mean over the classes).
 
@@ -22,10 +25,11 @@ A calibration is a JSON-able dict (stored with the final checkpoint and in metri
   {"method": METHOD, "per_class": {cls: PARAMS}, "global": PARAMS, "prompt_mode", ...}
   PARAMS = {"rec_mean", "rec_std", "ref_mean", "ref_std", "ref_space", "weight", "pool_size",
             "objective", "validation": {i_auroc, i_ap, p_auroc, p_ap} of the choice, "n_normal",
-            "n_synthetic", "candidates": [{"weight", "pool_size", i_auroc, i_ap, p_auroc, p_ap,
-            "objective", "se", "within_se"}]}.
-`ref_space` is "logodds"; a calibration stored before it existed (no key) is in "probability"
-space and is applied as it was chosen.
+            "n_synthetic", "candidates": [{"ref_space", "weight", "pool_size", i_auroc, i_ap,
+            p_auroc, p_ap, "objective", "se", "within_se"}]}
+  (ref_mean / ref_std of the chosen `ref_space`).
+A calibration stored before `ref_space` existed (no key) is in "probability" space for every w and
+is applied as it was chosen.
 """
 from typing import Mapping, Optional, Sequence
 
@@ -33,7 +37,8 @@ import numpy as np
 
 from onenip_jax import metrics, scoring
 
-METHOD = "z-scores (refiner in log-odds); largest weight within one paired SE of the best (5 folds)"
+METHOD = ("z-scores (refiner in log-odds) and the refiner's probabilities; largest weight within "
+          "one paired SE of the best (5 folds)")
 OBJECTIVE_KEYS = ("i_auroc", "i_ap", "p_auroc", "p_ap")
 FOLDS = 5
 _STD_FLOOR = 1e-12
@@ -50,13 +55,13 @@ def ref_values(ref: np.ndarray, space: str) -> np.ndarray:
   raise ValueError(f"unknown calibration ref_space {space!r}")
 
 
-def normal_stats(rec: np.ndarray, ref: np.ndarray) -> dict:
+def normal_stats(rec: np.ndarray, ref: np.ndarray, ref_space: str = "logodds") -> dict:
   """Pixel mean and std (float64 accumulation) of the maps (N, H, W) of normal images, the
-  refiner's in log-odds."""
-  rec, ref = np.asarray(rec, np.float64), np.asarray(ref_values(ref, "logodds"), np.float64)
+  refiner's in `ref_space` (`ref_values`)."""
+  rec, ref = np.asarray(rec, np.float64), np.asarray(ref_values(ref, ref_space), np.float64)
   return {"rec_mean": float(rec.mean()), "rec_std": float(max(rec.std(), _STD_FLOOR)),
           "ref_mean": float(ref.mean()), "ref_std": float(max(ref.std(), _STD_FLOOR)),
-          "ref_space": "logodds"}
+          "ref_space": ref_space}
 
 
 def fuse(rec: np.ndarray, ref: np.ndarray, stats: Mapping, weight: float) -> np.ndarray:
@@ -108,7 +113,8 @@ def candidate_figures(groups: Sequence[Mapping], stats: Mapping, weight: float,
     groups: one dict per class: 'rec', 'ref' (N, H, W) maps, 'mask' (N, H, W) bool, 'label' (N,).
     stats: `normal_stats` output used for every group.
   Returns:
-    [{"weight", "pool_size", i_auroc, i_ap, p_auroc, p_ap, "objective"}] in `pool_sizes` order.
+    [{"ref_space", "weight", "pool_size", i_auroc, i_ap, p_auroc, p_ap, "objective"}] in
+    `pool_sizes` order.
   """
   per_group = []
   for g in groups:
@@ -117,7 +123,8 @@ def candidate_figures(groups: Sequence[Mapping], stats: Mapping, weight: float,
     per_group.append([dict(pix, **_image_figures(box_max(s, p), g["label"])) for p in pool_sizes])
   out = []
   for j, p in enumerate(pool_sizes):
-    row = {"weight": float(weight), "pool_size": int(p)}
+    row = {"ref_space": stats.get("ref_space", "probability"), "weight": float(weight),
+           "pool_size": int(p)}
     for k in OBJECTIVE_KEYS:
       vals = [fig[j][k] for fig in per_group if fig[j][k] is not None]
       row[k] = float(np.mean(vals)) if vals else None
@@ -157,7 +164,8 @@ def select(candidates: Sequence[dict], fold_objectives: np.ndarray, default_pool
   for c, o, e in zip(candidates, objs, se):
     c["se"], c["within_se"] = float(e), bool(objs[best] - o <= e + _TIE)
   tied = [c for c in candidates if c["within_se"]]
-  return dict(min(tied, key=lambda c: (abs(c["pool_size"] - default_pool_size), -c["weight"])))
+  return dict(min(tied, key=lambda c: (abs(c["pool_size"] - default_pool_size), -c["weight"],
+                                        c["ref_space"] != "probability")))
 
 
 def fit(groups: Sequence[Mapping], normal_rows: Sequence[np.ndarray], weights: Sequence[float],
@@ -171,15 +179,16 @@ def fit(groups: Sequence[Mapping], normal_rows: Sequence[np.ndarray], weights: S
   """
   rec = np.concatenate([g["rec"][r] for g, r in zip(groups, normal_rows)])
   ref = np.concatenate([g["ref"][r] for g, r in zip(groups, normal_rows)])
-  stats = normal_stats(rec, ref)
+  stats = {space: normal_stats(rec, ref, space) for space in ("logodds", "probability")}
   del rec, ref
+  grid = [("logodds", float(w)) for w in weights] + [("probability", 1.0)]
   candidates, per_fold = [], []
-  for w in weights:
-    candidates += candidate_figures(groups, stats, float(w), pool_sizes)
-    per_fold.append(_fold_objectives(groups, stats, float(w), pool_sizes))
+  for space, w in grid:
+    candidates += candidate_figures(groups, stats[space], w, pool_sizes)
+    per_fold.append(_fold_objectives(groups, stats[space], w, pool_sizes))
   best = select(candidates, np.concatenate(per_fold), default_pool_size)
   n_normal = int(sum(len(r) for r in normal_rows))
-  return dict(stats, weight=best["weight"], pool_size=best["pool_size"],
+  return dict(stats[best["ref_space"]], weight=best["weight"], pool_size=best["pool_size"],
               objective=best["objective"], validation={k: best[k] for k in OBJECTIVE_KEYS},
               n_normal=n_normal, n_synthetic=int(sum(len(g["label"]) for g in groups)) - n_normal,
               candidates=candidates)

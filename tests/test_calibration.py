@@ -121,7 +121,7 @@ def test_calibration_reads_no_test_image_is_deterministic_and_is_reported(tmp_pa
   assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)
   g = first["global"]
   assert set(first["per_class"]) == {"a", "b"} and g["n_normal"] == 4 and g["n_synthetic"] == 8
-  assert len(g["candidates"]) == 6 and g["weight"] in (0.0, 0.5, 1.0) and g["pool_size"] in (8, 16)
+  assert len(g["candidates"]) == 8 and g["weight"] in (0.0, 0.5, 1.0) and g["pool_size"] in (8, 16)
   assert "reference_validation" in g and first["holdout"]["a"] == [
       s.path for s in index.holdout if s.cls == "a"]
 
@@ -170,12 +170,11 @@ def test_the_informative_map_is_chosen_after_normalisation(informative):
     cands = params["candidates"]
     best = max(cands, key=lambda c: c["objective"])
     assert best["weight"] == (1.0 if informative == "ref" else 0.0)
-    assert params["ref_space"] == "logodds"
-    chosen = [c for c in cands if (c["weight"], c["pool_size"]) == (params["weight"],
-                                                                     params["pool_size"])]
+    key = lambda c: (c["ref_space"], c["weight"], c["pool_size"])  # pylint: disable=unnecessary-lambda-assignment
+    chosen = [c for c in cands if key(c) == key(params)]
     assert chosen[0]["within_se"] and chosen[0]["objective"] >= best["objective"] - chosen[0]["se"]
     assert params["weight"] == 1.0 if informative == "ref" else params["weight"] < 0.5
-  assert len(result["global"]["candidates"]) == 22
+  assert len(result["global"]["candidates"]) == 24  # 2 boxes x (11 log-odds weights + probability)
 
 
 def test_ties_go_to_the_default_box_then_the_larger_weight():
@@ -192,8 +191,8 @@ def test_ties_go_to_the_default_box_then_the_larger_weight():
 
 
 def test_a_gain_within_one_standard_error_does_not_beat_the_refiner():
-  cands = [{"weight": 0.5, "pool_size": 16, "objective": 0.80},
-           {"weight": 1.0, "pool_size": 16, "objective": 0.79}]
+  cands = [{"ref_space": "logodds", "weight": 0.5, "pool_size": 16, "objective": 0.80},
+           {"ref_space": "logodds", "weight": 1.0, "pool_size": 16, "objective": 0.79}]
   steady = np.full(5, 0.80)
   noisy = np.array([0.75, 0.83, 0.75, 0.83, 0.79])  # paired SE of the difference 0.018 > 0.01
   assert calibration.select(cands, np.stack([steady, noisy]), 16)["weight"] == 1.0
