@@ -411,7 +411,7 @@ def validation_samples(folder: str, classes) -> list:
       raise FileNotFoundError(f"validation folder {folder} has no folder for class {cls!r} ({d})")
     for sub in sorted(storage.listdir(d)):
       files = sorted(f for f in storage.listdir(storage.join(d, sub))
-                     if f.lower().endswith(indexing.IMAGE_EXTENSIONS)) \
+                     if f.lower().endswith(storage.IMAGE_EXTENSIONS)) \
           if storage.isdir(storage.join(d, sub)) else []
       label = 0 if sub in indexing.NORMAL_FOLDERS else 1
       samples += [indexing.Sample(storage.join(d, sub, f), cls, label, None, sub) for f in files]
