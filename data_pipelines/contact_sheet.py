@@ -23,7 +23,7 @@ def train_good_paths(root: str) -> list:
   root = os.path.abspath(os.path.expanduser(root))
   patterns = [os.path.join(root, "train", "good", "*"), os.path.join(root, "*", "train", "good", "*")]
   for pattern in patterns:
-    paths = sorted(p for p in glob.glob(pattern) if p.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
+    paths = sorted(p for p in glob.glob(pattern) if storage.is_image_name(p))
     if paths:
       return paths
   raise ValueError(f"no train/good images under {root} (expected <root>/train/good/* or "
@@ -52,19 +52,20 @@ def decode_resize(path, size: int):
 
 def default_demo_root() -> str:
   from data_pipelines import demo_data  # pylint: disable=import-outside-toplevel
-  root = os.path.join(textures.cache_root(), "demo")
+  root = os.path.join(storage.cache_dir(), "demo")
   return demo_data.make_demo_dataset(root)
 
 
 def make_sheet(root: str, textures_dir: str = "", size: int = 224, num: int = 16, seed: int = 0,
                cols: int = 4, cfg=None) -> np.ndarray:
-  """Synthesises `num` samples and lays them out; returns the sheet as uint8 (H, W, 3)."""
+  """Synthesises `num` samples and lays them out; returns the sheet as uint8 (H, W, 3).
+
+  `cfg` is `config.data.synthesis` (ConfigDict / mapping / `synthesis.SynthesisParams`); None takes
+  the defaults of `synthesis.SynthesisParams`.
+  """
   from data_pipelines.tf_setup import import_tensorflow  # pylint: disable=import-outside-toplevel
   tf = import_tensorflow()
   from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
-  if cfg is None:
-    from configs.common import get_base_config  # pylint: disable=import-outside-toplevel
-    cfg = get_base_config().data.synthesis
   paths = train_good_paths(root)
   rng = np.random.default_rng(seed)
   picks = rng.choice(len(paths), size=num, replace=len(paths) < num)

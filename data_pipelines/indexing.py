@@ -1,15 +1,7 @@
 """Dataset indexing: every supported layout becomes one validated in-memory list of samples.
 
-Layouts (`data.layout`):
-  "mvtec"     folders `<root>/<class>/train/<normal>/*`, `<root>/<class>/test/<defect>/*`, masks
-              `<root>/<class>/ground_truth/<defect>/<stem>[_mask].<ext>`; `<normal>` is `good`
-              or `ok` (MVTec AD, BTAD, custom data). If `<root>` itself holds `train/`, it is one
-              class named after the folder. Extensions: png/jpg/jpeg/bmp/tif/tiff, any case.
-  "meta"      UniAD/OneNIP json-lines `data.meta_train` / `data.meta_test` (spec 1.1), paths
-              relative to `data.root`, read as shipped (duplicates included). `defect` is the
-              image's parent folder name for anomalies.
-  "visa_csv"  VisA's `split_csv/1cls.csv` (`object,split,label,image,mask`), paths relative to
-              root; `defect` is "anomaly" for anomalies.
+Layouts (`data.layout`): "mvtec" (folders), "meta" (UniAD json lines), "visa_csv" (VisA's split
+csv) and "demo", read by `layouts.py` (see there).
 
 `data.extra` holds more dataset configs (dicts with the same keys; a missing key takes the default
 of `configs/common.py`, `skip_bad` that of the main config) merged into one class list. A class
@@ -17,9 +9,9 @@ name found in more than one dataset becomes `<tag>_<class>` in every dataset tha
 `tag` is the dataset config's optional `tag` key, else the root folder's name (e.g.
 `mvtec_bottle`, `btad_01`); tags that collide get `_<i>` appended (i = dataset position, 0 = main).
 
-Every image and mask is decoded in full once while indexing (PIL, in threads, with a progress bar;
-PNG chunk checksums verified too), so a file damaged anywhere fails here rather than at the
-training step that first reads it (the 2.1k files of ../shared/data/real: 1.3 s on 2 cores). One
+Every image and mask is decoded in full once while indexing (`image_checks.py`: in threads, with
+a progress bar; PNG chunk checksums verified too), so a file damaged anywhere fails here rather
+than at the training step that first reads it (the 2.1k files of ../shared/data/real: 1.3 s on 2 cores). One
 `ValueError` lists every unreadable file; `data.skip_bad=True` turns each into one warning and
 skips the sample (an unreadable mask drops only the mask). `index_dataset(..., verify_cache=F)`
 remembers the intact files in F keyed by path, size and mtime: a resumed run does not decode
@@ -30,31 +22,22 @@ Anomalous test images without a mask keep `mask_path=None`. By default the pixel
 reference does (spec 1.1).
 """
 import collections
-import concurrent.futures
-import csv
 import dataclasses
 import functools
-import io
-import json
 import logging
 import os
-import re
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
-from PIL import Image
 
-from data_pipelines import storage
+from data_pipelines import image_checks, layouts, storage
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-NORMAL_FOLDERS = ("good", "ok")
 _LAYOUTS = ("mvtec", "meta", "visa_csv")
 _DATASET_KEYS_DEFAULTS = {
     "layout": "mvtec", "root": "", "classes": (), "meta_train": "", "meta_test": "",
     "visa_csv": "", "skip_bad": False}
-_CACHE_VERSION = 1
 _MAX_LISTED = 20   # unreadable files listed in the error
 
 
@@ -134,126 +117,7 @@ def _dataset_cfg(cfg: Any, parent: Any = None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# File checks
-
-
-class _Unreadable(Exception):
-  """An image or mask that fails validation (message names the file)."""
-
-
-def _is_image_file(name: str) -> bool:
-  return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _tensorflow():
-  """TensorFlow where it is installed, else None: a machine that evaluates an export with the
-  serialised predictor has none, and decodes (so verifies) with PIL."""
-  from data_pipelines.tf_setup import import_tensorflow  # pylint: disable=g-import-not-at-top
-  try:
-    return import_tensorflow()
-  except ImportError:
-    return None
-
-
-def _probe(path: str) -> tuple:
-  """(width, height) of an image file after decoding all of it; `_Unreadable` naming it if not.
-
-  The decoder is the one the pipelines use (TF for PNG and JPEG, which is stricter than PIL on
-  damaged JPEG data; PIL for anything else, and for everything where TF is not installed), so a
-  file damaged anywhere fails here, not at the training step that first reads it.
-  """
-  if not storage.isfile(path):
-    raise _Unreadable(f"file not found: {path}")
-  data = storage.read_bytes(path)
-  if not data:
-    raise _Unreadable(f"empty (zero-byte) image file: {path}")
-  try:
-    tf = _tensorflow() if data[:4] == b"\x89PNG" or data[:3] == b"\xff\xd8\xff" else None
-    if tf is not None:
-      if data[:4] == b"\x89PNG":
-        shape = tf.io.decode_png(data, channels=0, dtype=tf.uint16).shape
-      else:
-        shape = tf.io.decode_jpeg(data, dct_method="INTEGER_ACCURATE").shape
-      return int(shape[1]), int(shape[0])
-    with Image.open(io.BytesIO(data)) as im:
-      im.load()
-      return im.size
-  except Exception as e:  # PIL and TF raise many types (OSError, SyntaxError, InvalidArgumentError)
-    reason = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\]", "", str(e)).strip()
-    reason = reason.splitlines()[-1] if reason else type(e).__name__
-    raise _Unreadable(f"unreadable image file {path}: {reason}") from None
-
-
-def _file_key(path: str) -> Optional[list]:
-  """[size, mtime_ns] of `path` (what the verification cache is keyed by), None if absent.
-
-  `ram://` reports mtime 0, so there only the size tells a changed file."""
-  if not storage.exists(path):
-    return None
-  return list(storage.stat(path))
-
-
-def _read_cache(cache_path: Optional[str]) -> dict:
-  """{path: [size, mtime_ns, [w, h]]} of a verification cache; {} when absent or unreadable."""
-  if not cache_path or not storage.isfile(cache_path):
-    return {}
-  try:
-    cache = json.loads(storage.read_text(cache_path))
-    return cache["files"] if cache.get("version") == _CACHE_VERSION else {}
-  except (OSError, ValueError, KeyError, TypeError, AttributeError):
-    logger.warning("ignoring the unreadable image verification cache %s", cache_path)
-    return {}
-
-
-def _write_cache(cache_path: str, files: dict) -> None:
-  """Writes the cache atomically (`storage.atomic_write`)."""
-  storage.atomic_write(cache_path, json.dumps({"version": _CACHE_VERSION, "files": files}))
-
-
-def _probe_all(paths: Iterable[str], cache_path: Optional[str] = None) -> dict:
-  """{path: (w, h) or _Unreadable} for every distinct path, decoded in threads (PIL releases
-  the GIL while decoding) with a progress bar. With `cache_path`, files whose size and mtime
-  match the cache are not decoded again, and the intact ones are added to the cache."""
-  unique = list(dict.fromkeys(p for p in paths if p))
-  cache = _read_cache(cache_path)
-  keys = {p: _file_key(p) for p in unique}
-  out = {p: tuple(cache[p][2]) for p in unique
-         if keys[p] is not None and p in cache and cache[p][:2] == keys[p]}
-  todo = [p for p in unique if p not in out]
-
-  def run(p):
-    try:
-      return _probe(p)
-    except _Unreadable as e:
-      return e
-
-  if todo:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=len(todo), desc="verifying images", unit="img", mininterval=1.0,
-               disable=len(todo) < 64, leave=False)
-    workers = min(16, 2 * (os.cpu_count() or 1))
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      for p, r in zip(todo, pool.map(run, todo)):
-        out[p] = r
-        bar.update(1)
-    bar.close()
-    if cache_path:
-      good = {p: keys[p] + [list(r)] for p, r in out.items()
-              if not isinstance(r, _Unreadable) and keys[p] is not None}
-      _write_cache(cache_path, {**cache, **good})
-  return out
-
-
-@dataclasses.dataclass
-class _Record:
-  """A sample before validation, with `where` naming its origin for error messages."""
-  split: str
-  path: str
-  cls: str
-  label: int
-  mask_path: Optional[str]
-  defect: str
-  where: str = ""
+# Validation
 
 
 def _validate(records: list, skip_bad: bool, dataset: str, cache_path: Optional[str]) -> list:
@@ -261,15 +125,15 @@ def _validate(records: list, skip_bad: bool, dataset: str, cache_path: Optional[
 
   Without `skip_bad`, one ValueError lists every unreadable file.
   """
-  probes = _probe_all([r.path for r in records] + [r.mask_path for r in records if r.mask_path],
-                      cache_path)
+  probes = image_checks.probe_all(
+      [r.path for r in records] + [r.mask_path for r in records if r.mask_path], cache_path)
   out, bad = [], []
   missing_mask = collections.defaultdict(list)
   size_mismatch = []
   for r in records:
     where = f" ({r.where})" if r.where else ""
     img = probes[r.path]
-    if isinstance(img, _Unreadable):
+    if isinstance(img, image_checks.Unreadable):
       bad.append(f"{img}{where}")
       if skip_bad:
         logger.warning("skipping %s%s (data.skip_bad=True)", img, where)
@@ -277,7 +141,7 @@ def _validate(records: list, skip_bad: bool, dataset: str, cache_path: Optional[
     mask_path = r.mask_path
     if mask_path:
       msk = probes[mask_path]
-      if isinstance(msk, _Unreadable):
+      if isinstance(msk, image_checks.Unreadable):
         bad.append(f"mask of {r.path}: {msk}{where}")
         if skip_bad:
           logger.warning("dropping the mask of %s: %s%s (data.skip_bad=True)", r.path, msk, where)
@@ -306,118 +170,7 @@ def _validate(records: list, skip_bad: bool, dataset: str, cache_path: Optional[
 
 
 # ------------------------------------------------------------------------------------------------
-# Layouts
-
-
-def _list_images(folder: str) -> list:
-  return sorted(os.path.join(folder, n) for n in storage.listdir(folder)
-                if _is_image_file(n) and storage.isfile(os.path.join(folder, n)))
-
-
-def _subdirs(folder: str) -> list:
-  return sorted(n for n in storage.listdir(folder)
-                if not n.startswith(".") and storage.isdir(os.path.join(folder, n)))
-
-
-def _mvtec_records(root: str) -> list:
-  """Records of a folder-layout dataset (MVTec AD, BTAD, custom)."""
-  if storage.isdir(os.path.join(root, "train")):
-    class_dirs = [(os.path.basename(storage.normpath(root)), storage.normpath(root))]
-  else:
-    class_dirs = [(c, os.path.join(root, c)) for c in _subdirs(root)]
-  if not class_dirs:
-    raise ValueError(f"no class folders in data.root {root!r} (layout 'mvtec')")
-  records = []
-  for cls, cdir in class_dirs:
-    train_dir = os.path.join(cdir, "train")
-    normal_dirs = ([os.path.join(train_dir, d) for d in _subdirs(train_dir)
-                    if d.lower() in NORMAL_FOLDERS] if storage.isdir(train_dir) else [])
-    train = [p for d in normal_dirs for p in _list_images(d)]
-    if not train:
-      raise ValueError(
-          f"class {cls!r}: no normal training image in {train_dir}/{{{','.join(NORMAL_FOLDERS)}}} "
-          f"(class folder {cdir})")
-    records += [_Record("train", p, cls, 0, None, "good") for p in train]
-    test_dir = os.path.join(cdir, "test")
-    if not storage.isdir(test_dir):
-      logger.warning("class %r has no test folder %s", cls, test_dir)
-      continue
-    for defect in _subdirs(test_dir):
-      normal = defect.lower() in NORMAL_FOLDERS
-      masks = {}
-      gt_dir = os.path.join(cdir, "ground_truth", defect)
-      if not normal and storage.isdir(gt_dir):
-        for m in _list_images(gt_dir):
-          masks.setdefault(os.path.splitext(os.path.basename(m))[0], m)
-      for p in _list_images(os.path.join(test_dir, defect)):
-        stem = os.path.splitext(os.path.basename(p))[0]
-        mask = None if normal else masks.get(stem + "_mask", masks.get(stem))
-        records.append(_Record("test", p, cls, 0 if normal else 1, mask,
-                               "good" if normal else defect))
-  return records
-
-
-def _meta_records(root: str, meta_file: str, split: str) -> list:
-  """Records of one UniAD json-lines meta file (spec 1.1), duplicates kept."""
-  if not meta_file:
-    return []
-  if not storage.isfile(meta_file):
-    raise ValueError(f"meta file not found: {meta_file} (data.meta_{split})")
-  records = []
-  with storage.open(meta_file, "r") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"line {lineno} of {meta_file}"
-      try:
-        meta = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where} is not JSON ({e}): {line.strip()[:200]}") from None
-      if not isinstance(meta, dict) or not meta.get("filename"):
-        raise ValueError(f"{where} has no 'filename': {line.strip()[:200]}")
-      rel = meta["filename"]
-      parts = rel.replace("\\", "/").split("/")
-      cls = meta.get("clsname") or (parts[-4] if len(parts) >= 4 else None)
-      if not cls:
-        raise ValueError(f"{where} has no 'clsname' and {rel!r} has under 4 path components")
-      try:
-        label = int(meta.get("label", 0))
-      except (TypeError, ValueError):
-        raise ValueError(f"{where}: label {meta.get('label')!r} is not 0/1") from None
-      if label not in (0, 1):
-        raise ValueError(f"{where}: label {label} is not 0/1")
-      mask = meta.get("maskname") or None
-      defect = "good" if label == 0 else (parts[-2] if len(parts) >= 2 else "defective")
-      records.append(_Record(split, os.path.join(root, rel), str(cls), label,
-                             os.path.join(root, mask) if mask else None, defect, where))
-  return records
-
-
-def _visa_records(root: str, csv_file: str) -> list:
-  """Records of VisA's split csv (`object,split,label,image,mask`)."""
-  if not csv_file:
-    raise ValueError("data.visa_csv is empty (layout 'visa_csv')")
-  if not storage.isfile(csv_file):
-    raise ValueError(f"data.visa_csv not found: {csv_file}")
-  records = []
-  with storage.open(csv_file, "r") as f:
-    reader = csv.DictReader(f)
-    need = {"object", "split", "label", "image"}
-    if not need <= set(reader.fieldnames or ()):
-      raise ValueError(f"{csv_file}: columns {reader.fieldnames} lack {sorted(need)}")
-    for lineno, row in enumerate(reader, 2):
-      where = f"line {lineno} of {csv_file}"
-      split, lab = row["split"].strip().lower(), row["label"].strip().lower()
-      if split not in ("train", "test"):
-        raise ValueError(f"{where}: split {row['split']!r} is not train/test")
-      if lab not in ("normal", "anomaly"):
-        raise ValueError(f"{where}: label {row['label']!r} is not normal/anomaly")
-      label = int(lab == "anomaly")
-      mask = (row.get("mask") or "").strip()
-      records.append(_Record(split, os.path.join(root, row["image"].strip()), row["object"].strip(),
-                             label, os.path.join(root, mask) if mask else None,
-                             "anomaly" if label else "good", where))
-  return records
+# Index
 
 
 def _index_one(dcfg: dict, cache_path: Optional[str] = None) -> tuple:
@@ -433,14 +186,14 @@ def _index_one(dcfg: dict, cache_path: Optional[str] = None) -> tuple:
   if not root or not storage.isdir(root):
     raise ValueError(f"data.root {root!r} does not exist or is not a folder")
   if layout == "mvtec":
-    records = _mvtec_records(root)
+    records = layouts.mvtec_records(root)
   elif layout == "meta":
     if not dcfg["meta_train"]:
       raise ValueError("data.meta_train is empty (layout 'meta')")
-    records = (_meta_records(root, dcfg["meta_train"], "train")
-               + _meta_records(root, dcfg["meta_test"], "test"))
+    records = (layouts.meta_records(root, dcfg["meta_train"], "train")
+               + layouts.meta_records(root, dcfg["meta_test"], "test"))
   else:
-    records = _visa_records(root, dcfg["visa_csv"])
+    records = layouts.visa_records(root, dcfg["visa_csv"])
   found = list(dict.fromkeys(r.cls for r in records))
   wanted = list(dcfg["classes"] or ())
   if wanted:

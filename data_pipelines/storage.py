@@ -24,6 +24,24 @@ from typing import Iterator, Union
 
 PathLike = Union[str, os.PathLike]
 
+# File name endings (lower case) read as images everywhere: dataset layouts, predict inputs,
+# validation folders, contact sheets. Textures take a subset (`textures.TEXTURE_EXTENSIONS`).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_CACHE_ENV = "ONENIP_CACHE_DIR"
+
+
+def is_image_name(name: str) -> bool:
+  """True for a file name ending in one of `IMAGE_EXTENSIONS` (any case)."""
+  return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def cache_dir() -> str:
+  """The project's cache folder: `$ONENIP_CACHE_DIR`, else `~/.cache/onenip_jax`.
+
+  It holds the converted backbone weights, the scikit-image textures and the demo dataset.
+  """
+  return os.environ.get(_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "onenip_jax")
+
 
 def is_local(path: PathLike) -> bool:
   """True for a path of the local file system (no `scheme://` prefix)."""

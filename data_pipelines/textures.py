@@ -12,21 +12,18 @@ from data_pipelines.tf_setup import import_tensorflow
 
 tf = import_tensorflow()
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# The texture files read: the JPEG and PNG of `storage.IMAGE_EXTENSIONS` only, as the reference
+# reads DTD (JPEG) and `load_texture` decodes with TF, which reads no TIFF.
+TEXTURE_EXTENSIONS = tuple(e for e in storage.IMAGE_EXTENSIONS if e in (".jpg", ".jpeg", ".png"))
 
 
 # ----------------------------------------------------------------------------------------------
 # Texture files
 
 
-def cache_root() -> str:
-  """`$ONENIP_CACHE_DIR`, else `~/.cache/onenip_jax` (scikit-image textures, demo dataset)."""
-  return os.environ.get("ONENIP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "onenip_jax")
-
-
 def _listdir_images(folder: str) -> list:
   return [storage.join(folder, f) for f in storage.listdir(folder)
-          if f.lower().endswith(IMAGE_EXTENSIONS) and storage.isfile(storage.join(folder, f))]
+          if f.lower().endswith(TEXTURE_EXTENSIONS) and storage.isfile(storage.join(folder, f))]
 
 
 def _skimage_texture_arrays() -> dict:
@@ -59,7 +56,7 @@ def _skimage_texture_arrays() -> dict:
 def _skimage_textures() -> list:
   """Writes the scikit-image texture crops once as PNG into the cache and returns their paths."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  folder = os.path.join(cache_root(), "textures")
+  folder = os.path.join(storage.cache_dir(), "textures")
   names = ["brick_top0", "brick_top1", "grass_top0", "grass_top1", "gravel_top0", "gravel_top1"]
   names += [f"{n}_q{q}" for n in ("moon", "immunohistochemistry") for q in range(4)]
   paths = [os.path.join(folder, f"skimage_{n}.png") for n in names]
@@ -105,7 +102,8 @@ def texture_paths(textures_dir: str) -> list:
   if not paths:
     paths = _listdir_images(root)
   if not paths:
-    raise ValueError(f"data.textures: no texture image (*.jpg, *.jpeg, *.png) found in {root}; expected "
+    patterns = ", ".join("*" + e for e in TEXTURE_EXTENSIONS)
+    raise ValueError(f"data.textures: no texture image ({patterns}) found in {root}; expected "
                      "the DTD layout images/<class>/*.jpg or <class>/*.jpg")
   return sorted(paths)
 

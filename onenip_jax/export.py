@@ -403,7 +403,7 @@ def default_threshold_samples(index, pool: inference.PromptPool, fraction: float
 
 def validation_samples(folder: str, classes) -> list:
   """Samples of a labelled validation folder `<folder>/<class>/good/*`, `<folder>/<class>/<defect>/*`."""
-  from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
+  from data_pipelines import indexing, layouts  # pylint: disable=g-import-not-at-top
   samples = []
   for cls in classes:
     d = storage.join(folder, cls)
@@ -411,9 +411,9 @@ def validation_samples(folder: str, classes) -> list:
       raise FileNotFoundError(f"validation folder {folder} has no folder for class {cls!r} ({d})")
     for sub in sorted(storage.listdir(d)):
       files = sorted(f for f in storage.listdir(storage.join(d, sub))
-                     if f.lower().endswith(indexing.IMAGE_EXTENSIONS)) \
+                     if f.lower().endswith(storage.IMAGE_EXTENSIONS)) \
           if storage.isdir(storage.join(d, sub)) else []
-      label = 0 if sub in indexing.NORMAL_FOLDERS else 1
+      label = 0 if sub in layouts.NORMAL_FOLDERS else 1
       samples += [indexing.Sample(storage.join(d, sub, f), cls, label, None, sub) for f in files]
     if not any(s.cls == cls and s.label == 0 for s in samples):
       raise ValueError(f"validation folder {d} has no normal images (expected {d}/good/)")

@@ -29,7 +29,7 @@ import numpy as np
 
 from data_pipelines import storage
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = storage.IMAGE_EXTENSIONS
 log = logging.getLogger("onenip")
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from configs import common
-from data_pipelines import indexing
+from data_pipelines import image_checks, indexing
 
 LOGGER = "data_pipelines.indexing"
 
@@ -384,8 +384,8 @@ def test_verification_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
   first = indexing.index_dataset(_cfg(root=str(root)), verify_cache=str(cache))
   assert len(json.loads(cache.read_text())["files"]) == 3 + 3 + 2   # train, test, masks
   decoded = []
-  real_probe = indexing._probe  # pylint: disable=protected-access
-  monkeypatch.setattr(indexing, "_probe", lambda p: decoded.append(p) or real_probe(p))
+  real_probe = image_checks.probe
+  monkeypatch.setattr(image_checks, "probe", lambda p: decoded.append(p) or real_probe(p))
   again = indexing.index_dataset(_cfg(root=str(root)), verify_cache=str(cache))
   assert decoded == [] and again == first
   changed = root / "a" / "train" / "good" / "001.png"

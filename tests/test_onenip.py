@@ -13,8 +13,9 @@ import pytest
 from configs.common import get_base_config
 from onenip_jax.losses import dice_loss
 from onenip_jax.models.features import neck
-from onenip_jax.models.onenip import MultiheadAttention, OneNIP, neighbor_mask
+from onenip_jax.models.onenip import OneNIP
 from onenip_jax.models.resize import resize_align_corners
+from onenip_jax.models.transformer import MultiheadAttention, neighbor_mask
 
 C = 272
 SMALL = dict(enc_layers=1, dec_layers=1)   # one layer of each kind: same code paths, faster compile
@@ -238,7 +239,7 @@ def test_initialisation():
 
 def test_position_embedding_layout():
   """pos[y * w + x] = concat(col_embed[x], row_embed[y]) (column part first)."""
-  from onenip_jax.models.onenip import PositionEmbedding
+  from onenip_jax.models.transformer import PositionEmbedding
   m = PositionEmbedding(3, 4, 8)
   v = m.init(jax.random.key(0))
   row, col = v["params"]["row_embed"], v["params"]["col_embed"]
@@ -462,7 +463,7 @@ def test_refiner_matches_torch_eval():
   conv layout. Torch ConvTranspose2d weight (in, out, kh, kw) -> Flax kernel (kh, kw, in, out) with
   both spatial axes flipped (Flax's ConvTranspose with transpose_kernel=False)."""
   torch = pytest.importorskip("torch")
-  from onenip_jax.models.onenip import Refiner
+  from onenip_jax.models.refiner import Refiner
   tnn = torch.nn
   cin, ch, h = 8, 6, 5
   torch.manual_seed(0)

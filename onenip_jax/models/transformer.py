@@ -1,0 +1,218 @@
+"""Attention and transformer layers of the OneNIP reconstruction network (spec section 5).
+
+Tokens are (batch, tokens, channels), row-major over the h x w feature grid. Parameters are float32;
+`dtype` is the compute dtype. Initialisers follow PyTorch's (xavier_uniform, zero biases).
+"""
+import math
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from onenip_jax.models import dropout as dropout_lib
+
+Dtype = Any
+Array = jnp.ndarray
+
+LN_EPS = 1e-5
+
+xavier_uniform = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros
+
+
+def packed_in_proj_init(embed_dim: int) -> Callable[..., Array]:
+  """PyTorch's default q/k/v init: xavier_uniform over the packed (3D, D) in_proj matrix.
+
+  Every one of the separate (D, D) q/k/v kernels gets U(-b, b) with b = sqrt(6 / (D + 3D)).
+  """
+  bound = math.sqrt(6.0 / (embed_dim + 3 * embed_dim))
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def neighbor_mask(h: int, w: int, n: Union[int, Sequence[int]]) -> np.ndarray:
+  """Neighbour-masked-attention (NMA) mask over a row-major h x w token grid (spec 5.4).
+
+  Key (y2, x2) is blocked for query (y1, x1) when |y2 - y1| <= ny // 2 and |x2 - x1| <= nx // 2,
+  i.e. a (2 * (n // 2) + 1)-wide window clipped at the borders.
+
+  Args:
+    h: grid height.
+    w: grid width.
+    n: neighbourhood size, an int (both dimensions) or (ny, nx). The reference uses h // 2.
+
+  Returns:
+    (N, N) bool array, N = h * w, True where the query (row) MAY attend to the key (column).
+  """
+  ny, nx = (n, n) if np.isscalar(n) else (int(n[0]), int(n[1]))
+  ys, xs = np.divmod(np.arange(h * w), w)
+  dy = np.abs(ys[:, None] - ys[None, :])
+  dx = np.abs(xs[:, None] - xs[None, :])
+  blocked = (dy <= ny // 2) & (dx <= nx // 2)
+  return ~blocked
+
+
+class MultiheadAttention(nn.Module):
+  """`torch.nn.MultiheadAttention` semantics (spec 5.9), batch-first.
+
+  Separate q/k/v projections with bias (init as PyTorch's packed in_proj), scaled dot product
+  1/sqrt(head_dim), boolean mask shared by heads and batch, dropout on the attention
+  probabilities, out projection (xavier_uniform, zero bias). Positions are added by the caller.
+  """
+  embed_dim: int = 256
+  num_heads: int = 8
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, query: Array, key: Array, value: Array, mask: Optional[Array] = None, *,
+               deterministic: bool = True) -> Array:
+    """Attends `query` to `key`/`value`.
+
+    Args:
+      query: (B, Nq, D).
+      key: (B, Nk, D).
+      value: (B, Nk, D).
+      mask: optional bool (Nq, Nk) (or broadcastable to (B, heads, Nq, Nk)); True = may attend.
+      deterministic: disables attention dropout.
+
+    Returns:
+      (B, Nq, D) in `dtype`.
+    """
+    d, nh = self.embed_dim, self.num_heads
+    if d % nh:
+      raise ValueError(f"embed_dim {d} is not divisible by num_heads {nh}")
+    hd = d // nh
+    in_init = packed_in_proj_init(d)
+
+    def proj(name, x, kernel_init):
+      return nn.Dense(d, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
+                      bias_init=zeros, name=name)(x)
+
+    q = proj("q_proj", query, in_init)
+    k = proj("k_proj", key, in_init)
+    v = proj("v_proj", value, in_init)
+    b, nq, nk = q.shape[0], q.shape[1], k.shape[1]
+    q = q.reshape(b, nq, nh, hd) * jnp.asarray(1.0 / math.sqrt(hd), self.dtype)
+    k = k.reshape(b, nk, nh, hd)
+    v = v.reshape(b, nk, nh, hd)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    probs = dropout_lib.Dropout(self.dropout)(probs, deterministic=deterministic)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, nq, d)
+    return proj("out_proj", out, xavier_uniform)
+
+
+def dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=xavier_uniform,
+                  bias_init=zeros, name=name)
+
+
+def layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class PositionEmbedding(nn.Module):
+  """Learned row/column position embedding (spec 5.3), both tables U[0, 1)."""
+  h: int
+  w: int
+  hidden_dim: int = 256
+
+  @nn.compact
+  def __call__(self) -> Array:
+    """Returns (N, D) with pos[y * w + x] = concat(col_embed[x], row_embed[y])."""
+    half = self.hidden_dim // 2
+    init = nn.initializers.uniform(1.0)
+    row = self.param("row_embed", init, (self.h, half), jnp.float32)
+    col = self.param("col_embed", init, (self.w, self.hidden_dim - half), jnp.float32)
+    pos = jnp.concatenate([
+        jnp.broadcast_to(col[None, :, :], (self.h, self.w, col.shape[-1])),
+        jnp.broadcast_to(row[:, None, :], (self.h, self.w, half)),
+    ], axis=-1)
+    return pos.reshape(self.h * self.w, self.hidden_dim)
+
+
+class EncoderLayer(nn.Module):
+  """Post-norm self-attention encoder layer (spec 5.5)."""
+  hidden_dim: int = 256
+  num_heads: int = 8
+  ffn_dim: int = 1024
+  dropout: float = 0.1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, pos: Array, mask: Optional[Array], *, deterministic: bool) -> Array:
+    """x: (B, N, D); pos: (N, D); mask: (N, N) bool or None. Returns (B, N, D)."""
+    drop = lambda y: dropout_lib.Dropout(self.dropout)(y, deterministic=deterministic)
+    qk = x + pos
+    a = MultiheadAttention(self.hidden_dim, self.num_heads, self.dropout, self.dtype,
+                           name="self_attn")(qk, qk, x, mask, deterministic=deterministic)
+    x = layer_norm(self.dtype, "norm1")(x + drop(a))
+    f = nn.relu(dense(self.ffn_dim, self.dtype, "linear1")(x))
+    f = dense(self.hidden_dim, self.dtype, "linear2")(drop(f))
+    return layer_norm(self.dtype, "norm2")(x + drop(f))
+
+
+class PromptDecoderLayer(nn.Module):
+  """OneNIP decoder layer (spec 5.7): prompt stream P attends to target stream X, then (when
+  `bidirectional`) X attends to the updated P. With `bidirectional=False` X is left unchanged."""
+  hidden_dim: int = 256
+  num_heads: int = 8
+  ffn_dim: int = 1024
+  dropout: float = 0.1
+  bidirectional: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, p: Array, x: Array, pos: Array, mask: Optional[Array], *,
+               deterministic: bool) -> Tuple[Array, Array]:
+    """p, x: (B, N, D); pos: (N, D); mask: (N, N) bool or None. Returns the updated (p, x)."""
+    drop = lambda y: dropout_lib.Dropout(self.dropout)(y, deterministic=deterministic)
+    mha = lambda name: MultiheadAttention(self.hidden_dim, self.num_heads, self.dropout, self.dtype,
+                                          name=name)
+    a = mha("cross_attn_prompt_to_image")(p + pos, x + pos, x, mask, deterministic=deterministic)
+    p = layer_norm(self.dtype, "norm1")(p + drop(a))
+    m = nn.relu(dense(self.ffn_dim, self.dtype, "mlp_lin1")(p))
+    m = dense(self.hidden_dim, self.dtype, "mlp_lin2")(m)        # no internal dropout
+    p = layer_norm(self.dtype, "norm2")(p + drop(m))
+    if self.bidirectional:
+      b = mha("cross_attn_image_to_prompt")(x + pos, p + pos, p, mask, deterministic=deterministic)
+      x = layer_norm(self.dtype, "norm3")(x + drop(b))
+    return p, x
+
+
+class UniADDecoderLayer(nn.Module):
+  """UniAD decoder layer: layer-wise learned queries (N, D) attend to the encoder memory, then to
+  the previous layer's output, then an FFN; all post-norm. The learned queries get xavier_uniform
+  (UniAD's initialiser for every matrix)."""
+  num_tokens: int
+  hidden_dim: int = 256
+  num_heads: int = 8
+  ffn_dim: int = 1024
+  dropout: float = 0.1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, out: Array, memory: Array, pos: Array, mask: Optional[Array], *,
+               deterministic: bool) -> Array:
+    """out, memory: (B, N, D); pos: (N, D); mask: (N, N) bool or None. Returns (B, N, D)."""
+    drop = lambda y: dropout_lib.Dropout(self.dropout)(y, deterministic=deterministic)
+    mha = lambda name: MultiheadAttention(self.hidden_dim, self.num_heads, self.dropout, self.dtype,
+                                          name=name)
+    emb = self.param("learned_embed", xavier_uniform, (self.num_tokens, self.hidden_dim),
+                     jnp.float32)
+    tgt = jnp.broadcast_to(emb.astype(self.dtype)[None], memory.shape)
+    t = mha("self_attn")(tgt + pos, memory + pos, memory, mask, deterministic=deterministic)
+    tgt = layer_norm(self.dtype, "norm1")(tgt + drop(t))
+    t = mha("multihead_attn")(tgt + pos, out + pos, out, mask, deterministic=deterministic)
+    tgt = layer_norm(self.dtype, "norm2")(tgt + drop(t))
+    t = nn.relu(dense(self.ffn_dim, self.dtype, "linear1")(tgt))
+    t = dense(self.hidden_dim, self.dtype, "linear2")(drop(t))
+    return layer_norm(self.dtype, "norm3")(tgt + drop(t))
