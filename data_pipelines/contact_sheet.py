@@ -63,7 +63,7 @@ def make_sheet(root: str, textures_dir: str = "", size: int = 224, num: int = 16
   tf = import_tensorflow()
   from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
   if cfg is None:
-    from configs.common import get_base_config  # pylint: disable=import-outside-toplevel
+    from onenip_jax.base_config import get_base_config  # pylint: disable=import-outside-toplevel
     cfg = get_base_config().data.synthesis
   paths = train_good_paths(root)
   rng = np.random.default_rng(seed)
