@@ -9,8 +9,10 @@ setup(
     version="0.1.0",
     description="OneNIP anomaly detection (one normal image prompt) in JAX/Flax for TPU, GPU and CPU.",
     python_requires=">=3.10",
-    packages=find_packages(include=["onenip_jax", "onenip_jax.*", "data_pipelines", "data_pipelines.*",
-                                    "configs", "launch"]),
+    # Exactly two top-level packages. configs/*.py are files loaded by path (their shared defaults
+    # are onenip_jax.base_config); launch/*.py are scripts run by path or with `python -m launch.X`
+    # from the repository root.
+    packages=find_packages(include=["onenip_jax", "onenip_jax.*", "data_pipelines", "data_pipelines.*"]),
     # Every package imported at run time (tests/test_install.py checks the imports against it).
     # No torch: on a GPU/TPU host `pip install -e ".[test]" "jax[cuda12]"` (or "jax[tpu]") pulls
     # no CUDA build of torch; torch is in `dev` only, for the parity tests.

@@ -17,7 +17,12 @@ Variants (Tab. 4a, line numbers of the paper):
   full                line 5: the complete OneNIP
 Depths (Tab. 4b): enc=1..4, dec=1..4 args.
 """
-from configs import common, mvtec
+import os
+
+from onenip_jax import base_config, config_loading
+
+# The sibling config file, loaded by path (config files are not a package).
+_MVTEC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mvtec.py")
 
 _VARIANTS = {
     "uniad": dict(decoder="uniad", restoration=False, refiner=False),
@@ -31,11 +36,13 @@ _VARIANTS = {
 
 
 def get_config(arg=None):
-  a = common.parse_args(arg, variant="full", enc=4, dec=4, res=224, backbone="b4")
+  a = base_config.parse_args(arg, variant="full", enc=4, dec=4, res=224, backbone="b4")
   if a["variant"] not in _VARIANTS:
     raise ValueError(f"variant={a['variant']!r}: expected one of {sorted(_VARIANTS)}")
-  c = mvtec.get_config(f"res={a['res']},backbone={a['backbone']}")
-  c.model.update(_VARIANTS[a["variant"]])
+  c = config_loading.load_python_file(_MVTEC).get_config(f"res={a['res']},backbone={a['backbone']}")
+  variant = dict(_VARIANTS[a["variant"]])
+  c.loss.restoration = variant.pop("restoration")
+  c.model.update(variant)
   c.model.enc_layers = a["enc"]
   c.model.dec_layers = a["dec"]
   return c

@@ -15,6 +15,7 @@ peak. Unknown devices (e.g. CPU) print '-' for MFU.
 """
 import argparse
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -22,7 +23,12 @@ import time
 
 import jax
 
-from launch import bench_train
+from onenip_jax import config_loading
+
+# The sibling script, by path: launch/ is not an installed package (run by path or with -m).
+bench_train = config_loading.load_python_file(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_train.py"))
+
 
 MVTEC_TRAIN_IMAGES = 3629
 PAPER_EPOCHS = 1000

@@ -23,16 +23,18 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from configs import common
-from launch import bench_train
-from onenip_jax import checkpoints
+from onenip_jax import base_config, checkpoints, config_loading
+
+# The sibling script, by path: launch/ is not an installed package (run by path or with -m).
+bench_train = config_loading.load_python_file(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_train.py"))
 
 
 def run(mode: str, directory: str, backbone: str, res: int, batch: int, steps: int,
         every: int) -> dict:
   """{'step_s': median plain step, 'stall_s': [stall of each save], 'state_mb': size}."""
   step, (state, batch_arrays, bb, cache) = bench_train.build(backbone, "float32", False, batch, res)
-  cfg = common.get_base_config()
+  cfg = base_config.get_base_config()
   shutil.rmtree(directory, ignore_errors=True)
   if mode == "sync":
     manager = ocp.CheckpointManager(os.path.join(directory, "checkpoints"), options=(

@@ -80,7 +80,7 @@ def main() -> None:
     tx = train.make_optimizer(cfg, 1)
     state = jax.jit(lambda: train.init_state(cfg, model, tx, features.channels),
                     out_shardings=sharding.replicated(mesh))()
-    bb = jax.device_put(features.load_variables(cfg.model), sharding.replicated(mesh))
+    bb = jax.device_put(features.load_variables(cfg.backbone), sharding.replicated(mesh))
     predictor = inference.Predictor(model, features, {"params": state.params,
                                                       "batch_stats": state.batch_stats}, bb, mesh)
     frozen_c = 1.0  # a stand-in frozen fusion constant (the default "frozen" path)
@@ -98,7 +98,7 @@ def main() -> None:
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
   print(f"# evaluation{' (synthetic VisA-sized)' if tmp else ''}, {len(index.classes)} classes, "
-        f"{cfg.model.backbone} at {cfg.input_size}px, batch {a.batch}, "
+        f"{cfg.backbone.name} at {cfg.input_size}px, batch {a.batch}, "
         f"{jax.device_count()} x {jax.devices()[0].device_kind} ({platform.machine()}), commit {commit or '?'}")
   print("| test images | seconds | images/s | peak host memory (MiB) |")
   print("|---|---|---|---|")

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import common
+from onenip_jax import base_config
 from onenip_jax import sharding, train
 from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
@@ -29,12 +29,12 @@ def build(backbone: str, dtype: str, cached: bool, batch: int, res: int):
 
   Returns (step, (state, batch, backbone_vars, cache)); `step(*args)` -> (state, metrics).
   """
-  cfg = common.get_base_config()
-  common.set_backbone(cfg, backbone)
-  cfg.model.dtype = dtype
+  cfg = base_config.get_base_config()
+  base_config.set_backbone(cfg, backbone)
+  cfg.model.dtype = cfg.backbone.dtype = dtype
   cfg.input_size, cfg.batch_size, cfg.cache_features = res, batch, cached
   mesh = sharding.make_mesh()
-  features = FrozenFeatures.from_config(cfg.model)
+  features = FrozenFeatures.from_config(cfg.backbone)
   bb = features.backbone.init(jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)))
   bb = jax.device_put(bb, sharding.replicated(mesh))
   model = OneNIP.from_config(cfg.model)

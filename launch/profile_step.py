@@ -22,7 +22,12 @@ import tempfile
 
 import jax
 
-from launch import bench_train
+from onenip_jax import config_loading
+
+# The sibling script, by path: launch/ is not an installed package (run by path or with -m).
+bench_train = config_loading.load_python_file(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_train.py"))
+
 
 # (substring of op_name, part), first match wins.
 _PARTS = (

@@ -29,6 +29,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from data_pipelines import storage
+from onenip_jax import config_loading
 
 log = logging.getLogger("onenip")
 
@@ -228,7 +229,7 @@ def restore_latest(manager: ocp.CheckpointManager, template, *, move_damaged: bo
           storage.move_dir(path, path + DAMAGED)
           log.warning("moved the damaged checkpoint aside to %s", path + DAMAGED)
         manager.reload()
-    return restored.state, dict(restored.config), step
+    return restored.state, config_loading.upgrade_stored_config(dict(restored.config)), step
   if failures:
     raise CheckpointError("no checkpoint can be read: " + "; ".join(failures))
   return None
@@ -239,7 +240,7 @@ def latest_config(manager: ocp.CheckpointManager):
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-      return step, dict(restored.config)
+      return step, config_loading.upgrade_stored_config(dict(restored.config))
     except Exception as e:  # pylint: disable=broad-except
       log.warning("%s; trying the previous checkpoint", describe_damage(manager, step, e))
   return None
@@ -276,4 +277,4 @@ def restore_config(workdir: str, step: int | None = None) -> ml_collections.Conf
         raise FileNotFoundError(f"no readable checkpoint under {workdir}/checkpoints")
       return ml_collections.ConfigDict(found[1])
     restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return ml_collections.ConfigDict(restored.config)
+  return ml_collections.ConfigDict(config_loading.upgrade_stored_config(dict(restored.config)))

@@ -90,11 +90,11 @@ def _predict_flags(fv):
 
 
 def _convert_flags(fv):
-  flags.DEFINE_string("variant", None, "architecture of the checkpoint, e.g. b4 (model.backbone)",
+  flags.DEFINE_string("variant", None, "architecture of the checkpoint, e.g. b4 (backbone.name)",
                       flag_values=fv, required=True)
   flags.DEFINE_string("input", None, "the .pth file, e.g. efficientnet-b4-6ed6700e.pth",
                       flag_values=fv, required=True)
-  flags.DEFINE_string("output", None, "the .msgpack to write (model.backbone_weights)",
+  flags.DEFINE_string("output", None, "the .msgpack to write (backbone.weights)",
                       flag_values=fv, required=True)
 
 

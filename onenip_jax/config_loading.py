@@ -1,5 +1,10 @@
 """Configs from `get_config(arg)` files or stored runs, with `--config.KEY=VALUE` overrides.
 
+A config file is any Python file with `get_config(arg=None)`, loaded by its path (inside the
+repository or not; it imports its shared defaults from `onenip_jax.base_config`). A stored config
+(a checkpoint's or an export's) of the layout before `config.backbone` existed is translated on
+reading by `upgrade_stored_config`.
+
 The one override grammar of every command (`onenip_jax.cli`): `--config.KEY=VALUE`,
 `--config.KEY VALUE`, and for booleans `--config.KEY` / `--noconfig.KEY`, parsed by
 ml_collections' config_flags by the type of the value they replace. Imports only absl and
@@ -19,7 +24,12 @@ class ConfigKeyError(ValueError):
 
 
 # Keys a stored run (a checkpoint or an export) fixes: its weights are of this model and input size.
-STORED_RUN_KEYS = ("model", "input_size")
+STORED_RUN_KEYS = ("backbone", "model", "input_size")
+
+# Old stored layout (everything in `model`) -> new: {old model key: (section, key)}.
+_MOVED_MODEL_KEYS = {"backbone": ("backbone", "name"), "backbone_weights": ("backbone", "weights"),
+                     "backbone_padding": ("backbone", "padding"),
+                     "restoration": ("loss", "restoration")}
 
 _OVERRIDE = re.compile(r"^--?(no)?config\.([^=]+)(=.*)?$")
 
@@ -41,7 +51,7 @@ def check_stored_run_overrides(overrides) -> None:
     if key and key.split(".")[0] in STORED_RUN_KEYS:
       raise ConfigKeyError(
           f"config key {key!r} cannot be overridden for a stored run (from {token}): the "
-          f"weights are of the stored {', '.join(k + '.*' if k == 'model' else k for k in STORED_RUN_KEYS)}")
+          f"weights are of the stored {', '.join(k + '.*' if k != 'input_size' else k for k in STORED_RUN_KEYS)}")
 
 
 def load_config(spec: str | None, overrides=(), base: ml_collections.ConfigDict | None = None):
@@ -64,20 +74,53 @@ def load_config(spec: str | None, overrides=(), base: ml_collections.ConfigDict 
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
       raise FileNotFoundError(f"config file not found: {path}")
-    module_spec = importlib.util.spec_from_file_location("_onenip_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = load_python_file(path)
+    if not callable(getattr(module, "get_config", None)):
+      raise ValueError(f"config file {path} has no get_config(arg=None) function")
     cfg = module.get_config(arg) if arg else module.get_config()
     if base is not None:
+      base = ml_collections.ConfigDict(upgrade_stored_config(base.to_dict()))
       with cfg.unlocked():
         for key in (k for k in STORED_RUN_KEYS if k in base):
           value = base[key]
           cfg[key] = _as_config(value.to_dict()) if isinstance(value, ml_collections.ConfigDict) else value
   elif base is not None:
-    cfg = _as_config(_tuples(base.to_dict()))
+    cfg = _as_config(upgrade_stored_config(base.to_dict()))
   else:
     raise ValueError("a config is needed: pass --config configs/X.py[:args]")
   return apply_overrides(cfg, tokens)
+
+
+def load_python_file(path: str):
+  """The module of the Python file at `path` (a config file, or a launch script's sibling), run
+  without putting its folder on sys.path."""
+  name = "_onenip_file_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  if module_spec is None:
+    raise ValueError(f"not a Python file: {path}")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
+def upgrade_stored_config(stored: dict) -> dict:
+  """A stored config dict (checkpoint or export) in the current layout; the one home of the
+  translation of old layouts. Applied wherever a stored config is read, before any comparison.
+
+  Layout 1 (before `config.backbone`): `model.backbone`, `model.backbone_weights` and
+  `model.backbone_padding` become `backbone.name`, `.weights`, `.padding`; `model.dtype` also
+  sets `backbone.dtype` (it was the dtype of both); `model.restoration` becomes
+  `loss.restoration`. A config already in the current layout is returned unchanged (a copy).
+  """
+  out = {k: dict(v) if isinstance(v, dict) else v for k, v in stored.items()}
+  model = out.get("model")
+  if "backbone" in out or not isinstance(model, dict) or "backbone" not in model:
+    return out
+  out["backbone"] = {"dtype": model.get("dtype", "float32")}
+  for old, (section, key) in _MOVED_MODEL_KEYS.items():
+    if old in model:
+      out.setdefault(section, {})[key] = model.pop(old)
+  return out
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, tokens) -> ml_collections.ConfigDict:

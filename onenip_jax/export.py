@@ -61,7 +61,7 @@ from absl import app
 
 from data_pipelines import storage
 from onenip_jax import checkpoints, exported, inference, sharding
-from onenip_jax.config_loading import load_config
+from onenip_jax.config_loading import load_config, upgrade_stored_config
 
 FORMAT_VERSION = exported.FORMAT_VERSION
 log = logging.getLogger("onenip")
@@ -104,7 +104,7 @@ def load_checkpoint(workdir: str, mesh, step=None, *, config=None, overrides=())
   else:
     state = checkpoints.restore(manager, template, step)
   manager.close()
-  backbone_vars = jax.device_put(features.load_variables(stored.model), sharding.replicated(mesh))
+  backbone_vars = jax.device_put(features.load_variables(stored.backbone), sharding.replicated(mesh))
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   predictor = inference.Predictor(model, features, variables, backbone_vars, mesh)
   fusion_c = float(np.asarray(state.fusion_c.addressable_data(0)))
@@ -288,7 +288,7 @@ def write_export(out_dir: str, cfg, predictor: inference.Predictor, classes, fus
             "mean": list(cfg.data.mean), "std": list(cfg.data.std),
             "fusion_c": fusion_c, "alpha": cfg.eval.alpha, "pool_size": cfg.eval.pool_size,
             "scoring": scoring, "calibration": calibration,
-            "thresholds": thresholds, "backbone": cfg.model.backbone,
+            "thresholds": thresholds, "backbone": cfg.backbone.name,
             "program": {"file": exported.PROGRAM_FILE, "weights": exported.WEIGHTS_FILE,
                         "n_weights": len(leaves), "platforms": list(platforms),
                         "arguments": ["weights", "images", "pool_features", "pool_descriptors",
@@ -430,7 +430,7 @@ def load_export(export_dir: str, mesh=None) -> LoadedModel:
   """Loads an export with no training state; clear errors for missing, truncated or foreign files."""
   mesh = mesh or sharding.make_mesh()
   meta = exported.read_meta(export_dir)
-  cfg = ml_collections.ConfigDict(meta["config"])
+  cfg = ml_collections.ConfigDict(upgrade_stored_config(meta["config"]))
   model, features = inference.make_model(cfg)
   variables = _restore_msgpack(storage.join(export_dir, "model.msgpack"))
   backbone_vars = _restore_msgpack(storage.join(export_dir, "backbone.msgpack"))

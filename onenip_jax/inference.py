@@ -172,4 +172,4 @@ def make_predictor(cfg, model, features, variables, backbone_vars, mesh, index=N
 
 
 def make_model(cfg: ml_collections.ConfigDict) -> tuple[OneNIP, FrozenFeatures]:
-  return OneNIP.from_config(cfg.model), FrozenFeatures.from_config(cfg.model)
+  return OneNIP.from_config(cfg.model), FrozenFeatures.from_config(cfg.backbone)

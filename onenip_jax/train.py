@@ -120,7 +120,7 @@ def make_train_step(cfg, model: OneNIP, features: FrozenFeatures, tx):
                                  rngs={"jitter": jitter_key, "dropout": dropout_key})
       with jax.named_scope("loss"):
         total, parts = losses.onenip_loss(out, query, masks, loss_cfg=cfg.loss,
-                                          restoration=cfg.model.restoration)
+                                          restoration=cfg.loss.restoration)
       return total, (parts, updates.get("batch_stats", {}))
 
     (_, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -207,8 +207,8 @@ def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> Tr
              len(index.classes), len(index.train), len(index.test), num_steps, spe,
              mesh.devices.size)
 
-    features = FrozenFeatures.from_config(cfg.model)
-    backbone_vars = jax.device_put(features.load_variables(cfg.model), sharding.replicated(mesh))
+    features = FrozenFeatures.from_config(cfg.backbone)
+    backbone_vars = jax.device_put(features.load_variables(cfg.backbone), sharding.replicated(mesh))
     model = OneNIP.from_config(cfg.model)
     tx = make_optimizer(cfg, spe)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import common
+from onenip_jax import base_config as common
 from data_pipelines import indexing, input_pipeline
 from onenip_jax import calibration, evaluate, inference, scoring, sharding, train, validation
 
@@ -92,7 +92,7 @@ class _TinyFeatures:
 
 def _state_and_backbone(cfg, mesh):
   model, features = inference.make_model(cfg)
-  bb = features.load_variables(cfg.model)  # the cached ImageNet Lite0 weights
+  bb = features.load_variables(cfg.backbone)  # the cached ImageNet Lite0 weights
   tx = train.make_optimizer(cfg, 10)
   repl = sharding.replicated(mesh)
   state = jax.jit(lambda: train.init_state(cfg, model, tx, features.channels), out_shardings=repl)()

@@ -129,7 +129,7 @@ def test_overrides_parse_by_type():
 def test_stored_run_config_is_overridable_but_not_its_model():
   demo = str(REPO / "configs" / "demo.py")
   trained = config_loading.load_config(demo, ["--config.input_size=64",
-                                              "--config.model.backbone=lite0"])
+                                              "--config.backbone.name=lite0"])
   stored = ml_collections.ConfigDict(json.loads(trained.to_json_best_effort()))  # lists, as stored
   cfg = config_loading.load_config(None, ["--config.eval.batch_size=4",
                                           "--config.data.classes=('z',)"], base=stored)
@@ -142,4 +142,6 @@ def test_stored_run_config_is_overridable_but_not_its_model():
     config_loading.load_config(None, ["--config.eval.nope=1"], base=stored)
   # A config file for another dataset keeps the stored model and input size.
   other = config_loading.load_config(demo + ":", ["--config.data.root=/d"], base=stored)
-  assert (other.input_size, other.model.backbone, other.data.root) == (64, "lite0", "/d")
+  assert (other.input_size, other.backbone.name, other.data.root) == (64, "lite0", "/d")
+  with pytest.raises(config_loading.ConfigKeyError, match="'backbone.weights' cannot be overridden"):
+    config_loading.load_config(None, ["--config.backbone.weights=/w.msgpack"], base=stored)

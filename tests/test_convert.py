@@ -215,13 +215,13 @@ def test_save_load_and_errors(tmp_path):
   cut.write_bytes(data[: len(data) // 3])
   with pytest.raises(ValueError, match="cut.msgpack"):
     convert.load_variables(str(cut), "b0")
-  with pytest.raises(FileNotFoundError, match="model.backbone_weights"):
+  with pytest.raises(FileNotFoundError, match="backbone.weights"):
     convert.load_variables(str(tmp_path / "nope.msgpack"), "b0")
 
 
 def test_default_weights_path(tmp_path, monkeypatch):
   monkeypatch.setenv("ONENIP_CACHE_DIR", str(tmp_path))
-  with pytest.raises(ValueError, match="onenip-convert-weights.*model.backbone_weights"):
+  with pytest.raises(ValueError, match="onenip-convert-weights.*backbone.weights"):
     convert.default_weights_path("b4")
   with pytest.raises(ValueError, match="onenip-convert-weights"):
     convert.default_weights_path("lite4")

@@ -101,7 +101,7 @@ def tiny(tmp_path_factory):
   state = jax.jit(lambda: train.init_state(cfg, model, train.make_optimizer(cfg, 1),
                                            features.channels),
                   out_shardings=sharding.replicated(mesh))()
-  backbone = jax.device_put(features.load_variables(cfg.model), sharding.replicated(mesh))
+  backbone = jax.device_put(features.load_variables(cfg.backbone), sharding.replicated(mesh))
   predictor = inference.Predictor(model, features, {"params": state.params,
                                                     "batch_stats": state.batch_stats},
                                   backbone, mesh)

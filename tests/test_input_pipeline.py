@@ -10,7 +10,7 @@ import tensorflow as tf
 from PIL import Image
 
 import data_pipelines
-from configs import common
+from onenip_jax import base_config as common
 from data_pipelines import indexing
 from data_pipelines import input_pipeline as ip
 from data_pipelines import textures

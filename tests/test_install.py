@@ -1,9 +1,11 @@
 """Installs (issue 11 item 7): setup.py declares every package the code imports, torch only in the
-`dev` extra; TensorFlow is imported in one place, which hides every GPU from it."""
+`dev` extra; TensorFlow is imported in one place, which hides every GPU from it. Exactly two
+top-level packages are installed (issue 14); configs/ and launch/ are files run by path."""
 import ast
 import importlib.metadata
 import re
 import runpy
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +14,8 @@ import setuptools
 
 from conftest import REPO
 
-FIRST_PARTY = {"onenip_jax", "data_pipelines", "configs", "launch"}
+INSTALLED = {"onenip_jax", "data_pipelines"}  # the top-level packages setup.py installs
+FIRST_PARTY = INSTALLED | {"configs", "launch"}   # folders of the repository's own code
 EXTRA_ONLY = {"tensorflow_datasets": "tfds"}  # module -> the extra that declares it
 SOURCES = [p for d in sorted(FIRST_PARTY) for p in sorted((REPO / d).rglob("*.py"))]
 
@@ -52,6 +55,33 @@ def test_every_imported_package_is_declared(monkeypatch):
   assert not missing
 
 
+def test_code_imports_only_installed_first_party_packages():
+  """configs/ and launch/ are not packages: no code imports them (a script or config loads a
+  sibling file by path with `config_loading.load_python_file`)."""
+  offenders = [f"{p.relative_to(REPO)}: {m}" for p in SOURCES
+               for m in _imports(p) & (FIRST_PARTY - INSTALLED)]
+  assert not offenders
+  assert not [d for d in FIRST_PARTY - INSTALLED if (REPO / d / "__init__.py").exists()]
+
+
+def test_install_has_exactly_two_top_level_packages(tmp_path):
+  """`pip install --no-deps --target` of a copy of the sources: only onenip_jax and data_pipelines."""
+  src = tmp_path / "src"
+  ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+  for d in FIRST_PARTY:
+    shutil.copytree(REPO / d, src / d, ignore=ignore)
+  shutil.copy(REPO / "setup.py", src / "setup.py")
+  out = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--no-build-isolation", "--target", str(tmp_path / "site"), str(src)],
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  top = {p.name for p in (tmp_path / "site").iterdir()
+         if p.is_dir() and not p.name.endswith(".dist-info") and p.name != "bin"}
+  assert top == INSTALLED
+  (top_level,) = (tmp_path / "site").glob("*.dist-info/top_level.txt")
+  assert set(top_level.read_text().split()) == INSTALLED
+
+
 def test_torch_is_only_in_dev(monkeypatch):
   """Neither the install nor the `test` extra pulls torch (directly or through a requirement)."""
   kw = _setup_kwargs(monkeypatch)
@@ -84,3 +114,14 @@ print("ok")
   out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("how", ["path", "module"])
+def test_launch_scripts_run_by_path_and_as_modules(how, tmp_path):
+  """`python launch/X.py` from anywhere (only installed packages on its sys.path, its sibling
+  bench_train.py loaded by path) and `python -m launch.X` from the repository root."""
+  cmd, cwd = (([str(REPO / "launch" / "profile_step.py")], tmp_path) if how == "path"
+              else (["-m", "launch.bench_train"], REPO))
+  out = subprocess.run([sys.executable, *cmd, "--help"], cwd=cwd, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0 and "usage:" in out.stdout, out.stderr[-2000:]

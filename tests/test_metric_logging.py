@@ -9,7 +9,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 pytest.importorskip("clu")
 
-from configs import common  # noqa: E402
+from onenip_jax import base_config as common  # noqa: E402
 from onenip_jax import metric_logging  # noqa: E402
 
 

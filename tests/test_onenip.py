@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs.common import get_base_config
+from onenip_jax.base_config import get_base_config
 from onenip_jax.losses import dice_loss
 from onenip_jax.models.features import neck
 from onenip_jax.models.onenip import OneNIP
@@ -198,6 +198,21 @@ def test_from_config_reads_model_keys():
   assert m.dtype == jnp.bfloat16 and m.decoder == "uniad" and m.neighbor_size == 5
   assert m.bn_group_size == 4 and m.hidden_dim == 256
   assert OneNIP.from_config(ml_collections.ConfigDict({"refiner": False})).refiner is False
+  with pytest.raises(ValueError, match=r"config.model has keys that are no OneNIP field: \['backbone'\]"):
+    OneNIP.from_config(ml_collections.ConfigDict({"backbone": "b4"}))
+
+
+def test_from_config_is_onenip_of_config_model():
+  """`config.model` holds exactly the network's fields: OneNIP(**config.model) builds the same
+  network (same parameters and outputs) as from_config."""
+  cfg = get_base_config().model
+  cfg.update(hidden_dim=16, num_heads=2, ffn_dim=32, refiner_channels=8, bn_group_size=2, **SMALL)
+  q, p = _feats(0, 2, 4), _feats(1, 2, 4)
+  outs = []
+  for model in (OneNIP(**cfg), OneNIP.from_config(cfg)):
+    variables = model.init(_rngs(), q, p, train=False)
+    outs.append(_np((variables, model.apply(variables, q, p, train=False))))
+  jax.tree.map(np.testing.assert_array_equal, *outs)
 
 
 def test_initialisation():

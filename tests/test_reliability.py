@@ -119,11 +119,11 @@ def test_resume_with_another_model_fails_at_once(extended):
   workdir, _, _ = extended
   before = _checkpoints(workdir)
   t = time.time()
-  rc, log = _run(workdir, "--config.total_steps=5", "--config.model.backbone=lite1",
+  rc, log = _run(workdir, "--config.total_steps=5", "--config.backbone.name=lite1",
                  "--config.batch_size=16", timeout=300)
   assert rc == 2, log[-3000:]
   assert time.time() - t < 120
-  assert "model.backbone: 'lite0' (stored) -> 'lite1' (now)" in log
+  assert "backbone.name: 'lite0' (stored) -> 'lite1' (now)" in log
   assert "batch_size: 8 (stored) -> 16 (now)" in log and "another --workdir" in log
   assert "Traceback" not in log
   assert _checkpoints(workdir) == before
@@ -229,7 +229,7 @@ def test_eval_and_export_overrides_of_a_stored_run(extended, capsys):
   from onenip_jax import cli  # pylint: disable=g-import-not-at-top
   for command, extra in ((cli.evaluate, []), (cli.export, ["--out", str(extended[0]) + "-x"])):
     for flag, want in (("--config.eval.x=1", "unknown config key 'eval.x'"),
-                       ("--config.model.backbone=lite2", "config key 'model.backbone' cannot be"),
+                       ("--config.backbone.name=lite2", "config key 'backbone.name' cannot be"),
                        ("--config.input_size=96", "config key 'input_size' cannot be")):
       with pytest.raises(SystemExit) as e:
         command(["--workdir", extended[0], *extra, flag])
@@ -262,7 +262,7 @@ def test_predict_exits_nonzero_when_nothing_is_scored(tmp_path, monkeypatch, cap
 
 
 def test_empty_mask_of_a_defect_image_is_warned_and_counted(tmp_path, caplog):
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from onenip_jax import base_config as common  # pylint: disable=g-import-not-at-top
   from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
   from onenip_jax import evaluate  # pylint: disable=g-import-not-at-top
   cfg = common.get_base_config()

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
-from configs.common import get_base_config
+from onenip_jax.base_config import get_base_config
 from data_pipelines import image_ops, imgaug_ops, perlin, synthesis, textures
 
 SIZE = 64      # smallest size the spec allows (divisible by 32; scars are <= 25 px)

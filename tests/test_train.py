@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from configs import common
+from onenip_jax import base_config as common
 from onenip_jax import sharding, train
 from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
@@ -22,7 +22,7 @@ def _cfg(**kw):
 
 
 def _setup(cfg, mesh):
-  features = FrozenFeatures.from_config(cfg.model)
+  features = FrozenFeatures.from_config(cfg.backbone)
   bb = features.backbone.init(jax.random.PRNGKey(1), jnp.zeros((1, RES, RES, 3)))
   model = OneNIP.from_config(cfg.model)
   tx = train.make_optimizer(cfg, 10)

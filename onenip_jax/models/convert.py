@@ -116,7 +116,7 @@ def _mismatch_error(what: str, variant: str, missing, unexpected, shapes) -> Val
     parts.append(f"{len(shapes)} shape mismatches: "
                  + _listing(f"{k} {got} (expected {want})" for k, got, want in shapes))
   return ValueError(f"{what} does not match EfficientNet-{variant}: " + "; ".join(parts)
-                    + ". Check the variant (model.backbone) against the weights file.")
+                    + ". Check the variant (backbone.name) against the weights file.")
 
 
 def _set(tree: dict, path: tuple, leaf: str, value) -> None:
@@ -242,7 +242,7 @@ def load_variables(path: str, variant: str) -> dict:
   """
   path = os.fspath(path)
   if not storage.isfile(path):
-    raise FileNotFoundError(f"backbone weights not found: {path} (model.backbone_weights)")
+    raise FileNotFoundError(f"backbone weights not found: {path} (backbone.weights)")
   data = storage.read_bytes(path)
   try:
     tree = flax.serialization.msgpack_restore(data)
@@ -279,7 +279,7 @@ def default_weights_path(variant: str) -> str:
 
   Raises:
     ValueError: other variants (no offline weights): convert a checkpoint with
-      `onenip-convert-weights` and set `model.backbone_weights`.
+      `onenip-convert-weights` and set `backbone.weights`.
     FileNotFoundError: the weights package is not installed.
   """
   enet.architecture(variant)   # validates the name
@@ -288,7 +288,7 @@ def default_weights_path(variant: str) -> str:
     raise ValueError(
         f"no bundled weights for EfficientNet-{variant}: convert a lukemelas-format checkpoint with "
         f"`onenip-convert-weights --variant {variant} --input {example} --output {variant}.msgpack` "
-        f"and set model.backbone_weights to the .msgpack file")
+        f"and set backbone.weights to the .msgpack file")
   source = _package_pth(variant)
   stem = os.path.splitext(os.path.basename(source))[0]
   target = os.path.join(storage.cache_dir(), stem + ".msgpack")

@@ -42,16 +42,17 @@ class FrozenFeatures:
     return size // self.stride
 
   @classmethod
-  def from_config(cls, model_cfg: ml_collections.ConfigDict) -> "FrozenFeatures":
-    backbone = EfficientNet(variant=model_cfg.backbone, padding=model_cfg.backbone_padding,
-                            dtype=jnp.dtype(model_cfg.dtype))
-    return cls(backbone, sum(tap_channels(model_cfg.backbone)))
+  def from_config(cls, backbone_cfg: ml_collections.ConfigDict) -> "FrozenFeatures":
+    """From `config.backbone` (name, padding, dtype)."""
+    backbone = EfficientNet(variant=backbone_cfg.name, padding=backbone_cfg.padding,
+                            dtype=jnp.dtype(backbone_cfg.dtype))
+    return cls(backbone, sum(tap_channels(backbone_cfg.name)))
 
-  def load_variables(self, model_cfg: ml_collections.ConfigDict) -> dict:
-    """Backbone variables up to the last tap, from `model.backbone_weights` or the cached ImageNet
-    weights (lite0-2)."""
-    full = convert.load_backbone_variables(model_cfg.backbone, model_cfg.backbone_weights)
-    return convert.feature_variables(full, model_cfg.backbone)
+  def load_variables(self, backbone_cfg: ml_collections.ConfigDict) -> dict:
+    """Backbone variables up to the last tap, from `config.backbone.weights` or the cached
+    ImageNet weights (lite0-2)."""
+    full = convert.load_backbone_variables(backbone_cfg.name, backbone_cfg.weights)
+    return convert.feature_variables(full, backbone_cfg.name)
 
   def __call__(self, variables: dict, images: jax.Array) -> jax.Array:
     """images (B, H, W, 3) normalised -> (B, H/stride, W/stride, C) float32, outside the gradient."""

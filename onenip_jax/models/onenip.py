@@ -24,11 +24,6 @@ from onenip_jax.models.transformer import (Array, Dtype, EncoderLayer, Multihead
 DECODERS = ("bidirectional", "unidirectional", "uniad")
 
 
-_CONFIG_KEYS = ("hidden_dim", "num_heads", "ffn_dim", "dropout", "enc_layers", "dec_layers",
-                "jitter_scale", "jitter_prob", "neighbor_mask", "neighbor_size", "decoder", "refiner",
-                "refiner_channels", "bn_group_size", "dtype")
-
-
 class OneNIP(nn.Module):
   """OneNIP: prompt-guided feature reconstruction plus a supervised refiner (spec 5-6).
 
@@ -52,9 +47,14 @@ class OneNIP(nn.Module):
 
   @classmethod
   def from_config(cls, model_cfg: Any, **overrides: Any) -> "OneNIP":
-    """Builds the module from `config.model` (other keys such as backbone* are ignored)."""
-    kwargs = {k: model_cfg[k] for k in _CONFIG_KEYS if k in model_cfg}
+    """Builds the module from `config.model` (every key a field; the same as `OneNIP(**model_cfg)`
+    with the dtype name and a JSON list `neighbor_size` normalised)."""
+    kwargs = {k: model_cfg[k] for k in model_cfg.keys()}
     kwargs.update(overrides)
+    fields = set(cls.__dataclass_fields__) - {"parent", "name"}
+    if set(kwargs) - fields:
+      raise ValueError(f"config.model has keys that are no OneNIP field: {sorted(set(kwargs) - fields)}"
+                       f" (fields: {sorted(fields)})")
     if isinstance(kwargs.get("dtype"), str):
       kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
     if isinstance(kwargs.get("neighbor_size"), (list, tuple)):

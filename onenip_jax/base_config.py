@@ -1,9 +1,16 @@
 """Defaults shared by every experiment config: the reference's settings (spec sections 1-10).
 
-Experiment files call `get_base_config()` and override what differs. Every number the code uses
-lives here; nothing else hard-codes a hyper-parameter.
+Experiment files (`configs/*.py`, loaded by path by `onenip_jax.config_loading`) call
+`get_base_config()` and override what differs. Every number the code uses lives here; nothing
+else hard-codes a hyper-parameter. The input normalisation of each backbone family comes from its
+one table, `onenip_jax.models.efficientnet.NORMALISATION`.
+
+Layout: `backbone` is the frozen feature extractor (`FrozenFeatures.from_config(cfg.backbone)`),
+`model` the trainable network (`OneNIP(**cfg.model)`), `loss` the training objective.
 """
 import ml_collections
+
+from onenip_jax.models import efficientnet
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -37,8 +44,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.visa_csv = ""         # split_csv/1cls.csv (layout "visa_csv")
   c.data.extra = ()            # more datasets merged into one class list: tuple of dicts like this one
   c.data.textures = ""         # DTD-layout folder (images/<class>/*.jpg or <class>/*.jpg); "" = scikit-image photos
-  c.data.mean = (0.485, 0.456, 0.406)
-  c.data.std = (0.229, 0.224, 0.225)
+  c.data.mean, c.data.std = efficientnet.NORMALISATION["imagenet"]
   c.data.skip_bad = False      # skip unreadable files (with a warning) instead of failing at indexing
   c.data.num_parallel_calls = -1   # tf.data.AUTOTUNE
   c.data.synthesis = ml_collections.ConfigDict()
@@ -54,10 +60,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.synthesis.beta_max = 0.8
   c.data.synthesis.bgr_textures = True             # the reference blends BGR textures into RGB images
 
+  # The frozen feature extractor (onenip_jax/models/features.py).
+  c.backbone = ml_collections.ConfigDict()
+  c.backbone.name = "b4"       # b0-b7 | lite0-lite4 (set with `set_backbone`, which also sets data.mean/std)
+  c.backbone.weights = ""      # converted .msgpack; "" = the cached ImageNet weights (lite0-2 offline)
+  c.backbone.padding = "static"   # "static" (reference, computed for the nominal resolution) | "same"
+  c.backbone.dtype = "float32"    # compute dtype of the frozen backbone (features are float32): float32 | bfloat16
+
+  # The trainable network: exactly the fields of OneNIP (onenip_jax/models/onenip.py).
   c.model = ml_collections.ConfigDict()
-  c.model.backbone = "b4"      # b0-b7 | lite0-lite4
-  c.model.backbone_weights = ""   # converted .msgpack; "" = the cached ImageNet weights (lite0-2 offline)
-  c.model.backbone_padding = "static"   # "static" (reference, computed for the nominal resolution) | "same"
   c.model.hidden_dim = 256
   c.model.num_heads = 8
   c.model.ffn_dim = 1024
@@ -69,13 +80,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.neighbor_mask = True
   c.model.neighbor_size = 0    # 0 = h // 2 as the reference does
   c.model.decoder = "bidirectional"   # | "unidirectional" | "uniad"
-  c.model.restoration = True
   c.model.refiner = True
   c.model.refiner_channels = 128
   c.model.bn_group_size = 16   # refiner BN statistics over groups of this many maps (reference per-GPU 2x8)
   c.model.dtype = "float32"    # compute dtype of the trainable network: float32 | bfloat16
 
   c.loss = ml_collections.ConfigDict()
+  c.loss.restoration = True    # the restoration stream: synthetic anomalies reconstructed to normal
   c.loss.dice_weight = 0.5
   c.loss.dice_form = "code"    # "code": 1-(sum pt+1)/(sum p^2+sum t^2+1) | "paper": 1-2 sum pt/(sum p^2+sum t^2)
   c.loss.mse_form = "code"     # "code": mean over both halves | "paper": L_rec + L_res
@@ -118,17 +129,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   return c
 
 
-# Native input normalisation of each backbone family (Lite: TF-Lite's (x - 127) / 128 on 0..255).
-_LITE_MEAN, _LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
 def set_backbone(c: ml_collections.ConfigDict, name: str) -> None:
   """Selects backbone `name` (b0-b7, lite0-lite4) and its native input normalisation."""
-  c.model.backbone = name
-  lite = name.startswith("lite")
-  c.data.mean = _LITE_MEAN if lite else _IMAGENET_MEAN
-  c.data.std = _LITE_STD if lite else _IMAGENET_STD
+  c.backbone.name = name
+  c.data.mean, c.data.std = efficientnet.normalisation(name)  # unknown names raise
 
 
 def parse_args(arg: str | None, **defaults) -> dict:
