@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines import indexing
-from onenip_jax import evaluate, export, inference, sharding, train
+from onenip_jax import eval_maps, evaluate, inference, restore, sharding, train_state
 from onenip_jax.config_loading import load_config
 
 
@@ -73,12 +73,12 @@ def main() -> None:
   tmp = tempfile.TemporaryDirectory(prefix="onenip-visa-") if a.synthetic_visa else None
   mesh = sharding.make_mesh()
   if a.workdir:
-    cfg, predictor, frozen_c, _ = export.load_checkpoint(a.workdir, mesh, config=a.config)
+    cfg, predictor, frozen_c, _ = restore.load_checkpoint(a.workdir, mesh, config=a.config)
   else:
     cfg = load_config(a.config)
     model, features = inference.make_model(cfg)
-    tx = train.make_optimizer(cfg, 1)
-    state = jax.jit(lambda: train.init_state(cfg, model, tx, features.channels),
+    tx = train_state.make_optimizer(cfg, 1)
+    state = jax.jit(lambda: train_state.init_state(cfg, model, tx, features.channels),
                     out_shardings=sharding.replicated(mesh))()
     bb = jax.device_put(features.load_variables(cfg.backbone), sharding.replicated(mesh))
     predictor = inference.Predictor(model, features, {"params": state.params,
@@ -91,7 +91,7 @@ def main() -> None:
     cfg.data.layout, cfg.data.root, cfg.data.classes = "mvtec", tmp.name, VISA_CLASSES
   index = indexing.index_dataset(cfg.data)
   warm = index.test[:a.batch]
-  evaluate.collect_maps(predictor, warm, index, cfg)  # compile
+  eval_maps.collect_maps(predictor, warm, index, cfg)  # compile
   t = time.perf_counter()
   evaluate.evaluate_predictor(cfg, predictor, index, a.out, frozen_c)
   dt = time.perf_counter() - t

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from onenip_jax import base_config
-from onenip_jax import sharding, train
+from onenip_jax import sharding, train, train_state
 from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
 
@@ -38,9 +38,10 @@ def build(backbone: str, dtype: str, cached: bool, batch: int, res: int):
   bb = features.backbone.init(jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)))
   bb = jax.device_put(bb, sharding.replicated(mesh))
   model = OneNIP.from_config(cfg.model)
-  tx = train.make_optimizer(cfg, 100)
+  tx = train_state.make_optimizer(cfg, 100)
   repl = sharding.replicated(mesh)
-  state = jax.jit(lambda: train.init_state(cfg, model, tx, features.channels), out_shardings=repl)()
+  state = jax.jit(lambda: train_state.init_state(cfg, model, tx, features.channels),
+                  out_shardings=repl)()
   rng = np.random.default_rng(0)
   img = lambda: rng.normal(size=(batch, res, res, 3)).astype(np.float32)
   mask = (rng.random((batch, res, res, 1)) > 0.9).astype(np.float32)

@@ -5,7 +5,8 @@ r"""Starts N local CPU processes that train together through `jax.distributed` o
 
 For testing multi-process code paths (per-process data shards, global arrays, collectives) on one
 machine. Each process gets one CPU device, JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-JAX_PROCESS_ID in its environment, and writes its log to <workdir>/process_<i>.log. The launcher
+JAX_PROCESS_ID in its environment, runs `python -m onenip_jax.cli train ARGS` (see --module and
+--command), and writes its log to <workdir>/process_<i>.log. The launcher
 prints each process's pid, passes a SIGTERM it receives on to every process (as a scheduler's
 preemption would reach every host), waits through Ctrl-C (the terminal sends SIGINT to every
 process itself) and returns the exit code farthest from 0.
@@ -27,7 +28,9 @@ def free_port() -> int:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--num-processes", type=int, default=2)
-  parser.add_argument("--module", default="onenip_jax.train", help="python module to run")
+  parser.add_argument("--module", default="onenip_jax.cli", help="python module to run")
+  parser.add_argument("--command", default="train",
+                      help="the module's first argument (the `onenip_jax.cli` command); '' for none")
   parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments after -- go to the module")
   a = parser.parse_args(argv)
   args = a.args[1:] if a.args[:1] == ["--"] else a.args
@@ -44,8 +47,8 @@ def main(argv=None) -> int:
                XLA_FLAGS="--xla_force_host_platform_device_count=1")
     env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
     log = open(os.path.join(log_dir, f"process_{i}.log"), "w", encoding="utf-8")
-    procs.append((subprocess.Popen([sys.executable, "-m", a.module, *args], env=env, stdout=log,
-                                   stderr=subprocess.STDOUT), log))
+    cmd = [sys.executable, "-m", a.module, *([a.command] if a.command else []), *args]
+    procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     print(f"process {i}: pid {procs[-1][0].pid}", flush=True)
 
   def forward(signum, frame):

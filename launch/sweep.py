@@ -109,7 +109,7 @@ def main(argv=None) -> int:
   parser.add_argument("--grid", action="append", default=[], help="KEY=V1,V2,... (repeatable)")
   parser.add_argument("--print", action="store_true", help="print the commands instead of running")
   parser.add_argument("--train-cmd", default="onenip-train",
-                      help="the training command (e.g. 'python -m onenip_jax.train')")
+                      help="the training command (e.g. 'python -m onenip_jax.cli train')")
   args, extra = parser.parse_known_args(argv)
   rows = []
   for run in expand(args.grid):

@@ -87,7 +87,7 @@ class Predictor:
       scoring_params: (7,) float32 (rec_mean, rec_std, ref_mean, ref_std, rec_weight, ref_weight,
         ref_logodds) (`onenip_jax.exported.SCORING_KEYS`): S = rec_weight (rec - rec_mean) /
         rec_std + ref_weight (g(ref) - ref_mean) / ref_std, g = `scoring.logodds` if ref_logodds
-        else the identity, in the float32 order of `calibration.fuse` and `evaluate.fused_maps`.
+        else the identity, in the float32 order of `calibration.fuse` and `scoring.fused_maps`.
       pool_size: the image score's box size.
     Returns:
       (anomaly map (B, H, W) float32, image score (B,) float32, matched class id (B,) int32).
@@ -144,7 +144,8 @@ def build_prompt_pool(predictor: Predictor, index, cfg: ml_collections.ConfigDic
   samples = [index.train[i] for i in chosen]
   h = predictor.features.grid(cfg.input_size)
   feats = np.zeros((len(samples), h, h, predictor.features.channels), np.float32)
-  for batch in input_pipeline.make_eval_iterator(samples, index, cfg, batch_size=_eval_batch(cfg),
+  for batch in input_pipeline.make_eval_iterator(samples, index, cfg,
+                                                 batch_size=eval_batch_size(cfg),
                                                  process_index=jax.process_index(),
                                                  process_count=jax.process_count(),
                                                  with_prompt=False):
@@ -157,7 +158,8 @@ def build_prompt_pool(predictor: Predictor, index, cfg: ml_collections.ConfigDic
                     tuple(s.path for s in samples))
 
 
-def _eval_batch(cfg: ml_collections.ConfigDict) -> int:
+def eval_batch_size(cfg: ml_collections.ConfigDict) -> int:
+  """The global batch size of inference: `eval.batch_size`, else `batch_size`."""
   return cfg.eval.batch_size or cfg.batch_size
 
 

@@ -78,9 +78,9 @@ class FlaxScorer:
   """The Flax predictor and tf.data decoding (legacy exports, or --flax)."""
 
   def __init__(self, export_dir: str, batch_size: int):
-    from onenip_jax import export, sharding  # pylint: disable=g-import-not-at-top
+    from onenip_jax import restore, sharding  # pylint: disable=g-import-not-at-top
     self._sharding = sharding
-    self.loaded = export.load_export(export_dir)
+    self.loaded = restore.load_export(export_dir)
     self.classes, self.input_size = self.loaded.classes, self.loaded.config.input_size
     self.fusion_c, self.step, self.thresholds = (self.loaded.fusion_c, self.loaded.step,
                                                  self.loaded.thresholds)
@@ -200,7 +200,3 @@ def main(args) -> None:
         + (f"; {flagged} above threshold" if any(r["threshold"] is not None for r in results)
            else ""))
 
-
-if __name__ == "__main__":  # `python -m onenip_jax.predict ...`: the command line lives in the CLI
-  from onenip_jax import cli  # pylint: disable=g-import-not-at-top
-  cli.predict()

@@ -1,4 +1,9 @@
-"""Anomaly maps, fusion and image scores (spec section 9). Pure jnp, jit-able. Maps are NHWC."""
+"""Anomaly maps, fusion and image scores (spec section 9). Maps are NHWC.
+
+The jnp functions are pure and jit-able; `fused_maps` and `image_scores_np` are their numpy
+host counterparts used by the evaluation (one compiled program for every class).
+"""
+import functools
 from typing import Mapping, Optional, Tuple
 
 import jax
@@ -80,3 +85,34 @@ def image_scores(anomaly_map: Array, pool_size: int = 16) -> Array:
   summed = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, pool_size, 1), (1, 1, 1), "VALID")
   summed = jax.lax.reduce_window(summed, 0.0, jax.lax.add, (1, 1, pool_size), (1, 1, 1), "VALID")
   return jnp.max(summed, axis=(1, 2)) / float(pool_size * pool_size)
+
+
+def fused_maps(maps: dict, rows: np.ndarray, c: float, alpha: float) -> np.ndarray:
+  """(len(rows), H, W) float32 anomaly maps S = (1-alpha) rec + alpha c ref (rec alone without refiner).
+
+  numpy, as `fuse` computes it (jnp run eagerly would compile once per class's shape).
+  """
+  rec = maps["rec"][rows].astype(np.float32)
+  if maps["ref"] is None:
+    return rec
+  ref = maps["ref"][rows].astype(np.float32)
+  return np.float32(1.0 - alpha) * rec + (np.float32(alpha) * np.float32(c)) * ref
+
+
+@functools.cache
+def _image_scores_fn():
+  return jax.jit(image_scores, static_argnums=1)
+
+
+def image_scores_np(maps: np.ndarray, pool_size: int, chunk: int = 64) -> np.ndarray:
+  """(N, H, W) -> (N,) max of the stride-1 `pool_size` box-filtered map (`image_scores`, jitted).
+
+  Chunks of `chunk` maps, the last one zero-padded, so one compiled program serves every class.
+  """
+  out = []
+  for i in range(0, len(maps), chunk):
+    part = maps[i:i + chunk].astype(np.float32)
+    padded = np.zeros((chunk,) + part.shape[1:], np.float32)
+    padded[:len(part)] = part
+    out.append(np.asarray(_image_scores_fn()(padded, pool_size))[:len(part)])
+  return np.concatenate(out) if out else np.zeros(0, np.float32)

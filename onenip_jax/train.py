@@ -9,6 +9,7 @@ One loop, big_vision style. Everything that decides placement is in this file:
 Per step the frozen backbone sees [normal (B); synthetic (B); prompt (B)] (or only the synthetic
 images when `cache_features=True`), the network reconstructs [normal; synthetic] from the prompt,
 and the loss fuses feature MSE (reconstruction + restoration) and the refiner's Dice loss.
+The state, optimiser and initial state are `onenip_jax.train_state`.
 """
 import dataclasses
 import functools
@@ -20,7 +21,6 @@ import sys
 import time
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -29,66 +29,13 @@ import optax
 
 from data_pipelines import indexing, input_pipeline, storage
 from onenip_jax import (checkpoints, evaluate, losses, metric_logging, run_control, run_status,
-                        sharding)
+                        sharding, train_state)
 from onenip_jax.compile_options import compiler_options
 from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
+from onenip_jax.train_state import TrainState
 
 log = logging.getLogger("onenip")
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a checkpoint holds besides the config (all replicated).
-
-  Attributes:
-    step: () int32, number of optimiser steps taken.
-    params, batch_stats: the trainable network's variables.
-    opt_state: optax state.
-    rng: () PRNG key data (uint32 (2,)); the key of step s is fold_in(rng, s).
-    fusion_c: () float32, the frozen fusion constant (NaN until the end of training).
-  """
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  rng: jax.Array
-  fusion_c: jax.Array
-
-
-def total_steps(cfg: ml_collections.ConfigDict, spe: int) -> int:
-  """`total_steps` when > 0, else `num_epochs` epochs of `spe` steps."""
-  return int(cfg.total_steps) if cfg.total_steps > 0 else int(cfg.num_epochs * spe)
-
-
-def lr_schedule(cfg: ml_collections.ConfigDict, spe: int) -> optax.Schedule:
-  """The reference's StepLR in steps: lr x `lr_drop_factor` from each of `lr_drop_epochs` on."""
-  o = cfg.optim
-  lr = o.lr * (cfg.batch_size / o.reference_batch_size if o.scale_lr_with_batch else 1.0)
-  return optax.piecewise_constant_schedule(lr, {int(e) * spe: o.lr_drop_factor
-                                                for e in o.lr_drop_epochs})
-
-
-def make_optimizer(cfg: ml_collections.ConfigDict, spe: int) -> optax.GradientTransformation:
-  """clip_by_global_norm -> AdamW (spec 8.1); weight decay on every parameter, as the reference."""
-  o = cfg.optim
-  return optax.chain(optax.clip_by_global_norm(o.grad_clip),
-                     optax.adamw(lr_schedule(cfg, spe), b1=o.b1, b2=o.b2, eps=o.eps,
-                                 weight_decay=o.weight_decay))
-
-
-def init_state(cfg, model: OneNIP, tx, channels: int) -> TrainState:
-  """Initial state from `cfg.seed` (deterministic on every process)."""
-  h = cfg.input_size // 16
-  key = jax.random.PRNGKey(cfg.seed)
-  init_key, jitter_key, dropout_key, train_key = jax.random.split(key, 4)
-  feats = jnp.zeros((1, h, h, channels), jnp.float32)
-  variables = model.init({"params": init_key, "jitter": jitter_key, "dropout": dropout_key},
-                         feats, feats, train=False)
-  params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                    rng=jax.random.key_data(train_key), fusion_c=jnp.full((), jnp.nan, jnp.float32))
 
 
 def make_train_step(cfg, model: OneNIP, features: FrozenFeatures, tx):
@@ -202,7 +149,7 @@ def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> Tr
       run_control.check_resume(stored[1], cfg, workdir, stored[0])
     index = indexing.index_config(cfg, verify_cache=storage.join(workdir, "verified_images.json"))
     spe = input_pipeline.steps_per_epoch(index, cfg.batch_size)
-    num_steps = total_steps(cfg, spe)
+    num_steps = train_state.total_steps(cfg, spe)
     log.info("%d classes, %d train / %d test images; %d steps (%d per epoch) on %d devices",
              len(index.classes), len(index.train), len(index.test), num_steps, spe,
              mesh.devices.size)
@@ -210,10 +157,10 @@ def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> Tr
     features = FrozenFeatures.from_config(cfg.backbone)
     backbone_vars = jax.device_put(features.load_variables(cfg.backbone), sharding.replicated(mesh))
     model = OneNIP.from_config(cfg.model)
-    tx = make_optimizer(cfg, spe)
+    tx = train_state.make_optimizer(cfg, spe)
 
     repl = sharding.replicated(mesh)
-    state = jax.jit(functools.partial(init_state, cfg, model, tx, features.channels),
+    state = jax.jit(functools.partial(train_state.init_state, cfg, model, tx, features.channels),
                     out_shardings=repl)()
     state = _resume(manager, state, cfg, workdir, num_steps, repl, stored)
     start = int(_scalar(state.step))
@@ -299,7 +246,7 @@ def _train_loop(run: _Run, logger, state, start, num_steps, spe, train_step, cac
                                                decode_clean=cache is None)
   log.info("training steps %d to %d", start + 1, num_steps)
   progress = _progress(start, num_steps)
-  lr = lr_schedule(cfg, spe)   # logged: the rate of the update of step s is lr(s - 1)
+  lr = train_state.lr_schedule(cfg, spe)   # logged: the rate of the update of step s is lr(s - 1)
   keys = (("synthetic", "mask", "normal_index", "prompt_index") if cache is not None
           else ("normal", "synthetic", "prompt", "mask"))
   t0, n0, done, saved, wait, in_flight = time.perf_counter(), start, start, start, 0.0, None
@@ -439,7 +386,3 @@ def main(args) -> None:
     log.error("%s", e)
     sys.exit(2)
 
-
-if __name__ == "__main__":  # `python -m onenip_jax.train ...`: the command line lives in the CLI
-  from onenip_jax import cli  # pylint: disable=g-import-not-at-top
-  cli.train()

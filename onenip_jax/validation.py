@@ -12,7 +12,7 @@ import logging
 import numpy as np
 
 from onenip_jax import calibration as calib
-from onenip_jax import evaluate, inference
+from onenip_jax import eval_maps, inference
 
 log = logging.getLogger("onenip")
 
@@ -39,10 +39,10 @@ def calibrate_predictor(cfg, predictor, index, frozen_c: float = float("nan")) -
   holdout, n = index.holdout, len(index.holdout)
   # Two passes over all classes (each tf.data pipeline traces the synthesis graph once). Prompt
   # and synthesis seeds come from the position in the list: j * n + r for copy j of image r.
-  parts = [evaluate.collect_maps(predictor, holdout, index, cfg)]
+  parts = [eval_maps.collect_maps(predictor, holdout, index, cfg)]
   if k:
-    parts.append(evaluate.collect_maps(predictor, holdout * k, index, cfg,
-                                       synthesis_seed=syn_seed))
+    parts.append(eval_maps.collect_maps(predictor, holdout * k, index, cfg,
+                                        synthesis_seed=syn_seed))
   maps = {key: np.concatenate([p[key] for p in parts]) for key in ("rec", "ref", "mask")}
   del parts
   cls = np.asarray([s.cls for s in holdout] * (k + 1))
@@ -51,7 +51,7 @@ def calibrate_predictor(cfg, predictor, index, frozen_c: float = float("nan")) -
   for c in set(cls[:n]):
     local[cls[:n] == c] = np.arange(np.sum(cls[:n] == c))
   groups = {}
-  for c, _ in evaluate.class_rows(holdout, index.classes):
+  for c, _ in eval_maps.class_rows(holdout, index.classes):
     rows = np.flatnonzero(cls == c)
     mask = maps["mask"][rows]
     groups[c] = {"rec": maps["rec"][rows], "ref": maps["ref"][rows], "mask": mask,

@@ -10,7 +10,8 @@ from PIL import Image
 
 from onenip_jax import base_config as common
 from data_pipelines import indexing, input_pipeline
-from onenip_jax import calibration, evaluate, inference, scoring, sharding, train, validation
+from onenip_jax import (calibration, evaluate, inference, scoring, sharding, train, train_state,
+                        validation)
 
 RES = 64
 
@@ -93,9 +94,10 @@ class _TinyFeatures:
 def _state_and_backbone(cfg, mesh):
   model, features = inference.make_model(cfg)
   bb = features.load_variables(cfg.backbone)  # the cached ImageNet Lite0 weights
-  tx = train.make_optimizer(cfg, 10)
+  tx = train_state.make_optimizer(cfg, 10)
   repl = sharding.replicated(mesh)
-  state = jax.jit(lambda: train.init_state(cfg, model, tx, features.channels), out_shardings=repl)()
+  state = jax.jit(lambda: train_state.init_state(cfg, model, tx, features.channels),
+                  out_shardings=repl)()
   state = state.replace(fusion_c=jax.device_put(jnp.float32(0.5), repl))
   return state, features, jax.device_put(bb, repl)
 

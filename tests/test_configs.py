@@ -111,8 +111,8 @@ def test_old_run_resumes_with_the_new_layout(tmp_path):
 
 
 def _train_cli(*args):
-  return subprocess.run([sys.executable, "-m", "onenip_jax.train", "--workdir=/tmp/onenip-cli-test",
-                         *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+  return subprocess.run([sys.executable, "-m", "onenip_jax.cli", "train",
+                         "--workdir=/tmp/onenip-cli-test", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def test_cli_rejects_unknown_key_and_missing_data():

@@ -20,7 +20,7 @@ ARGS = ["--config=configs/real.py:steps=6,backbone=lite0", "--config.input_size=
 
 
 def _train(workdir, *extra, wait=True):
-  cmd = [sys.executable, "-m", "onenip_jax.train", f"--workdir={workdir}", *ARGS, *extra]
+  cmd = [sys.executable, "-m", "onenip_jax.cli", "train", f"--workdir={workdir}", *ARGS, *extra]
   log = open(os.path.join(os.path.dirname(workdir), os.path.basename(workdir) + ".log"), "ab")
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
   if wait:
@@ -101,13 +101,13 @@ def test_two_processes_match_one(trained, tmp_path):
   # ... and so do the params. The collectives sum in another order than one device does, and
   # Adam turns round-off in near-zero gradients (e.g. of the key biases, whose true gradient is 0)
   # into updates of size ~lr, so the params are compared against the size of the update.
-  from onenip_jax import export, inference, sharding, train  # pylint: disable=g-import-not-at-top
+  from onenip_jax import inference, restore, sharding, train_state  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
-  cfg, two, _, step_two = export.load_checkpoint(workdir, mesh, 4)
-  _, one, _, step_one = export.load_checkpoint(trained, mesh, 4)
+  cfg, two, _, step_two = restore.load_checkpoint(workdir, mesh, 4)
+  _, one, _, step_one = restore.load_checkpoint(trained, mesh, 4)
   assert step_two == step_one == 4
   model, features = inference.make_model(cfg)
-  init = train.init_state(cfg, model, train.make_optimizer(cfg, 1), features.channels)
+  init = train_state.init_state(cfg, model, train_state.make_optimizer(cfg, 1), features.channels)
   p2, p1, p0 = (np.concatenate([np.ravel(x) for x in _leaves(t)])
                 for t in (two.variables["params"], one.variables["params"], init.params))
   # After 4 Adam steps that is a few per cent of the update's norm (1.1 % here with XLA:CPU's
@@ -156,7 +156,7 @@ def test_export_eval_and_predict_agree_with_training(trained, tmp_path, shared_d
 
 
 def test_bad_exports_and_inputs_fail_clearly(trained, tmp_path):
-  from onenip_jax import cli, export, predict  # pylint: disable=g-import-not-at-top
+  from onenip_jax import cli, predict, restore  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / "export")
   cli.export(["--workdir", trained, "--out", out])
   model = os.path.join(out, "model.msgpack")
@@ -164,13 +164,13 @@ def test_bad_exports_and_inputs_fail_clearly(trained, tmp_path):
   with open(model, "wb") as f:
     f.write(data[: len(data) // 2])
   with pytest.raises(ValueError, match="model.msgpack"):
-    export.load_export(out)
+    restore.load_export(out)
   meta_path = os.path.join(out, "export.json")
   meta = json.load(open(meta_path, encoding="utf-8"))
   meta["format_version"] = 99
   json.dump(meta, open(meta_path, "w", encoding="utf-8"))
   with pytest.raises(ValueError, match="format version 99"):
-    export.load_export(out)
+    restore.load_export(out)
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(ValueError, match="no images"):

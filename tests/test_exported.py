@@ -68,8 +68,8 @@ def _write_dataset(root, rng):
 def _calibration(cfg, index, predictor):
   """A calibration (`onenip_jax.calibration` layout) with the pool-mode normal statistics of the
   held-out images, w = 0.3 and a box of 8 (not eval.pool_size, so the program's box is checked)."""
-  from onenip_jax import calibration as calib, evaluate  # pylint: disable=g-import-not-at-top
-  maps = evaluate.collect_maps(predictor, index.holdout, index, cfg)
+  from onenip_jax import calibration as calib, eval_maps  # pylint: disable=g-import-not-at-top
+  maps = eval_maps.collect_maps(predictor, index.holdout, index, cfg)
   params = dict(calib.normal_stats(maps["rec"], maps["ref"]), weight=0.3, pool_size=8,
                 objective=0.5, validation={k: 0.5 for k in calib.OBJECTIVE_KEYS},
                 n_normal=len(index.holdout), n_synthetic=0, candidates=[])
@@ -85,7 +85,8 @@ def tiny(tmp_path_factory):
   Lite0 at 64 px; the index holds out 1 of the 6 training normals of each class."""
   import jax  # pylint: disable=g-import-not-at-top
   from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
-  from onenip_jax import export, inference, sharding, train  # pylint: disable=g-import-not-at-top
+  from onenip_jax import (export, export_thresholds, inference, restore,  # pylint: disable=g-import-not-at-top
+                          scoring_modes, sharding, train_state)
   from onenip_jax.config_loading import load_config  # pylint: disable=g-import-not-at-top
   base = tmp_path_factory.mktemp("exported")
   _write_dataset(base / "data", np.random.default_rng(0))
@@ -98,8 +99,8 @@ def tiny(tmp_path_factory):
   assert len(index.holdout) == 2
   mesh = sharding.make_mesh()
   model, features = inference.make_model(cfg)
-  state = jax.jit(lambda: train.init_state(cfg, model, train.make_optimizer(cfg, 1),
-                                           features.channels),
+  state = jax.jit(lambda: train_state.init_state(cfg, model, train_state.make_optimizer(cfg, 1),
+                                                 features.channels),
                   out_shardings=sharding.replicated(mesh))()
   backbone = jax.device_put(features.load_variables(cfg.backbone), sharding.replicated(mesh))
   predictor = inference.Predictor(model, features, {"params": state.params,
@@ -108,11 +109,12 @@ def tiny(tmp_path_factory):
   predictor.pool = inference.build_prompt_pool(predictor, index, cfg)
   fusion_c = 0.37
   cal = _calibration(cfg, index, predictor)
-  scoring = export.make_scoring(cfg, fusion_c, cal)
-  loaded = export.LoadedModel(predictor, cfg, CLASSES, fusion_c, 0, None, scoring, cal)
-  samples, sources = export.default_threshold_samples(index, predictor.pool, 0.5, cfg.seed)
-  thresholds = export.make_thresholds(loaded, samples, index, "holdout-normals", 0.25,
-                                      class_sources=sources)
+  scoring = scoring_modes.make_scoring(cfg, fusion_c, cal)
+  loaded = restore.LoadedModel(predictor, cfg, CLASSES, fusion_c, 0, None, scoring, cal)
+  samples, sources = export_thresholds.default_threshold_samples(index, predictor.pool, 0.5,
+                                                                 cfg.seed)
+  thresholds = export_thresholds.make_thresholds(loaded, samples, index, "holdout-normals", 0.25,
+                                                 class_sources=sources)
   out = str(base / "export")
   export.write_export(out, cfg, predictor, index.classes, fusion_c, 0, thresholds,
                       calibration=cal, scoring=scoring)
@@ -274,7 +276,7 @@ def _write_format_2_program(out):
 
 
 def test_reference_fallback_without_calibration_and_format_2(tiny, tmp_path):
-  from onenip_jax import evaluate, export, exported  # pylint: disable=g-import-not-at-top
+  from onenip_jax import eval_maps, export, exported, restore, scoring_modes  # pylint: disable=g-import-not-at-top
   cfg, index, predictor, calibrated_out, _ = tiny
   out = str(tmp_path / "reference")
   export.write_export(out, cfg, predictor, index.classes, 0.37, 0)  # a run without calibration
@@ -283,35 +285,36 @@ def test_reference_fallback_without_calibration_and_format_2(tiny, tmp_path):
   assert sc["fusion"] == "reference" and meta["calibration"] is None
   assert "no calibration" in sc["note"] and sc["pool_size"] == cfg.eval.pool_size
   samples = [s for s in index.test if s.cls == "beta"][:3]
-  maps = evaluate.collect_maps(predictor, samples, index, cfg)
-  _, want = evaluate.scored_maps("reference", maps["rec"], maps["ref"], c=0.37, cfg=cfg)
+  maps = eval_maps.collect_maps(predictor, samples, index, cfg)
+  _, want = scoring_modes.scored_maps("reference", maps["rec"], maps["ref"], c=0.37, cfg=cfg)
   model = exported.ExportedPredictor.load(out)
   x = np.stack([model.preprocess(s.path) for s in samples])
   got = model(x)["score"]
   np.testing.assert_allclose(got, want, rtol=1e-5)
   calibrated = exported.ExportedPredictor.load(calibrated_out)(x)["score"]
   assert np.abs(calibrated - got).min() > 1e-3  # the scoring argument is used
-  assert export.load_export(out).scoring == sc
+  assert restore.load_export(out).scoring == sc
   _write_format_2_program(out)
   old = exported.ExportedPredictor.load(out)
   assert old.scoring["fusion"] == "reference" and "format 2" in old.scoring["note"]
   assert old.scoring["params"]["ref_weight"] == float(np.float32(0.5) * np.float32(0.37))
   np.testing.assert_allclose(old(x)["map"], np.float32(0.37) * x.mean(-1) + 0.5, rtol=1e-6)
-  legacy = export.load_export(out)
+  legacy = restore.load_export(out)
   assert legacy.scoring == old.scoring and legacy.calibration is None
 
 
 def test_maskless_protocol_and_float32_maps(tiny, tmp_path):
-  from onenip_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from onenip_jax import eval_maps, report_builder, scoring  # pylint: disable=g-import-not-at-top
   cfg, index, predictor, _, _ = tiny
   samples = [s for s in index.test if s.cls == "alpha"]
-  maps = evaluate.collect_maps(predictor, samples, index, cfg)
+  maps = eval_maps.collect_maps(predictor, samples, index, cfg)
   assert maps["rec"].dtype == np.float32 and maps["ref"].dtype == np.float32
-  s = evaluate.fused_maps(maps, np.arange(len(samples)), 0.37, cfg.eval.alpha)
-  scores = evaluate.image_scores(s, cfg.eval.pool_size)
+  s = scoring.fused_maps(maps, np.arange(len(samples)), 0.37, cfg.eval.alpha)
+  scores = scoring.image_scores_np(s, cfg.eval.pool_size)
   labels = [x.label for x in samples]
-  skip, lab, n = evaluate.class_protocol(scores, s, maps["mask"], maps["has_mask"], labels, "skip")
-  full, lab2, n2 = evaluate.class_protocol(scores, s, maps["mask"], maps["has_mask"], labels, "full")
+  protocol = report_builder.class_protocol
+  skip, lab, n = protocol(scores, s, maps["mask"], maps["has_mask"], labels, "skip")
+  full, lab2, n2 = protocol(scores, s, maps["mask"], maps["has_mask"], labels, "full")
   assert n == n2 == 1 and lab.tolist() == lab2.tolist() and sorted(lab) == [0, 0, 0, 1, 1, 1, 1]
   assert skip["i_auroc"] == full["i_auroc"] and skip["p_auroc"] != full["p_auroc"]
   ones = maps["mask"].copy()
@@ -321,16 +324,16 @@ def test_maskless_protocol_and_float32_maps(tiny, tmp_path):
   keep = maps["has_mask"] | (lab == 0)
   assert skip == metrics.class_metrics(scores, lab, s[keep], maps["mask"][keep])
   with pytest.raises(ValueError, match="eval.maskless"):
-    evaluate.class_protocol(scores, s, maps["mask"], maps["has_mask"], labels, "ones")
+    protocol(scores, s, maps["mask"], maps["has_mask"], labels, "ones")
 
 
 def test_threshold_rules():
-  from onenip_jax import cli, export  # pylint: disable=g-import-not-at-top
+  from onenip_jax import cli, export_thresholds  # pylint: disable=g-import-not-at-top
   s = np.arange(1.0, 11.0)  # 10 normal scores
-  assert export.normal_quantile(s, 0.0) == 10.0      # nothing above
-  assert export.normal_quantile(s, 0.1) == 9.0       # one of ten above
-  assert export.normal_quantile(s, 0.25) == 8.0      # floor(2.5) = 2 above
-  e = export._threshold_entry([1, 2, 3, 8, 9], [0, 0, 0, 1, 1], "val", 0.01)
+  assert export_thresholds.normal_quantile(s, 0.0) == 10.0      # nothing above
+  assert export_thresholds.normal_quantile(s, 0.1) == 9.0       # one of ten above
+  assert export_thresholds.normal_quantile(s, 0.25) == 8.0      # floor(2.5) = 2 above
+  e = export_thresholds._threshold_entry([1, 2, 3, 8, 9], [0, 0, 0, 1, 1], "val", 0.01)
   assert e["method"] == "f1-max" and 3 <= e["value"] < 8 and e["fpr_on_source"] == 0.0
   with pytest.raises(SystemExit):
     cli.export(["--workdir", "x", "--out", "y", "--calibrate"])

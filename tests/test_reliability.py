@@ -23,7 +23,7 @@ ARGS = ["--config=configs/real.py:steps=3,backbone=lite0", "--config.input_size=
 
 def _start(workdir, *extra):
   """Popen of `onenip-train` on `workdir`; output appended to `<workdir>.log`."""
-  cmd = [sys.executable, "-m", "onenip_jax.train", f"--workdir={workdir}", *ARGS, *extra]
+  cmd = [sys.executable, "-m", "onenip_jax.cli", "train", f"--workdir={workdir}", *ARGS, *extra]
   log = open(str(workdir) + ".log", "ab")
   return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
@@ -56,8 +56,8 @@ def _checkpoints(workdir) -> list:
 
 def _stored_state(workdir, step=None):
   """(step, fusion constant) of a checkpoint, read back as onenip-eval / -export do."""
-  from onenip_jax import export, sharding  # pylint: disable=g-import-not-at-top
-  _, _, fusion_c, got = export.load_checkpoint(str(workdir), sharding.make_mesh(), step)
+  from onenip_jax import restore, sharding  # pylint: disable=g-import-not-at-top
+  _, _, fusion_c, got = restore.load_checkpoint(str(workdir), sharding.make_mesh(), step)
   return got, fusion_c
 
 
@@ -130,7 +130,7 @@ def test_resume_with_another_model_fails_at_once(extended):
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(extended, tmp_path, caplog):
-  from onenip_jax import checkpoints, export, inference, sharding, train  # pylint: disable=g-import-not-at-top
+  from onenip_jax import checkpoints, inference, restore, sharding, train_state  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "copy")
   shutil.copytree(extended[0], workdir)
   data_dir = os.path.join(workdir, "checkpoints", "5", "state", "ocdbt.process_0", "d")
@@ -138,7 +138,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(extended,
   with open(biggest, "r+b") as f:
     f.truncate(os.path.getsize(biggest) // 2)
   with caplog.at_level(logging.WARNING, logger="onenip"):
-    _, _, _, step = export.load_checkpoint(workdir, sharding.make_mesh())
+    _, _, _, step = restore.load_checkpoint(workdir, sharding.make_mesh())
   assert step == 3
   damaged = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
   assert len(damaged) == 1 and "\n" not in damaged[0] and len(damaged[0]) < 600
@@ -146,7 +146,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(extended,
   # Training moves it aside, so that later saves and resumes do not meet it again.
   cfg = checkpoints.restore_config(workdir, 3)
   model, features = inference.make_model(cfg)
-  template = train.init_state(cfg, model, train.make_optimizer(cfg, 1), features.channels)
+  template = train_state.init_state(cfg, model, train_state.make_optimizer(cfg, 1),
+                                    features.channels)
   manager = checkpoints.make_manager(workdir, cfg)
   _, _, step = checkpoints.restore_latest(manager, template, move_damaged=True)
   assert step == 3 and manager.latest_step() == 3
@@ -159,9 +160,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(extended,
 
 
 def test_export_checks_out_first_and_overwrites_only_exports(extended, tmp_path, monkeypatch):
-  from onenip_jax import cli, export  # pylint: disable=g-import-not-at-top
+  from onenip_jax import cli, export, restore  # pylint: disable=g-import-not-at-top
   workdir = extended[0]
-  monkeypatch.setattr(export, "load_checkpoint", lambda *a, **k: pytest.fail("worked before --out"))
+  monkeypatch.setattr(restore, "load_checkpoint", lambda *a, **k: pytest.fail("worked before --out"))
   for out in (workdir, os.path.dirname(workdir)):
     with pytest.raises(SystemExit):
       cli.export(["--workdir", workdir, "--out", out, "--overwrite"])
@@ -215,7 +216,8 @@ def test_second_sigint_aborts_at_once(shared_data, tmp_path):
 
 
 def test_unknown_config_key_is_one_line(tmp_path):
-  out = subprocess.run([sys.executable, "-m", "onenip_jax.train", f"--workdir={tmp_path / 'w'}",
+  out = subprocess.run([sys.executable, "-m", "onenip_jax.cli", "train",
+                        f"--workdir={tmp_path / 'w'}",
                         "--config=configs/demo.py", "--config.model.x=1"], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 2
@@ -264,7 +266,7 @@ def test_predict_exits_nonzero_when_nothing_is_scored(tmp_path, monkeypatch, cap
 def test_empty_mask_of_a_defect_image_is_warned_and_counted(tmp_path, caplog):
   from onenip_jax import base_config as common  # pylint: disable=g-import-not-at-top
   from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
-  from onenip_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from onenip_jax import report_builder  # pylint: disable=g-import-not-at-top
   cfg = common.get_base_config()
   cfg.input_size, cfg.eval.pool_size = 32, 4
   samples = [indexing.Sample(f"/d/{i}.png", "a", int(i > 1), f"/d/{i}_mask.png" if i > 1 else None,
@@ -273,7 +275,7 @@ def test_empty_mask_of_a_defect_image_is_warned_and_counted(tmp_path, caplog):
   mask = np.zeros((4, 32, 32), bool)
   mask[3, 5:9, 5:9] = True  # image 2 is a defect whose mask is empty
   maps = rng.random((4, 32, 32)).astype(np.float32)
-  builder = evaluate.ReportBuilder(cfg, str(tmp_path))
+  builder = report_builder.ReportBuilder(cfg, str(tmp_path))
   with caplog.at_level(logging.WARNING, logger="onenip"):
     builder.add_class("a", samples, maps, maps.max(axis=(1, 2)), mask,
                       np.array([False, False, True, True]))

@@ -332,7 +332,3 @@ def main(args) -> int:
         f"mean/std {enet.normalisation(args.variant)}")
   return 0
 
-
-if __name__ == "__main__":  # `python -m onenip_jax.models.convert ...`: the CLI lives in onenip_jax.cli
-  from onenip_jax import cli  # pylint: disable=g-import-not-at-top
-  sys.exit(cli.convert_weights())
