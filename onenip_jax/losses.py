@@ -46,12 +46,6 @@ def dice_loss(prob: Array, mask: Array, form: str = "code") -> Array:
   return jnp.mean(per_sample)
 
 
-def _cfg(cfg: Any, key: str, default: Any) -> Any:
-  if isinstance(cfg, Mapping):
-    return cfg.get(key, default)
-  return getattr(cfg, key, default)
-
-
 def onenip_loss(outputs: Mapping[str, Optional[Array]], query_clean: Array, masks: Array, *,
                 loss_cfg: Any, restoration: bool = True) -> Tuple[Array, Dict[str, Array]]:
   """OneNIP training loss for the training layout [normal; synthetic].
@@ -62,7 +56,8 @@ def onenip_loss(outputs: Mapping[str, Optional[Array]], query_clean: Array, mask
     query_clean: (2B, h, w, C) clean features [F^n; F^a]; the MSE target is [F^n; F^n].
     masks: synthetic-anomaly masks M^a, (B, H, W[, 1]); the refiner target is [zeros; M^a].
       Full (2B, H, W[, 1]) targets are also accepted and used as they are.
-    loss_cfg: `config.loss` (dice_weight, dice_form, mse_form).
+    loss_cfg: `config.loss` (dice_weight, dice_form, mse_form; read with `.get`: a ConfigDict or a
+      dict).
     restoration: False -> the MSE covers the normal half only.
 
   Returns:
@@ -75,7 +70,7 @@ def onenip_loss(outputs: Mapping[str, Optional[Array]], query_clean: Array, mask
                      f"query_clean {query_clean.shape}")
   b = bq // 2
   normal = query_clean[:b]
-  mse_form = _cfg(loss_cfg, "mse_form", "code")
+  mse_form = loss_cfg.get("mse_form", "code")
   l_rec = feature_mse(recon[:b], normal)
   if not restoration:
     mse = l_rec
@@ -99,8 +94,8 @@ def onenip_loss(outputs: Mapping[str, Optional[Array]], query_clean: Array, mask
     if m.shape != logit.shape:
       raise ValueError(f"masks {masks.shape} do not match ref_logit {logit.shape}")
     dice = dice_loss(jax.nn.sigmoid(logit.astype(jnp.float32)), m,
-                     _cfg(loss_cfg, "dice_form", "code"))
+                     loss_cfg.get("dice_form", "code"))
     terms["dice"] = dice
-    total = total + jnp.float32(_cfg(loss_cfg, "dice_weight", 0.5)) * dice
+    total = total + jnp.float32(loss_cfg.get("dice_weight", 0.5)) * dice
   terms["total"] = total
   return total, terms
