@@ -19,7 +19,7 @@ them again.
 
 Anomalous test images without a mask keep `mask_path=None`. By default the pixel metrics skip them
 (and metrics.json counts them); `eval.maskless="full"` scores them against an all-one mask as the
-reference does (spec 1.1).
+reference does (docs/algorithm.md §2.1).
 """
 import collections
 import dataclasses

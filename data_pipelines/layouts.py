@@ -5,7 +5,7 @@ Layouts (`data.layout`):
               `<root>/<class>/ground_truth/<defect>/<stem>[_mask].<ext>`; `<normal>` is `good`
               or `ok` (MVTec AD, BTAD, custom data). If `<root>` itself holds `train/`, it is one
               class named after the folder. Extensions: png/jpg/jpeg/bmp/tif/tiff, any case.
-  "meta"      UniAD/OneNIP json-lines `data.meta_train` / `data.meta_test` (spec 1.1), paths
+  "meta"      UniAD/OneNIP json-lines `data.meta_train` / `data.meta_test` (docs/algorithm.md §2.1), paths
               relative to `data.root`, read as shipped (duplicates included). `defect` is the
               image's parent folder name for anomalies.
   "visa_csv"  VisA's `split_csv/1cls.csv` (`object,split,label,image,mask`), paths relative to
@@ -89,7 +89,7 @@ def mvtec_records(root: str) -> list:
 
 
 def meta_records(root: str, meta_file: str, split: str) -> list:
-  """Records of one UniAD json-lines meta file (spec 1.1), duplicates kept."""
+  """Records of one UniAD json-lines meta file (docs/algorithm.md §2.1), duplicates kept."""
   if not meta_file:
     return []
   if not storage.isfile(meta_file):

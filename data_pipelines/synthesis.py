@@ -1,4 +1,4 @@
-"""Anomaly synthesis for training (spec section 2): CutPaste (rectangle, scar) and DRAEM Perlin + texture.
+"""Anomaly synthesis for training (docs/algorithm.md §7): CutPaste (rectangle, scar) and DRAEM Perlin + texture.
 
 Everything here is pure TensorFlow with stateless randomness only, so `synthesize` can run inside
 `tf.data.Dataset.map(..., num_parallel_calls=...)` without the GIL, and one seed always gives the same
@@ -8,7 +8,7 @@ The branch is drawn per sample: with probability `p_cutpaste` CutPaste (a fair c
 rectangle or the scar variant), otherwise a DTD texture blended through a thresholded Perlin mask.
 Every sample is anomalous; pixels outside the returned mask are never changed.
 
-This module is the recipe only. Reference behaviours are emulated where they matter (spec 2.1-2.3), in
+This module is the recipe only. Reference behaviours are emulated where they matter (docs/algorithm.md §7.2-7.4), in
 the modules it builds on: `image_ops` (stateless draws, torchvision ColorJitter on PIL images, PIL
 `rotate(expand=True)`), `imgaug_ops` (the imgaug 0.4 texture augmenters), `perlin` (DRAEM's
 `rand_perlin_2d_np`) and `textures` (texture listing and cv2-like reading).
@@ -227,7 +227,7 @@ def synthesize_with_info(image: tf.Tensor, seed: tf.Tensor, textures: tf.Tensor,
 
 
 def synthesize(image: tf.Tensor, seed: tf.Tensor, textures: tf.Tensor, cfg: Any):
-  """One synthetic anomaly (spec section 2), pure TF, deterministic in `seed`.
+  """One synthetic anomaly (docs/algorithm.md §7), pure TF, deterministic in `seed`.
 
   Args:
     image: (H, W, 3) uint8 resized query image (static H = W, divisible by 32).

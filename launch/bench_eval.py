@@ -78,7 +78,7 @@ def main() -> None:
     cfg = load_config(a.config)
     model, features = inference.make_model(cfg)
     tx = train_state.make_optimizer(cfg, 1)
-    state = jax.jit(lambda: train_state.init_state(cfg, model, tx, features.channels),
+    state = jax.jit(lambda: train_state.init_state(cfg, model, tx, features),
                     out_shardings=sharding.replicated(mesh))()
     bb = jax.device_put(features.load_variables(cfg.backbone), sharding.replicated(mesh))
     predictor = inference.Predictor(model, features, {"params": state.params,

@@ -40,7 +40,7 @@ def build(backbone: str, dtype: str, cached: bool, batch: int, res: int):
   model = OneNIP.from_config(cfg.model)
   tx = train_state.make_optimizer(cfg, 100)
   repl = sharding.replicated(mesh)
-  state = jax.jit(lambda: train_state.init_state(cfg, model, tx, features.channels),
+  state = jax.jit(lambda: train_state.init_state(cfg, model, tx, features),
                   out_shardings=repl)()
   rng = np.random.default_rng(0)
   img = lambda: rng.normal(size=(batch, res, res, 3)).astype(np.float32)

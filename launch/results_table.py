@@ -10,7 +10,7 @@ import os
 
 from onenip_jax import reports
 
-# Published OneNIP numbers (reference spec 10.1, v2 log, MVTec 224, EfficientNet-B4, 15 classes,
+# Published OneNIP numbers (the official code's v2 log, docs/algorithm.md §12.4, MVTec 224, EfficientNet-B4, 15 classes,
 # 1000 epochs, 8 GPUs) and the official code run on this data (shared/data/README.md: Lite2, 224,
 # 638 steps, test-set fusion constant).
 REFERENCE = {

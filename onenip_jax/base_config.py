@@ -1,4 +1,4 @@
-"""Defaults shared by every experiment config: the reference's settings (spec sections 1-10).
+"""Defaults shared by every experiment config: the reference's settings (docs/algorithm.md §2-§12).
 
 Experiment files (`configs/*.py`, loaded by path by `onenip_jax.config_loading`) call
 `get_base_config()` and override what differs. Every number the code uses lives here; nothing
@@ -22,7 +22,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.total_steps = 0            # > 0 overrides num_epochs
   c.distributed = False        # call jax.distributed.initialize() (also when launch env vars say so)
 
-  # Optimiser (spec 8.1): clip 0.1 -> AdamW, x0.1 after `lr_drop_epoch` (the reference's off-by-one).
+  # Optimiser (docs/algorithm.md §10.1): clip 0.1 -> AdamW, x0.1 after `lr_drop_epoch` (the reference's off-by-one).
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4
   c.optim.b1 = 0.9

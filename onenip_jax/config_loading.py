@@ -110,9 +110,13 @@ def upgrade_stored_config(stored: dict) -> dict:
   Layout 1 (before `config.backbone`): `model.backbone`, `model.backbone_weights` and
   `model.backbone_padding` become `backbone.name`, `.weights`, `.padding`; `model.dtype` also
   sets `backbone.dtype` (it was the dtype of both); `model.restoration` becomes
-  `loss.restoration`. A config already in the current layout is returned unchanged (a copy).
+  `loss.restoration`. Before `config.calibration`, nothing was held out: such a config gets
+  `calibration.holdout_fraction = 0` (so its run indexes, evaluates and resumes with the training
+  set it had). A config already in the current layout is returned unchanged (a copy).
   """
   out = {k: dict(v) if isinstance(v, dict) else v for k, v in stored.items()}
+  if "calibration" not in out:
+    out["calibration"] = {"holdout_fraction": 0.0}
   model = out.get("model")
   if "backbone" in out or not isinstance(model, dict) or "backbone" not in model:
     return out

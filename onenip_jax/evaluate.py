@@ -1,4 +1,4 @@
-"""Evaluation (spec 9-10) and the `onenip-eval` command.
+"""Evaluation (docs/algorithm.md §11, §12) and the `onenip-eval` command.
 
   onenip-eval --workdir DIR                              # latest checkpoint of a training run
   onenip-eval --exported EXPORT_DIR [--config configs/real.py] [--out DIR] [--flax]

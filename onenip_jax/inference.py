@@ -1,4 +1,4 @@
-"""The one inference path: images -> reconstruction and refiner maps (spec 9).
+"""The one inference path: images -> reconstruction and refiner maps (docs/algorithm.md §11).
 
 In-training evaluation, `onenip-eval`, `onenip-export` and `onenip-predict` all go through
 `Predictor`, so their numbers agree to float tolerance on the same images.
@@ -19,7 +19,7 @@ from onenip_jax.models.onenip import OneNIP
 
 @dataclasses.dataclass
 class PromptPool:
-  """k pre-extracted normal prompts per class (paper section 3.5).
+  """k pre-extracted normal prompts per class (paper §3.5).
 
   Attributes:
     features: (K, h, w, C) frozen features of the prompt images.

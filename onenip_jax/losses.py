@@ -1,4 +1,4 @@
-"""Training losses (spec section 7): feature MSE plus Dice on the refiner output.
+"""Training losses (docs/algorithm.md §9): feature MSE plus Dice on the refiner output.
 
 All results are float32 scalars. Maps are NHWC.
 """

@@ -1,4 +1,4 @@
-"""Anomaly-detection metrics (spec section 10): ROC-AUC, AP, F1-max and AUPRO, per class and mean.
+"""Anomaly-detection metrics (docs/algorithm.md §12): ROC-AUC, AP, F1-max and AUPRO, per class and mean.
 
 Everything is exact and sort-based: the scores are sorted once, the confusion counts are
 cumulated in that order and read off at the last position of every distinct score (one point
@@ -166,7 +166,7 @@ def auroc(scores, labels, flip: bool = False) -> Optional[float]:
   Args:
     scores: (n,) or any shape; higher = more anomalous.
     labels: same size; > 0 (or True) = anomalous.
-    flip: return 1 - AUROC when AUROC < 0.5 (the reference's quirk, spec 10).
+    flip: return 1 - AUROC when AUROC < 0.5 (the reference's quirk, docs/algorithm.md §12.3).
   Returns:
     float in [0, 1], or None if only one class is present (or n = 0).
   """
@@ -355,7 +355,7 @@ def class_metrics(image_scores, image_labels, maps=None, masks=None, *,
 
 
 def summarize(per_class: Mapping[str, Mapping]) -> dict:
-  """Unweighted mean over classes (spec 10).
+  """Unweighted mean over classes (docs/algorithm.md §12.3).
 
   Args:
     per_class: {class name: class_metrics(...) dict}.
@@ -373,7 +373,7 @@ def summarize(per_class: Mapping[str, Mapping]) -> dict:
 
 
 def image_labels_from_masks(masks: Sequence) -> np.ndarray:
-  """Image labels as the reference derives them (spec 10): 1 iff the mask has a non-zero pixel.
+  """Image labels as the reference derives them (docs/algorithm.md §12.1): 1 iff the mask has a non-zero pixel.
 
   Args:
     masks: (N, H, W) masks.

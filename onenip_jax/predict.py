@@ -5,8 +5,8 @@
 
 Each image is resized to the model's input size (any size or channel count), paired with the most
 similar prompt of the export's prompt pool (class-agnostic: no label needed), and scored with the
-export's scoring (export.json `scoring`: by default the run's global calibration, else the
-reference fusion). With a serialised predictor in the export (format 2 and later) this runs
+export's scoring (export.json `scoring`: the export's `eval.fusion`, by default the reference
+fusion; `calibrated` uses the run's global calibration). With a serialised predictor in the export (format 2 and later) this runs
 through `onenip_jax.exported` (jax, numpy and Pillow only; no flax, TensorFlow or Orbax is
 imported); --flax, or an older export, uses the Flax predictor and tf.data decoding instead (same
 scores to float tolerance).

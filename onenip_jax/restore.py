@@ -48,7 +48,7 @@ def load_checkpoint(workdir: str, mesh, step=None, *, config=None, overrides=())
   cfg = load_config(config, overrides, base=stored)
   model, features = inference.make_model(stored)
   tx = train_state.make_optimizer(stored, 1)
-  template = jax.jit(lambda: train_state.init_state(stored, model, tx, features.channels),
+  template = jax.jit(lambda: train_state.init_state(stored, model, tx, features),
                      out_shardings=sharding.replicated(mesh))()
   manager = checkpoints.make_manager(workdir, stored)
   if step is None:  # the newest intact checkpoint (a damaged one is reported and skipped)

@@ -1,4 +1,4 @@
-"""Anomaly maps, fusion and image scores (spec section 9). Maps are NHWC.
+"""Anomaly maps, fusion and image scores (docs/algorithm.md §11). Maps are NHWC.
 
 The jnp functions are pure and jit-able; `fused_maps` and `image_scores_np` are their numpy
 host counterparts used by the evaluation (one compiled program for every class).
@@ -44,7 +44,7 @@ def logodds_np(p: np.ndarray) -> np.ndarray:
 
 
 def mid_range(min_value: Array, max_value: Array) -> Array:
-  """Fusion scale c = (min + max) / 2 of the reconstruction map (spec 9.3)."""
+  """Fusion scale c = (min + max) / 2 of the reconstruction map (docs/algorithm.md §11.2)."""
   return 0.5 * (jnp.asarray(min_value, jnp.float32) + jnp.asarray(max_value, jnp.float32))
 
 
@@ -64,7 +64,7 @@ def fuse(rec: Array, ref: Optional[Array], c: Array, alpha: float = 0.5) -> Arra
 
 
 def image_scores(anomaly_map: Array, pool_size: int = 16) -> Array:
-  """Image score: max of the stride-1, VALID, pool_size x pool_size mean-filtered map (spec 9.4).
+  """Image score: max of the stride-1, VALID, pool_size x pool_size mean-filtered map (docs/algorithm.md §11.3).
 
   Args:
     anomaly_map: (B, H, W, 1) or (B, H, W).

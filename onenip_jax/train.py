@@ -160,7 +160,7 @@ def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> Tr
     tx = train_state.make_optimizer(cfg, spe)
 
     repl = sharding.replicated(mesh)
-    state = jax.jit(functools.partial(train_state.init_state, cfg, model, tx, features.channels),
+    state = jax.jit(functools.partial(train_state.init_state, cfg, model, tx, features),
                     out_shardings=repl)()
     state = _resume(manager, state, cfg, workdir, num_steps, repl, stored)
     start = int(_scalar(state.step))

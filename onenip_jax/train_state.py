@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
 
 
@@ -47,16 +48,17 @@ def lr_schedule(cfg: ml_collections.ConfigDict, spe: int) -> optax.Schedule:
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, spe: int) -> optax.GradientTransformation:
-  """clip_by_global_norm -> AdamW (spec 8.1); weight decay on every parameter, as the reference."""
+  """clip_by_global_norm -> AdamW (docs/algorithm.md §10.1); weight decay on every parameter, as the reference."""
   o = cfg.optim
   return optax.chain(optax.clip_by_global_norm(o.grad_clip),
                      optax.adamw(lr_schedule(cfg, spe), b1=o.b1, b2=o.b2, eps=o.eps,
                                  weight_decay=o.weight_decay))
 
 
-def init_state(cfg, model: OneNIP, tx, channels: int) -> TrainState:
-  """Initial state from `cfg.seed` (deterministic on every process)."""
-  h = cfg.input_size // 16
+def init_state(cfg, model: OneNIP, tx, features: FrozenFeatures) -> TrainState:
+  """Initial state from `cfg.seed` (deterministic on every process), for features (1, h, h, C)
+  with h = features.grid(cfg.input_size) and C = features.channels."""
+  h, channels = features.grid(cfg.input_size), features.channels
   key = jax.random.PRNGKey(cfg.seed)
   init_key, jitter_key, dropout_key, train_key = jax.random.split(key, 4)
   feats = jnp.zeros((1, h, h, channels), jnp.float32)

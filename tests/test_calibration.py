@@ -96,7 +96,7 @@ def _state_and_backbone(cfg, mesh):
   bb = features.load_variables(cfg.backbone)  # the cached ImageNet Lite0 weights
   tx = train_state.make_optimizer(cfg, 10)
   repl = sharding.replicated(mesh)
-  state = jax.jit(lambda: train_state.init_state(cfg, model, tx, features.channels),
+  state = jax.jit(lambda: train_state.init_state(cfg, model, tx, features),
                   out_shardings=repl)()
   state = state.replace(fusion_c=jax.device_put(jnp.float32(0.5), repl))
   return state, features, jax.device_put(bb, repl)

@@ -110,6 +110,22 @@ def test_old_run_resumes_with_the_new_layout(tmp_path):
     run_control.check_resume(stored, cfg, workdir, step)
 
 
+def test_a_run_from_before_calibration_held_nothing_out(tmp_path):
+  """A stored config without `calibration` (nothing was held out) reads back with
+  holdout_fraction 0: it resumes with the same setting, and names the key otherwise."""
+  cfg = _demo()
+  stored = json.loads(cfg.to_json_best_effort())
+  del stored["calibration"]
+  new = config_loading.upgrade_stored_config(stored)
+  assert new["calibration"] == {"holdout_fraction": 0.0}
+  cfg.calibration.holdout_fraction = 0.0
+  run_control.check_resume(new, cfg, str(tmp_path), 7)  # the other calibration keys are harmless
+  cfg.calibration.holdout_fraction = 0.1
+  with pytest.raises(run_control.ConfigMismatch,
+                     match=r"calibration.holdout_fraction: 0.0 \(stored\) -> 0.1"):
+    run_control.check_resume(new, cfg, str(tmp_path), 7)
+
+
 def _train_cli(*args):
   return subprocess.run([sys.executable, "-m", "onenip_jax.cli", "train",
                          "--workdir=/tmp/onenip-cli-test", *args], cwd=REPO, capture_output=True, text=True, timeout=300)

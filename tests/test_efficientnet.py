@@ -62,7 +62,7 @@ def test_tap_facts():
 
 
 def test_b4_static_paddings_match_spec():
-  """Spec section 3: stem (0, 1), block 2 (0, 1), block 6 (2, 2), block 10 (0, 1)."""
+  """docs/algorithm.md §3.1: stem (0, 1), block 2 (0, 1), block 6 (2, 2), block 10 (0, 1)."""
   pads = enet.static_paddings("b4")
   assert pads["stem"] == (0, 1)
   assert pads[2] == (0, 1)

@@ -107,7 +107,7 @@ def test_two_processes_match_one(trained, tmp_path):
   _, one, _, step_one = restore.load_checkpoint(trained, mesh, 4)
   assert step_two == step_one == 4
   model, features = inference.make_model(cfg)
-  init = train_state.init_state(cfg, model, train_state.make_optimizer(cfg, 1), features.channels)
+  init = train_state.init_state(cfg, model, train_state.make_optimizer(cfg, 1), features)
   p2, p1, p0 = (np.concatenate([np.ravel(x) for x in _leaves(t)])
                 for t in (two.variables["params"], one.variables["params"], init.params))
   # After 4 Adam steps that is a few per cent of the update's norm (1.1 % here with XLA:CPU's

@@ -100,7 +100,7 @@ def tiny(tmp_path_factory):
   mesh = sharding.make_mesh()
   model, features = inference.make_model(cfg)
   state = jax.jit(lambda: train_state.init_state(cfg, model, train_state.make_optimizer(cfg, 1),
-                                                 features.channels),
+                                                 features),
                   out_shardings=sharding.replicated(mesh))()
   backbone = jax.device_put(features.load_variables(cfg.backbone), sharding.replicated(mesh))
   predictor = inference.Predictor(model, features, {"params": state.params,

@@ -1,4 +1,4 @@
-"""Losses (spec 7) and scoring (spec 9) against hand-computed numpy values."""
+"""Losses (docs/algorithm.md §9) and scoring (docs/algorithm.md §11) against hand-computed numpy values."""
 import jax
 import jax.numpy as jnp
 import ml_collections

@@ -216,7 +216,7 @@ def test_from_config_is_onenip_of_config_model():
 
 
 def test_initialisation():
-  """Spec 8.3 on a real init: packed in_proj bound, xavier elsewhere, zero biases, U[0,1) pos."""
+  """docs/algorithm.md §5.7 on a real init: packed in_proj bound, xavier elsewhere, zero biases, U[0,1) pos."""
   model = OneNIP(**SMALL)
   variables = jax.jit(lambda q, p: model.init(_rngs(), q, p, train=False))(
       jnp.zeros((1, 14, 14, C)), jnp.zeros((1, 14, 14, C)))
@@ -374,7 +374,7 @@ def test_refiner_off_and_bfloat16():
 
 
 def test_dice_gradient_reaches_transformer():
-  """The refiner input |recon - query| is not detached (spec 6): Dice alone trains the network."""
+  """The refiner input |recon - query| is not detached (docs/algorithm.md §8.1): Dice alone trains the network."""
   model = OneNIP(bn_group_size=2, **SMALL)
   variables = _random_variables(model, 14)
   q, p = _feats(0, 2, 14), _feats(1, 1, 14)

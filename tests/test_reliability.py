@@ -147,7 +147,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(extended,
   cfg = checkpoints.restore_config(workdir, 3)
   model, features = inference.make_model(cfg)
   template = train_state.init_state(cfg, model, train_state.make_optimizer(cfg, 1),
-                                    features.channels)
+                                    features)
   manager = checkpoints.make_manager(workdir, cfg)
   _, _, step = checkpoints.restore_latest(manager, template, move_damaged=True)
   assert step == 3 and manager.latest_step() == 3

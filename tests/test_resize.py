@@ -43,7 +43,7 @@ def test_corners_and_identity():
 
 
 def test_not_jax_image_resize():
-  """The half-pixel / antialiased jax.image.resize would give different values (spec 4)."""
+  """The half-pixel / antialiased jax.image.resize would give different values (docs/algorithm.md §3.3)."""
   x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 56, 56, 1)), jnp.float32)
   ours = resize_align_corners(x, (14, 14))
   theirs = jax.image.resize(x, (1, 14, 14, 1), "bilinear")

@@ -27,7 +27,7 @@ def _setup(cfg, mesh):
   model = OneNIP.from_config(cfg.model)
   tx = train_state.make_optimizer(cfg, 10)
   repl = sharding.replicated(mesh)
-  state = jax.jit(lambda: train_state.init_state(cfg, model, tx, features.channels),
+  state = jax.jit(lambda: train_state.init_state(cfg, model, tx, features),
                   out_shardings=repl)()
   step = train.jit_train_step(cfg, model, features, tx, mesh)
   return state, step, jax.device_put(bb, repl), features

@@ -17,7 +17,6 @@ import functools
 import glob
 import importlib.util
 import os
-import sys
 from typing import Mapping, Optional
 
 import flax

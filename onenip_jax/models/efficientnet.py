@@ -2,7 +2,7 @@
 
 One parameterised definition mirrors the two PyTorch ports the project converts weights from:
 
-- B0-B7: lukemelas `efficientnet_pytorch` (spec section 3): swish, squeeze-and-excitation with
+- B0-B7: lukemelas `efficientnet_pytorch` (docs/algorithm.md §3.1): swish, squeeze-and-excitation with
   ratio 0.25 of the block's input channels, stem and head widths scaled with the width multiplier.
 - Lite0-Lite4: the `efficientnet_lite_pytorch` package (TF `efficientnet/lite` recipe): ReLU6, no
   SE, stem (32) and head (1280) not scaled, and the first and last stages not repeated with the

@@ -1,4 +1,4 @@
-"""The OneNIP model (spec sections 5-6, 8.3, 13): prompt-guided feature reconstruction from the
+"""The OneNIP model (docs/algorithm.md §5, §6, §8): prompt-guided feature reconstruction from the
 layers of `transformer.py`, scored by the refiner of `refiner.py`.
 
 All tensors are NHWC / (batch, tokens, channels). Parameters are always float32; `dtype` is the
@@ -25,7 +25,7 @@ DECODERS = ("bidirectional", "unidirectional", "uniad")
 
 
 class OneNIP(nn.Module):
-  """OneNIP: prompt-guided feature reconstruction plus a supervised refiner (spec 5-6).
+  """OneNIP: prompt-guided feature reconstruction plus a supervised refiner (docs/algorithm.md §5, §8).
 
   Fields mirror `config.model`. `neighbor_size` 0 means (h // 2, w // 2) as in the reference.
   """
@@ -62,7 +62,7 @@ class OneNIP(nn.Module):
     return cls(**kwargs)
 
   def _jitter(self, x: Array) -> Array:
-    """Feature jitter (spec 5.2): f += eps * ||f|| / C * scale per token, with prob `jitter_prob`
+    """Feature jitter (docs/algorithm.md §5.1): f += eps * ||f|| / C * scale per token, with prob `jitter_prob`
     (one draw per call, as UniAD's add_jitter). x: (B, N, C) float32."""
     if self.jitter_scale == 0 or self.jitter_prob <= 0:
       return x

@@ -1,4 +1,4 @@
-"""The OneNIP refiner (spec section 6): a small conv head on the reconstruction error, with
+"""The OneNIP refiner (docs/algorithm.md §8): a small conv head on the reconstruction error, with
 BatchNorm statistics over fixed groups of maps. All tensors NHWC.
 """
 from typing import Optional, Tuple
@@ -11,7 +11,7 @@ from onenip_jax.models.transformer import Array, Dtype, xavier_uniform, zeros
 
 
 def _bn_grouping(batch: int, paired_with: Optional[int], group_size: int) -> Tuple[int, int, int]:
-  """(P, G, k) such that x.reshape(P, G, k, ...) puts BN group g at [:, g] (spec 6, brief).
+  """(P, G, k) such that x.reshape(P, G, k, ...) puts BN group g at [:, g] (docs/algorithm.md §8.2).
 
   paired_with: the prompt batch Bp when batch == 2 * Bp (training layout [normal; synthetic]):
   group g = normal [g*k, (g+1)*k) + synthetic [g*k, (g+1)*k), k = group_size // 2.
@@ -103,7 +103,7 @@ class Deconv2x2(nn.Module):
 
 
 class Refiner(nn.Module):
-  """MaskHead (spec 6): 2 x (Conv3x3 no bias -> BN -> ReLU -> ConvTranspose 2x2/2) -> Conv1x1."""
+  """MaskHead (docs/algorithm.md §8.1): 2 x (Conv3x3 no bias -> BN -> ReLU -> ConvTranspose 2x2/2) -> Conv1x1."""
   channels: int = 128
   bn_group_size: int = 16
   dtype: Dtype = jnp.float32

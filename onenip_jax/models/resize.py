@@ -1,4 +1,4 @@
-"""Bilinear resizing with `align_corners=True` (spec sections 4 and 14).
+"""Bilinear resizing with `align_corners=True` (docs/algorithm.md §3.3).
 
 `jax.image.resize` uses half-pixel centres and antialiases when down-sampling, so it does not match
 PyTorch's `interpolate(mode='bilinear', align_corners=True)` / `UpsamplingBilinear2d`. This module

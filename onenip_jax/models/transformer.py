@@ -1,4 +1,4 @@
-"""Attention and transformer layers of the OneNIP reconstruction network (spec section 5).
+"""Attention and transformer layers of the OneNIP reconstruction network (docs/algorithm.md §5).
 
 Tokens are (batch, tokens, channels), row-major over the h x w feature grid. Parameters are float32;
 `dtype` is the compute dtype. Initialisers follow PyTorch's (xavier_uniform, zero biases).
@@ -36,7 +36,7 @@ def packed_in_proj_init(embed_dim: int) -> Callable[..., Array]:
 
 
 def neighbor_mask(h: int, w: int, n: Union[int, Sequence[int]]) -> np.ndarray:
-  """Neighbour-masked-attention (NMA) mask over a row-major h x w token grid (spec 5.4).
+  """Neighbour-masked-attention (NMA) mask over a row-major h x w token grid (docs/algorithm.md §5.2).
 
   Key (y2, x2) is blocked for query (y1, x1) when |y2 - y1| <= ny // 2 and |x2 - x1| <= nx // 2,
   i.e. a (2 * (n // 2) + 1)-wide window clipped at the borders.
@@ -58,7 +58,7 @@ def neighbor_mask(h: int, w: int, n: Union[int, Sequence[int]]) -> np.ndarray:
 
 
 class MultiheadAttention(nn.Module):
-  """`torch.nn.MultiheadAttention` semantics (spec 5.9), batch-first.
+  """`torch.nn.MultiheadAttention` semantics (docs/algorithm.md §5.3), batch-first.
 
   Separate q/k/v projections with bias (init as PyTorch's packed in_proj), scaled dot product
   1/sqrt(head_dim), boolean mask shared by heads and batch, dropout on the attention
@@ -120,7 +120,7 @@ def layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
 
 
 class PositionEmbedding(nn.Module):
-  """Learned row/column position embedding (spec 5.3), both tables U[0, 1)."""
+  """Learned row/column position embedding (docs/algorithm.md §5.1), both tables U[0, 1)."""
   h: int
   w: int
   hidden_dim: int = 256
@@ -140,7 +140,7 @@ class PositionEmbedding(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-  """Post-norm self-attention encoder layer (spec 5.5)."""
+  """Post-norm self-attention encoder layer (docs/algorithm.md §5.4)."""
   hidden_dim: int = 256
   num_heads: int = 8
   ffn_dim: int = 1024
@@ -161,7 +161,7 @@ class EncoderLayer(nn.Module):
 
 
 class PromptDecoderLayer(nn.Module):
-  """OneNIP decoder layer (spec 5.7): prompt stream P attends to target stream X, then (when
+  """OneNIP decoder layer (docs/algorithm.md §5.5): prompt stream P attends to target stream X, then (when
   `bidirectional`) X attends to the updated P. With `bidirectional=False` X is left unchanged."""
   hidden_dim: int = 256
   num_heads: int = 8
