@@ -133,17 +133,19 @@ def candidate_figures(groups: Sequence[Mapping], stats: Mapping, weight: float,
   return out
 
 
-def _fold_objectives(groups: Sequence[Mapping], stats: Mapping, weight: float,
-                     pool_sizes: Sequence[int]) -> np.ndarray:
-  """(len(pool_sizes), folds) objectives of `weight` on each fold (rows with `source` % folds
-  == k), folds = min(FOLDS, held-out images of the smallest group)."""
+def _folds(groups: Sequence[Mapping]) -> list:
+  """The groups split into folds: fold k holds the rows with `source` % folds == k, folds =
+  min(FOLDS, held-out images of the smallest group). [fold][group] -> maps as `groups`."""
   folds = min(FOLDS, min(int(g["source"].max()) + 1 for g in groups))
-  out = np.full((len(pool_sizes), folds), np.nan)
-  for k in range(folds):
-    parts = [{key: g[key][g["source"] % folds == k] for key in ("rec", "ref", "mask", "label")}
-             for g in groups]
-    out[:, k] = [c["objective"] for c in candidate_figures(parts, stats, weight, pool_sizes)]
-  return out
+  return [[{key: g[key][g["source"] % folds == k] for key in ("rec", "ref", "mask", "label")}
+           for g in groups] for k in range(folds)]
+
+
+def _fold_objectives(folds: Sequence[Sequence[Mapping]], stats: Mapping, weight: float,
+                     pool_sizes: Sequence[int]) -> np.ndarray:
+  """(len(pool_sizes), len(folds)) objectives of `weight` on each fold (`_folds`)."""
+  return np.asarray([[c["objective"] for c in candidate_figures(parts, stats, weight, pool_sizes)]
+                     for parts in folds]).T
 
 
 def select(candidates: Sequence[dict], fold_objectives: np.ndarray, default_pool_size: int) -> dict:
@@ -182,10 +184,10 @@ def fit(groups: Sequence[Mapping], normal_rows: Sequence[np.ndarray], weights: S
   stats = {space: normal_stats(rec, ref, space) for space in ("logodds", "probability")}
   del rec, ref
   grid = [("logodds", float(w)) for w in weights] + [("probability", 1.0)]
-  candidates, per_fold = [], []
+  folds, candidates, per_fold = _folds(groups), [], []
   for space, w in grid:
     candidates += candidate_figures(groups, stats[space], w, pool_sizes)
-    per_fold.append(_fold_objectives(groups, stats[space], w, pool_sizes))
+    per_fold.append(_fold_objectives(folds, stats[space], w, pool_sizes))
   best = select(candidates, np.concatenate(per_fold), default_pool_size)
   n_normal = int(sum(len(r) for r in normal_rows))
   return dict(stats[best["ref_space"]], weight=best["weight"], pool_size=best["pool_size"],

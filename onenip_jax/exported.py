@@ -199,10 +199,10 @@ def scoring_entry(meta: dict) -> dict:
           "note": f"format {meta.get('format_version')} export: the reference fusion"}
 
 
-def scoring_vector(entry: dict, layout=SCORING_KEYS) -> np.ndarray:
+def scoring_vector(entry: dict, layout) -> np.ndarray:
   """float32 program argument of a `scoring_entry`, in the order `layout` (the export's
   program.scoring_layout: SCORING_KEYS, or its first six for format 3)."""
-  return np.asarray([entry["params"].get(k, 0.0) for k in layout], np.float32)
+  return np.asarray([entry["params"][k] for k in layout], np.float32)
 
 
 def threshold_value(thresholds: dict | None, cls: str | None) -> float | None:
