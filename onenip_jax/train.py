@@ -327,20 +327,20 @@ def _add_calibration(run: _Run, state: TrainState, num_steps: int, redo: bool) -
 
   Computed when the final step was trained by this process (`redo`: a new or extended run), when
   its checkpoint lacks it (a signal stopped the previous run during it) or when it was made by
-  another `calibration.METHOD` (rerunning a finished run brings it up to date); else read back.
-  None when calibration is off (`calibration.holdout_fraction=0`) or the model has no refiner.
+  another `calibration.METHOD` or with other calibration settings (`validation.out_of_date`:
+  rerunning a finished run brings it up to date); else read back. None when calibration is off
+  (`calibration.holdout_fraction=0`) or the model has no refiner.
   """
-  from onenip_jax import calibration as calib  # pylint: disable=g-import-not-at-top
   from onenip_jax import reports, validation  # pylint: disable=g-import-not-at-top
   cfg, manager = run.cfg, run.manager
   if not run.index.holdout or not cfg.model.refiner:
     return None
   stored = None if redo else checkpoints.restore_calibration(manager, num_steps)
-  if stored is not None and stored.get("method") == calib.METHOD:
-    return stored
   if stored is not None:
-    log.info("the calibration stored with step %d was made by another method (%s): calibrating "
-             "again", num_steps, stored.get("method", "before calibration.METHOD"))
+    why = validation.out_of_date(stored, cfg)
+    if why is None:
+      return stored
+    log.info("the calibration stored with step %d was %s: calibrating again", num_steps, why)
   with run.guard.interruptible():  # the final state is saved: a restart calibrates again
     log.info("calibrating the scoring of step %d on %d held-out normal images", num_steps,
              len(run.index.holdout))

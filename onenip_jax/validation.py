@@ -17,6 +17,26 @@ from onenip_jax import eval_maps, inference
 log = logging.getLogger("onenip")
 
 
+def out_of_date(stored: dict, cfg) -> str | None:
+  """Why the calibration `stored` with a checkpoint does not answer `cfg`, or None if it does:
+  another `calibration.METHOD`, or other calibration settings (synthetic_per_image, seed, weights,
+  pool_sizes, eval.prompt_mode) than those it was made with."""
+  if stored.get("method") != calib.METHOD:
+    return f"made by another method ({stored.get('method', 'before calibration.METHOD')})"
+  cands = stored["global"]["candidates"]
+  made = {"synthetic_per_image": stored.get("synthetic_per_image"),
+          "synthesis seed": stored.get("synthesis_seed"), "prompt_mode": stored.get("prompt_mode"),
+          "weights": sorted({c["weight"] for c in cands if c["ref_space"] == "logodds"}),
+          "pool_sizes": sorted({c["pool_size"] for c in cands})}
+  now = {"synthetic_per_image": int(cfg.calibration.synthetic_per_image),
+         "synthesis seed": int(cfg.seed) + int(cfg.calibration.seed_offset),
+         "prompt_mode": cfg.eval.prompt_mode,
+         "weights": sorted({float(w) for w in cfg.calibration.weights}),
+         "pool_sizes": sorted({int(p) for p in cfg.calibration.pool_sizes})}
+  changed = [f"{k} {made[k]} -> {now[k]}" for k in made if made[k] != now[k]]
+  return "made with other settings: " + ", ".join(changed) if changed else None
+
+
 def calibrate_state(cfg, state, index, features, backbone_vars, mesh) -> dict | None:
   """The calibration (`onenip_jax.calibration`) of a train state on `index.holdout`, with the
   prompts evaluation uses (`eval.prompt_mode`; the pool comes from `index.train`). None without

@@ -222,3 +222,21 @@ def test_box_max_equals_the_scoring_image_score():
   np.testing.assert_allclose(calibration.box_max(maps, 16),
                              np.asarray(scoring.image_scores(jnp.asarray(maps), 16)), rtol=1e-5,
                              atol=1e-6)
+
+
+def test_a_calibration_made_with_other_settings_is_out_of_date():
+  cfg = common.get_base_config()
+  cfg.calibration.weights, cfg.calibration.pool_sizes = (0.0, 0.5, 1.0), (8,)
+  stored = calibration.calibrate({"x": _groups("ref")}, cfg.calibration, 8)
+  stored.update(prompt_mode=cfg.eval.prompt_mode, synthetic_per_image=2,
+                synthesis_seed=cfg.seed + cfg.calibration.seed_offset)
+  stored = json.loads(json.dumps(stored))  # as read back from the checkpoint
+  assert validation.out_of_date(stored, cfg) is None
+  for key, value in [("calibration.synthetic_per_image", 8), ("calibration.seed_offset", 7),
+                     ("calibration.weights", (0.0, 1.0)), ("calibration.pool_sizes", (8, 16)),
+                     ("eval.prompt_mode", "pool")]:
+    changed = cfg.copy_and_resolve_references()
+    section, name = key.split(".")
+    changed[section][name] = value
+    assert name.split("_")[0] in validation.out_of_date(stored, changed), key
+  assert "another method" in validation.out_of_date(dict(stored, method="old"), cfg)
