@@ -17,10 +17,10 @@ EXPORT_DIR holds everything inference needs and nothing of training (no optimise
   prompt_pool.npz          per-class prompt features for class-agnostic (pool) prompts
 The directory is written under a temporary name and renamed, so it is complete or absent.
 
-Scoring: `eval.fusion` of the (overridable) config, as `onenip-eval` scores: "reference" (the
-default) or, with `--config.eval.fusion=calibrated`, the calibration stored with the checkpoint
-(`onenip_jax.calibration`, made at the end of training on held-out normals), falling back to
-"reference" with a note in export.json when the run has none. Both export
+Scoring: `eval.fusion` of the (overridable) config, as `onenip-eval` scores: "calibrated" (the
+default: the calibration stored with the checkpoint, `onenip_jax.calibration`, made at the end of
+training on held-out normals), falling back to "reference" with a note in export.json when the run
+has none; `--config.eval.fusion=reference` for the published protocol's fusion. Both export
 predictors (Flax, `load_export`, and serialised) score with pool prompts, so they use the GLOBAL
 calibration, which is what it was fitted for (one set of statistics and weight over all classes,
 chosen on the mean objective of the classes): an image's map and score then do not depend on which

@@ -5,11 +5,11 @@
 
 Each image is resized to the model's input size (any size or channel count), paired with the most
 similar prompt of the export's prompt pool (class-agnostic: no label needed), and scored with the
-export's scoring (export.json `scoring`: the export's `eval.fusion`, by default the reference
-fusion; `calibrated` uses the run's global calibration). With a serialised predictor in the export (format 2 and later) this runs
-through `onenip_jax.exported` (jax, numpy and Pillow only; no flax, TensorFlow or Orbax is
-imported); --flax, or an older export, uses the Flax predictor and tf.data decoding instead (same
-scores to float tolerance).
+export's scoring (export.json `scoring`: the export's `eval.fusion`, by default `calibrated`,
+the run's global calibration, or the reference fusion for a run without one). With a serialised
+predictor in the export (format 2 and later) this runs through `onenip_jax.exported` (jax, numpy
+and Pillow only; no flax, TensorFlow or Orbax is imported); --flax, or an older export, uses the
+Flax predictor and tf.data decoding instead (same scores to float tolerance).
 
 Results are written as they come, batch by batch: `predictions.csv` (path, score, anomalous,
 matched class, threshold), with --heatmaps one PNG per image (one colour scale for the run, set by

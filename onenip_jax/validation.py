@@ -50,10 +50,11 @@ def calibrate_state(cfg, state, index, features, backbone_vars, mesh) -> dict | 
                              float(np.asarray(state.fusion_c.addressable_data(0))))
 
 
-def calibrate_predictor(cfg, predictor, index, frozen_c: float = float("nan")) -> dict | None:
-  """Calibration on `index.holdout` and `calibration.synthetic_per_image` synthetic anomalies
-  made from each held-out image (seed `seed + calibration.seed_offset`); with a finite
-  `frozen_c` it also records the reference fusion's validation figures."""
+def validation_groups(cfg, predictor, index) -> dict:
+  """The validation maps of `index.holdout` and `calibration.synthetic_per_image` synthetic
+  anomalies made from each held-out image (seed `seed + calibration.seed_offset`), as
+  `calibration.calibrate` takes them: {class: {'rec', 'ref', 'mask', 'label', 'normal',
+  'source'}}. Rows: the class's held-out normals, then its synthetic copy 0 of each, copy 1, ..."""
   k = int(cfg.calibration.synthetic_per_image)
   syn_seed = int(cfg.seed) + int(cfg.calibration.seed_offset)
   holdout, n = index.holdout, len(index.holdout)
@@ -77,7 +78,16 @@ def calibrate_predictor(cfg, predictor, index, frozen_c: float = float("nan")) -
     groups[c] = {"rec": maps["rec"][rows], "ref": maps["ref"][rows], "mask": mask,
                  "label": mask.reshape(len(mask), -1).any(axis=1).astype(np.int32),
                  "normal": rows < n, "source": local[rows % n]}
-  del maps
+  return groups
+
+
+def calibrate_predictor(cfg, predictor, index, frozen_c: float = float("nan")) -> dict | None:
+  """Calibration on `validation_groups`; with a finite `frozen_c` it also records the reference
+  fusion's validation figures."""
+  k = int(cfg.calibration.synthetic_per_image)
+  syn_seed = int(cfg.seed) + int(cfg.calibration.seed_offset)
+  holdout = index.holdout
+  groups = validation_groups(cfg, predictor, index)
   result = calib.calibrate(groups, cfg.calibration, int(cfg.eval.pool_size))
   if result is None:
     return None

@@ -228,11 +228,12 @@ def test_a_calibration_made_with_other_settings_is_out_of_date():
   cfg = common.get_base_config()
   cfg.calibration.weights, cfg.calibration.pool_sizes = (0.0, 0.5, 1.0), (8,)
   stored = calibration.calibrate({"x": _groups("ref")}, cfg.calibration, 8)
-  stored.update(prompt_mode=cfg.eval.prompt_mode, synthetic_per_image=2,
+  stored.update(prompt_mode=cfg.eval.prompt_mode,
+                synthetic_per_image=cfg.calibration.synthetic_per_image,
                 synthesis_seed=cfg.seed + cfg.calibration.seed_offset)
   stored = json.loads(json.dumps(stored))  # as read back from the checkpoint
   assert validation.out_of_date(stored, cfg) is None
-  for key, value in [("calibration.synthetic_per_image", 8), ("calibration.seed_offset", 7),
+  for key, value in [("calibration.synthetic_per_image", 3), ("calibration.seed_offset", 7),
                      ("calibration.weights", (0.0, 1.0)), ("calibration.pool_sizes", (8, 16)),
                      ("eval.prompt_mode", "pool")]:
     changed = cfg.copy_and_resolve_references()

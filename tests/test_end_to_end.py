@@ -57,7 +57,7 @@ def test_losses_are_logged_and_eval_written(trained):
     m = json.load(f)
   assert set(m["classes"]) == {"bottle"} and m["step"] == STEPS
   assert m["classes"]["bottle"]["n_images"] == 83
-  assert m["fusion"] == "reference" and m["fusion_c"] > 0 and m["fusion_c_source"] == "frozen"
+  assert m["fusion"] == "calibrated" and m["fusion_c"] > 0 and m["fusion_c_source"] == "frozen"
   assert set(m["scorings"]) == {"calibrated", "reference", "refiner", "reconstruction"}
   assert os.path.isdir(os.path.join(trained, "tb"))
 
