@@ -10,8 +10,8 @@ from PIL import Image
 
 from onenip_jax import base_config as common
 from data_pipelines import indexing, input_pipeline
-from onenip_jax import (calibration, evaluate, inference, scoring, sharding, train, train_state,
-                        validation)
+from onenip_jax import (calibration, config_loading, evaluate, inference, scoring, sharding, train,
+                        train_state, validation)
 
 RES = 64
 
@@ -241,3 +241,16 @@ def test_a_calibration_made_with_other_settings_is_out_of_date():
     changed[section][name] = value
     assert name.split("_")[0] in validation.out_of_date(stored, changed), key
   assert "another method" in validation.out_of_date(dict(stored, method="old"), cfg)
+
+
+def test_stability_script_keeps_the_normals_and_the_chosen_copies():
+  stability = config_loading.load_python_file(
+      os.path.join(os.path.dirname(__file__), "..", "launch", "calibration_stability.py"))
+  n, k = 3, 4  # validation_groups' rows: n normals, then copy 0 of each, copy 1, ...
+  g = {"label": np.r_[np.zeros(n), np.ones(n * k)].astype(np.int32),
+       "normal": np.arange(n * (k + 1)) < n, "source": np.arange(n * (k + 1)) % n,
+       "rec": np.arange(n * (k + 1), dtype=np.float32)}
+  kept = stability.copies({"x": g}, [1, 3])["x"]
+  np.testing.assert_array_equal(kept["rec"], [0, 1, 2, 6, 7, 8, 12, 13, 14])
+  np.testing.assert_array_equal(kept["source"], [0, 1, 2] * 3)
+  assert kept["normal"].sum() == n
