@@ -17,23 +17,26 @@ from onenip_jax import eval_maps, inference
 log = logging.getLogger("onenip")
 
 
+def settings(cfg) -> dict:
+  """The settings a calibration records and is made with, read from `cfg`."""
+  return {"synthetic_per_image": int(cfg.calibration.synthetic_per_image),
+          "synthesis_seed": int(cfg.seed) + int(cfg.calibration.seed_offset),
+          "prompt_mode": cfg.eval.prompt_mode}
+
+
 def out_of_date(stored: dict, cfg) -> str | None:
   """Why the calibration `stored` with a checkpoint does not answer `cfg`, or None if it does:
-  another `calibration.METHOD`, or other calibration settings (synthetic_per_image, seed, weights,
-  pool_sizes, eval.prompt_mode) than those it was made with."""
+  another `calibration.METHOD`, or other `settings` (synthetic_per_image, synthesis seed,
+  prompt_mode) or candidate grid (weights, pool_sizes, read from its candidates)."""
   if stored.get("method") != calib.METHOD:
     return f"made by another method ({stored.get('method', 'before calibration.METHOD')})"
   cands = stored["global"]["candidates"]
-  made = {"synthetic_per_image": stored.get("synthetic_per_image"),
-          "synthesis seed": stored.get("synthesis_seed"), "prompt_mode": stored.get("prompt_mode"),
-          "weights": sorted({c["weight"] for c in cands if c["ref_space"] == "logodds"}),
-          "pool_sizes": sorted({c["pool_size"] for c in cands})}
-  now = {"synthetic_per_image": int(cfg.calibration.synthetic_per_image),
-         "synthesis seed": int(cfg.seed) + int(cfg.calibration.seed_offset),
-         "prompt_mode": cfg.eval.prompt_mode,
-         "weights": sorted({float(w) for w in cfg.calibration.weights}),
-         "pool_sizes": sorted({int(p) for p in cfg.calibration.pool_sizes})}
-  changed = [f"{k} {made[k]} -> {now[k]}" for k in made if made[k] != now[k]]
+  now = dict(settings(cfg), weights=sorted({float(w) for w in cfg.calibration.weights}),
+             pool_sizes=sorted({int(p) for p in cfg.calibration.pool_sizes}))
+  made = dict({key: stored.get(key) for key in settings(cfg)},
+              weights=sorted({c["weight"] for c in cands if c["ref_space"] == "logodds"}),
+              pool_sizes=sorted({c["pool_size"] for c in cands}))
+  changed = [f"{k} {made[k]} -> {now[k]}" for k in now if made[k] != now[k]]
   return "made with other settings: " + ", ".join(changed) if changed else None
 
 
@@ -55,8 +58,8 @@ def validation_groups(cfg, predictor, index) -> dict:
   anomalies made from each held-out image (seed `seed + calibration.seed_offset`), as
   `calibration.calibrate` takes them: {class: {'rec', 'ref', 'mask', 'label', 'normal',
   'source'}}. Rows: the class's held-out normals, then its synthetic copy 0 of each, copy 1, ..."""
-  k = int(cfg.calibration.synthetic_per_image)
-  syn_seed = int(cfg.seed) + int(cfg.calibration.seed_offset)
+  made = settings(cfg)
+  k, syn_seed = made["synthetic_per_image"], made["synthesis_seed"]
   holdout, n = index.holdout, len(index.holdout)
   # Two passes over all classes (each tf.data pipeline traces the synthesis graph once). Prompt
   # and synthesis seeds come from the position in the list: j * n + r for copy j of image r.
@@ -84,8 +87,6 @@ def validation_groups(cfg, predictor, index) -> dict:
 def calibrate_predictor(cfg, predictor, index, frozen_c: float = float("nan")) -> dict | None:
   """Calibration on `validation_groups`; with a finite `frozen_c` it also records the reference
   fusion's validation figures."""
-  k = int(cfg.calibration.synthetic_per_image)
-  syn_seed = int(cfg.seed) + int(cfg.calibration.seed_offset)
   holdout = index.holdout
   groups = validation_groups(cfg, predictor, index)
   result = calib.calibrate(groups, cfg.calibration, int(cfg.eval.pool_size))
@@ -94,9 +95,8 @@ def calibrate_predictor(cfg, predictor, index, frozen_c: float = float("nan")) -
   if np.isfinite(frozen_c):
     calib.add_reference_figures(result, groups, frozen_c, float(cfg.eval.alpha),
                                 int(cfg.eval.pool_size))
-  result.update(prompt_mode=cfg.eval.prompt_mode, synthesis_seed=syn_seed, synthetic_per_image=k,
-                holdout_fraction=float(cfg.calibration.holdout_fraction),
+  result.update(settings(cfg), holdout_fraction=float(cfg.calibration.holdout_fraction),
                 holdout={c: [s.path for s in holdout if s.cls == c] for c in groups})
-  log.info("calibration on %d held-out normal images (+%d synthetic each):\n%s", len(holdout), k,
-           calib.summary(result))
+  log.info("calibration on %d held-out normal images (+%d synthetic each):\n%s", len(holdout),
+           result["synthetic_per_image"], calib.summary(result))
   return result
