@@ -1,11 +1,14 @@
 r"""The paper's MVTec ablations (Tab. 4a rows and Tab. 4b depths) as one config with a variant arg.
 
   onenip-train --config configs/ablation.py:variant=unidirectional --workdir runs/abl-uni \
-      --config.data.root=... --config.data.meta_train=... --config.data.meta_test=...
+      --config.data.root=~/data/mvtec_anomaly_detection --config.data.textures=~/data/dtd \
+      --config.backbone.weights=~/weights/b4.msgpack
 
   # all rows of Tab. 4a, one run each:
   python -m launch.sweep --config configs/ablation.py --workdir runs/abl \
-      --grid 'arg.variant=uniad,prompt_static,unidirectional,uniad_restoration,no_refiner,full'
+      --grid 'arg.variant=uniad,prompt_static,unidirectional,uniad_restoration,no_refiner,full' \
+      --config.data.root=~/data/mvtec_anomaly_detection --config.data.textures=~/data/dtd \
+      --config.backbone.weights=~/weights/b4.msgpack
 
 Variants (Tab. 4a, line numbers of the paper):
   uniad               line 0: UniAD-style learned queries, no prompt, no restoration, no refiner

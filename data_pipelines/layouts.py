@@ -3,13 +3,15 @@
 Layouts (`data.layout`):
   "mvtec"     folders `<root>/<class>/train/<normal>/*`, `<root>/<class>/test/<defect>/*`, masks
               `<root>/<class>/ground_truth/<defect>/<stem>[_mask].<ext>`; `<normal>` is `good`
-              or `ok` (MVTec AD, BTAD, custom data). If `<root>` itself holds `train/`, it is one
-              class named after the folder. Extensions: png/jpg/jpeg/bmp/tif/tiff, any case.
+              or `ok` (MVTec AD, MPDD, BTAD's ok/ko, custom data). If `<root>` itself holds
+              `train/`, it is one class named after the folder. Extensions: png/jpg/jpeg/bmp/tif/
+              tiff, any case; a mask pairs with its image by stem whatever the two extensions.
   "meta"      UniAD/OneNIP json-lines `data.meta_train` / `data.meta_test` (docs/algorithm.md §2.1), paths
               relative to `data.root`, read as shipped (duplicates included). `defect` is the
               image's parent folder name for anomalies.
-  "visa_csv"  VisA's `split_csv/1cls.csv` (`object,split,label,image,mask`), paths relative to
-              root; `defect` is "anomaly" for anomalies.
+  "visa_csv"  VisA's split csv `data.visa_csv` (`object,split,label,image,mask`; label normal or
+              anomaly), paths relative to root; "" = `<root>/split_csv/1cls.csv`, as downloaded.
+              `defect` is "anomaly" for anomalies.
 
 Records are not validated here: `indexing` decodes their files and turns them into samples.
 """
@@ -82,6 +84,8 @@ def mvtec_records(root: str) -> list:
           masks.setdefault(os.path.splitext(os.path.basename(m))[0], m)
       for p in _list_images(os.path.join(test_dir, defect)):
         stem = os.path.splitext(os.path.basename(p))[0]
+        # Paired by file stem, the extensions may differ: `<stem>_mask.*` (MVTec AD, MPDD), else
+        # `<stem>.*` (BTAD: 01 has .bmp images and .png masks, 02 .png and .png, 03 .bmp and .bmp).
         mask = None if normal else masks.get(stem + "_mask", masks.get(stem))
         records.append(Record("test", p, cls, 0 if normal else 1, mask,
                                "good" if normal else defect))
@@ -125,9 +129,8 @@ def meta_records(root: str, meta_file: str, split: str) -> list:
 
 
 def visa_records(root: str, csv_file: str) -> list:
-  """Records of VisA's split csv (`object,split,label,image,mask`)."""
-  if not csv_file:
-    raise ValueError("data.visa_csv is empty (layout 'visa_csv')")
+  """Records of VisA's split csv (`object,split,label,image,mask`); "" = the download's 1cls.csv."""
+  csv_file = csv_file or storage.join(root, "split_csv", "1cls.csv")
   if not storage.isfile(csv_file):
     raise ValueError(f"data.visa_csv not found: {csv_file}")
   records = []

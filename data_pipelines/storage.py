@@ -17,6 +17,7 @@ children): `move_dir` copies them instead (not atomic there).
 """
 import io
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -46,6 +47,27 @@ def cache_dir() -> str:
 def is_local(path: PathLike) -> bool:
   """True for a path of the local file system (no `scheme://` prefix)."""
   return "://" not in os.fspath(path)
+
+
+_ENV_VAR = re.compile(r"\$(?:\{([A-Za-z_]\w*)\}|([A-Za-z_]\w*))", re.ASCII)
+
+
+def expand_path(path: str) -> str:
+  """`$VAR` / `${VAR}` and then a leading `~` / `~user` expanded in a local path; a URL unchanged.
+
+  A `$` not followed by a variable name stays as it is. Raises KeyError naming a variable that is
+  not set (no silent literal `$VAR` folder).
+  """
+  if not path or not is_local(path):
+    return path
+
+  def value(m):
+    name = m.group(1) if m.group(1) is not None else m.group(2)
+    if name not in os.environ:
+      raise KeyError(name)
+    return os.environ[name]
+
+  return os.path.expanduser(_ENV_VAR.sub(value, path))
 
 
 def scheme(path: PathLike) -> str:

@@ -41,7 +41,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.classes = ()          # () = every class found
   c.data.meta_train = ""       # json-lines meta files (layout "meta")
   c.data.meta_test = ""
-  c.data.visa_csv = ""         # split_csv/1cls.csv (layout "visa_csv")
+  c.data.visa_csv = ""         # VisA's split csv (layout "visa_csv"); "" = <root>/split_csv/1cls.csv
   c.data.extra = ()            # more datasets merged into one class list: tuple of dicts like this one
   c.data.textures = ""         # DTD-layout folder (images/<class>/*.jpg or <class>/*.jpg); "" = scikit-image photos
   c.data.mean, c.data.std = efficientnet.NORMALISATION["imagenet"]
@@ -148,13 +148,19 @@ def parse_args(arg: str | None, **defaults) -> dict:
   return out
 
 
-def dataset_config(arg: str | None, *, root: str, meta_dir: str, **extra_args) -> tuple:
+def dataset_config(arg: str | None, *, layout: str, root: str, classes: tuple, meta_dir: str,
+                   **extra_args) -> tuple:
   """The shared body of the dataset configs: args `res`, `backbone`, `layout` (+ `extra_args`).
 
-  Returns (config, parsed args). With layout "meta" the UniAD meta files are
-  `<meta_dir>/train.json` and `<meta_dir>/test.json`, image paths relative to `root`.
+  By default the dataset is read as downloaded: layout `layout` at `root`, restricted to (and
+  checked for) `classes`, in that order. The argument layout=meta reads the UniAD-style json-lines
+  meta files `<meta_dir>/train.json` and `<meta_dir>/test.json` instead (image paths relative to
+  `root`, every class they name). Returns (config, parsed args).
   """
-  a = parse_args(arg, res=224, backbone="b4", layout="meta", **extra_args)
+  a = parse_args(arg, res=224, backbone="b4", layout=layout, **extra_args)
+  if a["layout"] not in (layout, "meta"):
+    raise ValueError(f"config argument layout={a['layout']!r}: expected {layout!r} (the dataset "
+                     "as downloaded) or 'meta' (UniAD meta files)")
   c = get_base_config()
   c.input_size = a["res"]
   set_backbone(c, a["backbone"])
@@ -163,5 +169,7 @@ def dataset_config(arg: str | None, *, root: str, meta_dir: str, **extra_args) -
   if a["layout"] == "meta":
     c.data.meta_train = f"{meta_dir}/train.json"
     c.data.meta_test = f"{meta_dir}/test.json"
+  else:
+    c.data.classes = tuple(classes)
   c.data.textures = "data/dtd"
   return c, a

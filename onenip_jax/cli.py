@@ -11,8 +11,10 @@ Evaluating or exporting a stored run uses the config stored with it (in the chec
 export); `--config FILE` replaces it except for the model and input size, and `--config.KEY=VALUE`
 overrides either (keys of the model and input size excepted: they fail, naming the key).
 
-This module imports only absl, ml_collections and the standard library, so `--help` is quick; each
-command imports its implementation (JAX, TensorFlow, ...) after its flags are parsed.
+This module imports only absl, ml_collections, the standard library and `config_loading` (with
+`data_pipelines.storage`), so `--help` is quick; each command imports its implementation (JAX,
+TensorFlow, ...) after its flags are parsed. Path flags (`_PATH_FLAGS`), predict's inputs and the
+--config file have `~` and `$VAR` expanded like the config's paths (`config_loading` module doc).
 """
 import logging
 import os
@@ -24,6 +26,9 @@ from absl import app, flags
 from onenip_jax import config_loading
 
 _HELP = ("-h", "-?", "--help", "--helpshort", "--helpfull")
+# Flags (of any command) naming a file or folder: `~` and `$VAR` expanded as in config paths
+# (`config_loading.expand_path`), as are predict's inputs and the file of --config.
+_PATH_FLAGS = ("workdir", "exported", "out", "threshold-dir", "input", "output")
 _CONFIG_HELP = ("config file and its argument, configs/X.py[:args]; any key of it is overridden "
                 "with --config.KEY=VALUE (or --config.KEY VALUE; --config.KEY / --noconfig.KEY "
                 "for booleans)")
@@ -139,7 +144,21 @@ def _parse(prog: str, summary: str, define, argv, *, overrides: bool = False,
     if not rest:
       _fail(prog, f"no{positional} given\nPass --help to see the flags.")
     args.inputs = rest
+  _expand_path_flags(prog, args)
   return args
+
+
+def _expand_path_flags(prog: str, args) -> None:
+  """`args`' path flags and inputs with `~` and `$VAR` expanded; an unset variable fails."""
+  try:
+    for name in _PATH_FLAGS:
+      value = getattr(args, name.replace("-", "_"), None)
+      if isinstance(value, str):
+        setattr(args, name.replace("-", "_"), config_loading.expand_path(value, f"--{name}"))
+    if hasattr(args, "inputs"):
+      args.inputs = [config_loading.expand_path(p, "input") for p in args.inputs]
+  except config_loading.PathError as e:
+    _fail(prog, str(e))
 
 
 def _fail(prog: str, message: str):
@@ -228,9 +247,10 @@ def convert_weights(argv=None) -> int:
 def _check_stored(prog: str, args) -> None:
   """Before any work: a missing config file, or overrides that a stored run cannot take, fail at
   once, naming the file or key."""
-  if args.config and not os.path.isfile(args.config.partition(":")[0]):
-    _fail(prog, f"config file not found: {args.config.partition(':')[0]}")
   try:
+    path = args.config and config_loading.expand_path(args.config.partition(":")[0], "--config")
+    if path and not os.path.isfile(path):
+      _fail(prog, f"config file not found: {path}")
     config_loading.check_stored_run_overrides(args.overrides)
   except config_loading.ConfigKeyError as e:
     _fail(prog, str(e))

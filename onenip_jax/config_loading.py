@@ -7,8 +7,14 @@ reading by `upgrade_stored_config`.
 
 The one override grammar of every command (`onenip_jax.cli`): `--config.KEY=VALUE`,
 `--config.KEY VALUE`, and for booleans `--config.KEY` / `--noconfig.KEY`, parsed by
-ml_collections' config_flags by the type of the value they replace. Imports only absl and
-ml_collections (no TensorFlow or JAX).
+ml_collections' config_flags by the type of the value they replace.
+
+Paths: after the overrides, every path setting (`PATH_KEYS`, and `DATASET_PATH_KEYS` in each entry
+of `data.extra`) has `$VAR` / `${VAR}` and then a leading `~` expanded (`expand_path`; the CLI
+applies the same to its path flags). A `scheme://` path (`gs://`, `ram://`) is left untouched; a
+variable that is not set is an error naming the setting and the variable (`PathError`), never a
+literal `$VAR` folder. Imports only absl, ml_collections and `data_pipelines.storage` (no
+TensorFlow or JAX).
 """
 import importlib.util
 import os
@@ -18,10 +24,22 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from data_pipelines import storage
+
 
 class ConfigKeyError(ValueError):
   """An override names a key the config does not have, or one a stored run cannot change."""
 
+
+class PathError(ConfigKeyError):
+  """A path setting or flag names an environment variable that is not set (a ConfigKeyError, so
+  every command reports it in one line)."""
+
+
+# Config keys holding a file or folder path: `DATASET_PATH_KEYS` of `data` and of each entry of
+# `data.extra`, and the others of `PATH_KEYS`.
+DATASET_PATH_KEYS = ("root", "meta_train", "meta_test", "visa_csv")
+PATH_KEYS = tuple(f"data.{k}" for k in DATASET_PATH_KEYS) + ("data.textures", "backbone.weights")
 
 # Keys a stored run (a checkpoint or an export) fixes: its weights are of this model and input size.
 STORED_RUN_KEYS = ("backbone", "model", "input_size")
@@ -72,6 +90,7 @@ def load_config(spec: str | None, overrides=(), base: ml_collections.ConfigDict 
     check_stored_run_overrides(tokens)
   if spec:
     path, _, arg = spec.partition(":")
+    path = expand_path(path, "--config")
     if not os.path.isfile(path):
       raise FileNotFoundError(f"config file not found: {path}")
     module = load_python_file(path)
@@ -88,7 +107,37 @@ def load_config(spec: str | None, overrides=(), base: ml_collections.ConfigDict 
     cfg = _as_config(upgrade_stored_config(base.to_dict()))
   else:
     raise ValueError("a config is needed: pass --config configs/X.py[:args]")
-  return apply_overrides(cfg, tokens)
+  return expand_paths(apply_overrides(cfg, tokens))
+
+
+def expand_path(value: str, setting: str) -> str:
+  """`value` with `$VAR`, `${VAR}` and a leading `~` expanded (`storage.expand_path`; URLs as
+  they are). Raises PathError naming `setting` (a config key or flag) for an unset variable."""
+  try:
+    return storage.expand_path(value)
+  except KeyError as e:
+    raise PathError(f"{setting}={value!r}: environment variable {e.args[0]} is not set") from None
+
+
+def expand_paths(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`cfg` with every path setting expanded in place by `expand_path` (module doc)."""
+  for key in PATH_KEYS:
+    if has_key(cfg, key):
+      section, name = key.rsplit(".", 1)
+      node = cfg[section]
+      if isinstance(node[name], str):
+        node[name] = expand_path(node[name], key)
+  extra = cfg.data.get("extra") if has_key(cfg, "data") else None
+  if extra:
+    entries = []
+    for i, entry in enumerate(extra):
+      entry = entry if isinstance(entry, ml_collections.ConfigDict) else dict(entry)
+      for name in DATASET_PATH_KEYS:
+        if isinstance(entry.get(name), str):
+          entry[name] = expand_path(entry[name], f"data.extra[{i}].{name}")
+      entries.append(entry)
+    cfg.data.extra = tuple(entries)
+  return cfg
 
 
 def load_python_file(path: str):

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 from onenip_jax import checkpoints, config_loading, run_control
 
-CONFIGS = ["mvtec", "btad", "visa", "mvtec_btad_visa", "ablation", "real", "demo"]
+CONFIGS = ["mvtec", "btad", "visa", "mpdd", "mvtec_btad_visa", "ablation", "real", "demo"]
 
 
 def _load(name_and_arg: str) -> ml_collections.ConfigDict:
@@ -31,7 +31,10 @@ def test_config_builds_with_defaults(name):
 def test_config_arguments():
   c = _load("mvtec.py:res=320,backbone=lite2")
   assert c.input_size == 320 and c.backbone.name == "lite2" and c.data.mean[0] == pytest.approx(127 / 255)
-  assert _load("visa.py:layout=visa_csv").data.visa_csv.endswith("split_csv/1cls.csv")
+  v = _load("visa.py")
+  assert (v.data.layout, v.data.visa_csv, len(v.data.classes)) == ("visa_csv", "", 12)
+  v = _load("visa.py:layout=meta")
+  assert (v.data.meta_train, v.data.classes) == ("data/VisA/train.json", ())
   a = _load("ablation.py:variant=no_refiner,enc=2")
   assert (a.model.refiner, a.loss.restoration, a.model.enc_layers) == (False, True, 2)
   assert _load("ablation.py:variant=uniad").loss.restoration is False
