@@ -216,7 +216,7 @@ def _index_one(dcfg: dict, cache_path: Optional[str] = None) -> tuple:
     records = [r for r in records if r.cls in keep]
     found = wanted
   for r in records:  # class names become output folders (heatmaps/<class>)
-    storage.safe_name(r.cls, f"class name ({r.where or 'a class folder of ' + root})")
+    storage.safe_name(r.cls, f"{r.where or 'a class folder of ' + root}: class name")
   max_pixels = dcfg["max_pixels"]
   samples = _validate(records, bool(dcfg["skip_bad"]), f"{layout} dataset {root}", cache_path,
                       None if max_pixels is None else int(max_pixels))
@@ -263,7 +263,7 @@ def index_dataset(data_cfg: Any, verify_cache: Optional[str] = None) -> DatasetI
   for tag, (tr, te, cl) in zip(tags, parts):
     rename = {c: (f"{tag}_{c}" if count[c] > 1 else c) for c in cl}
     for c in cl:
-      storage.safe_name(rename[c], f"merged class name (tag {tag!r} of data.extra)")
+      storage.safe_name(rename[c], f"tag {tag!r} of data.extra: merged class name")
       if rename[c] in classes:
         raise ValueError(f"merged class name {rename[c]!r} (from {tag!r}) is not unique; set a "
                          "distinct 'tag' in the data.extra entries")

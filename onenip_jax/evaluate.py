@@ -38,6 +38,11 @@ def _tf_image_loader(cfg):
   return lambda path: input_pipeline.load_image(path, cfg.input_size, None, None)
 
 
+def _table(result: dict) -> str:
+  """The headline table of an evaluation and its notes (why a class has no row or '-' values)."""
+  return reports.format_table(result) + "".join(f"\n- {n}" for n in result.get("notes", ()))
+
+
 def fusion_constant(cfg, predictor, samples, index, frozen_c: float) -> tuple[float, str]:
   """c of the reference fusion and where it came from: the stored frozen one ('frozen'), or the
   test-set mid-range ('test': `eval.fusion_constant="test"` or no frozen one; one extra streamed
@@ -91,7 +96,7 @@ def evaluate_predictor(cfg, predictor, index, out_dir: str, frozen_c: float, *, 
   result = builder.finish(step=step, extra=extra, write_files=main_process, default_name=default,
                           notes=indexing.test_set_gaps(index.classes, samples))
   log.info("eval step %s (%s scoring; reference c=%.4f from %s; %s prompts) -> %s\n%s", step,
-           default, c, c_source, cfg.eval.prompt_mode, out_dir, reports.format_table(result))
+           default, c, c_source, cfg.eval.prompt_mode, out_dir, _table(result))
   return result
 
 
@@ -132,7 +137,7 @@ def evaluate_exported(cfg, model, index, out_dir: str, *, samples=None) -> dict:
   result = builder.finish(step=model.meta.get("step"), extra=extra,
                           notes=indexing.test_set_gaps(index.classes, samples))
   log.info("eval of the serialised predictor (%s scoring, pool prompts) -> %s\n%s",
-           scoring_entry["fusion"], out_dir, reports.format_table(result))
+           scoring_entry["fusion"], out_dir, _table(result))
   return result
 
 
@@ -184,7 +189,7 @@ def main(args) -> None:
     out = args.out or os.path.join(args.exported, "eval")
     result = evaluate_exported(cfg, model, indexing.index_config(cfg), out)
     print(f"step {model.meta.get('step')}, pool prompts, serialised predictor -> {out}/metrics.json"
-          f"\n{reports.format_table(result)}")
+          f"\n{_table(result)}")
     return
   from onenip_jax import inference, restore, sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
@@ -211,5 +216,5 @@ def main(args) -> None:
   result = evaluate_predictor(cfg, predictor, index, out, frozen_c, step=step,
                               calibration=calibration)
   print(f"step {step}, {cfg.eval.prompt_mode} prompts -> {out}/metrics.json\n"
-        f"{reports.format_table(result)}")
+        f"{_table(result)}")
 

@@ -144,7 +144,8 @@ def _write_heatmaps(out_dir, samples, anomaly_maps, masks, scores, cfg, load_ima
     sample = samples[i]
     stem = os.path.splitext(os.path.basename(sample.path))[0]
     name = f"{sample.defect}_{stem}"
-    name += "" if storage.join(out_dir, name + ".png") not in paths else f"_{i}"  # e.g. x.png, x.jpg
+    if storage.join(out_dir, name + ".png") in paths:  # x.png and x.jpg, say
+      name += f"_{i}"
     path = storage.join_inside(out_dir, name + ".png", what=f"heatmap name (from {sample.path})")
     heatmaps.save_heatmap(path, load_image(sample.path), anomaly_maps[i],
                           masks[i] if masks[i].any() else None, float(scores[i]),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, SHARED_DATA
 from data_pipelines import image_checks, indexing, pil_decode, storage
 from onenip_jax import base_config, report_builder
 
@@ -166,7 +166,7 @@ def test_jpeg_with_64_noise_bytes_in_the_middle_fails_indexing(tmp_path, caplog,
   if source == "generated":
     _gradient_jpeg(bad)
   else:
-    real = REPO.parent / "shared" / "data" / "real" / "magnetic_tile" / "test" / "uneven" / "060.jpg"
+    real = SHARED_DATA / "real" / "magnetic_tile" / "test" / "uneven" / "060.jpg"
     if not real.is_file():
       pytest.skip(f"real data not found at {real}")
     bad.write_bytes(real.read_bytes())
