@@ -39,7 +39,8 @@ log = logging.getLogger("onenip")
 
 
 def find_images(inputs) -> list[str]:
-  """Files and folders (searched recursively) -> sorted image paths; an empty result is an error."""
+  """Files and folders (searched recursively) -> sorted image paths, each file once; an empty
+  result is an error."""
   paths = []
   for item in inputs:
     if storage.isdir(item):
@@ -52,7 +53,10 @@ def find_images(inputs) -> list[str]:
       paths.append(item)
     else:
       raise FileNotFoundError(f"no such file or folder: {item}")
-  return list(dict.fromkeys(paths))
+  unique = {}
+  for p in paths:  # one entry per file however it was spelt ("x.png", "./x.png", an absolute path)
+    unique.setdefault(storage.abspath(p), p)
+  return list(unique.values())
 
 
 class ExportedScorer:

@@ -230,7 +230,7 @@ def test_predict_outputs_of_colliding_names_are_distinct(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   for i, name in enumerate(["in/img1.png", "in/img1.jpg", "in/sub/x.png", "in/sub_x.png"]):
     _img(tmp_path / name, seed=i)
-  _predict(monkeypatch, "out", "in", "in/img1.png")  # a file given twice is scored once
+  _predict(monkeypatch, "out", "in", "./in/img1.png")  # a file given twice is scored once
   preds = json.loads((tmp_path / "out" / "predictions.json").read_text())["predictions"]
   assert len(preds) == 4
   assert len({p["map"] for p in preds}) == 4 and len({p["heatmap"] for p in preds}) == 4
