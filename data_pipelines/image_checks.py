@@ -2,7 +2,11 @@
 
 `probe` decodes a file in full with the decoder the pipelines use (TF for PNG and JPEG, PIL for
 anything else or where TF is not installed), so a file damaged anywhere fails while indexing, not
-at the training step that first reads it. `probe_all` runs it in threads with a progress bar and,
+at the training step that first reads it. A JPEG is also decoded by libjpeg-turbo in strict mode
+(`simplejpeg`): libjpeg reports damaged entropy-coded data ("Corrupt JPEG data: ...") only as a
+warning, which TF and PIL print or drop and decode garbled rows; here it is an error naming the
+file. A JPEG carries no checksum, so damage that happens to leave a well-formed stream (a few in a
+hundred random overwrites) still passes. `probe_all` runs it in threads with a progress bar and,
 given a JSON cache file, skips files whose size and mtime match an earlier intact decode.
 """
 import concurrent.futures
@@ -14,12 +18,13 @@ import re
 from typing import Iterable, Optional
 
 from PIL import Image
+import simplejpeg
 
-from data_pipelines import storage
+from data_pipelines import pil_decode, storage
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2   # 2: JPEGs decoded strictly (a version-1 cache may hold damaged JPEGs)
 
 
 class Unreadable(Exception):
@@ -36,12 +41,21 @@ def _tensorflow():
     return None
 
 
-def probe(path: str) -> tuple:
+def _strict_jpeg(data: bytes) -> None:
+  """Decodes JPEG bytes with libjpeg-turbo, its warnings raised as ValueError."""
+  space = simplejpeg.decode_jpeg_header(data)[2]
+  simplejpeg.decode_jpeg(data, colorspace={"Gray": "GRAY", "CMYK": "CMYK", "YCCK": "CMYK"}.get(
+      space, "RGB"), strict=True)
+
+
+def probe(path: str, max_pixels: Optional[int] = None, limit_name: str = "max_pixels") -> tuple:
   """(width, height) of an image file after decoding all of it; `Unreadable` naming it if not.
 
   The decoder is the one the pipelines use (TF for PNG and JPEG, which is stricter than PIL on
-  damaged JPEG data; PIL for anything else, and for everything where TF is not installed), so a
-  file damaged anywhere fails here, not at the training step that first reads it.
+  damaged JPEG data; PIL for anything else, and for everything where TF is not installed), plus
+  the strict libjpeg decode of a JPEG (module doc), so a file damaged anywhere fails here, not at
+  the training step that first reads it. An image of more than `max_pixels` pixels (None: no
+  limit; `limit_name` is the setting named in the message) fails from its header, undecoded.
   """
   if not storage.isfile(path):
     raise Unreadable(f"file not found: {path}")
@@ -49,7 +63,17 @@ def probe(path: str) -> tuple:
   if not data:
     raise Unreadable(f"empty (zero-byte) image file: {path}")
   try:
-    tf = _tensorflow() if data[:4] == b"\x89PNG" or data[:3] == b"\xff\xd8\xff" else None
+    if max_pixels is not None:
+      pil_decode.check_pixels(pil_decode.image_size(data), max_pixels, limit_name)
+  except ValueError as e:
+    raise Unreadable(f"{path}: {e}") from None
+  except Exception:  # pylint: disable=broad-except
+    pass  # an unreadable header: the decode below names the reason
+  try:
+    is_jpeg = data[:3] == b"\xff\xd8\xff"
+    if is_jpeg:
+      _strict_jpeg(data)
+    tf = _tensorflow() if data[:4] == b"\x89PNG" or is_jpeg else None
     if tf is not None:
       if data[:4] == b"\x89PNG":
         shape = tf.io.decode_png(data, channels=0, dtype=tf.uint16).shape
@@ -91,20 +115,27 @@ def _write_cache(cache_path: str, files: dict) -> None:
   storage.atomic_write(cache_path, json.dumps({"version": CACHE_VERSION, "files": files}))
 
 
-def probe_all(paths: Iterable[str], cache_path: Optional[str] = None) -> dict:
+def probe_all(paths: Iterable[str], cache_path: Optional[str] = None,
+              max_pixels: Optional[int] = None, limit_name: str = "max_pixels") -> dict:
   """{path: (w, h) or Unreadable} for every distinct path, decoded in threads (PIL releases
   the GIL while decoding) with a progress bar. With `cache_path`, files whose size and mtime
-  match the cache are not decoded again, and the intact ones are added to the cache."""
+  match the cache are not decoded again, and the intact ones are added to the cache. Images of
+  more than `max_pixels` pixels are Unreadable (`probe`), cached ones too."""
   unique = list(dict.fromkeys(p for p in paths if p))
   cache = _read_cache(cache_path)
   keys = {p: _file_key(p) for p in unique}
   out = {p: tuple(cache[p][2]) for p in unique
          if keys[p] is not None and p in cache and cache[p][:2] == keys[p]}
+  for p, size in out.items():
+    try:
+      pil_decode.check_pixels(size, max_pixels, limit_name)
+    except ValueError as e:
+      out[p] = Unreadable(f"{p}: {e}")
   todo = [p for p in unique if p not in out]
 
   def run(p):
     try:
-      return probe(p)
+      return probe(p, max_pixels, limit_name)
     except Unreadable as e:
       return e
 

@@ -13,9 +13,14 @@ Every image and mask is decoded in full once while indexing (`image_checks.py`: 
 a progress bar; PNG chunk checksums verified too), so a file damaged anywhere fails here rather
 than at the training step that first reads it (the 2.1k files of ../shared/data/real: 1.3 s on 2 cores). One
 `ValueError` lists every unreadable file; `data.skip_bad=True` turns each into one warning and
-skips the sample (an unreadable mask drops only the mask). `index_dataset(..., verify_cache=F)`
-remembers the intact files in F keyed by path, size and mtime: a resumed run does not decode
-them again.
+skips the sample (an unreadable mask drops only the mask), and one more warning counts them. An
+image of more than `data.max_pixels` pixels (width x height, read from its header before any
+decode; default `pil_decode.MAX_PIXELS`) counts as unreadable. `index_dataset(...,
+verify_cache=F)` remembers the intact files in F keyed by path, size and mtime: a resumed run does
+not decode them again.
+
+Class names become output folders (`heatmaps/<class>`): a name that is empty, "." / "..", or holds
+a "/" or "\\" (a meta file's `clsname`, a csv's `object`) is an error naming the index file line.
 
 Anomalous test images without a mask keep `mask_path=None`. By default the pixel metrics skip them
 (and metrics.json counts them); `eval.maskless="full"` scores them against an all-one mask as the
@@ -30,14 +35,14 @@ from typing import Any, Optional
 
 import numpy as np
 
-from data_pipelines import image_checks, layouts, storage
+from data_pipelines import image_checks, layouts, pil_decode, storage
 
 logger = logging.getLogger(__name__)
 
 _LAYOUTS = ("mvtec", "meta", "visa_csv")
 _DATASET_KEYS_DEFAULTS = {
     "layout": "mvtec", "root": "", "classes": (), "meta_train": "", "meta_test": "",
-    "visa_csv": "", "skip_bad": False}
+    "visa_csv": "", "skip_bad": False, "max_pixels": pil_decode.MAX_PIXELS}
 _MAX_LISTED = 20   # unreadable files listed in the error
 
 
@@ -107,10 +112,12 @@ def _get(cfg: Any, key: str, default: Any) -> Any:
 
 
 def _dataset_cfg(cfg: Any, parent: Any = None) -> dict:
-  """Plain dict of one dataset's keys; defaults for missing ones (`skip_bad` from `parent`)."""
+  """Plain dict of one dataset's keys; defaults for missing ones (`skip_bad` and `max_pixels`
+  from `parent`)."""
   out = {key: _get(cfg, key, default) for key, default in _DATASET_KEYS_DEFAULTS.items()}
   if parent is not None:
-    out["skip_bad"] = _get(cfg, "skip_bad", _get(parent, "skip_bad", False))
+    for key in ("skip_bad", "max_pixels"):
+      out[key] = _get(cfg, key, _get(parent, key, _DATASET_KEYS_DEFAULTS[key]))
   out["tag"] = _get(cfg, "tag", "")
   out["extra"] = _get(cfg, "extra", ())
   return out
@@ -120,13 +127,16 @@ def _dataset_cfg(cfg: Any, parent: Any = None) -> dict:
 # Validation
 
 
-def _validate(records: list, skip_bad: bool, dataset: str, cache_path: Optional[str]) -> list:
+def _validate(records: list, skip_bad: bool, dataset: str, cache_path: Optional[str],
+              max_pixels: Optional[int] = None) -> list:
   """Checks the files of `records`; returns (split, Sample) pairs (warns/raises per module doc).
 
-  Without `skip_bad`, one ValueError lists every unreadable file.
+  Without `skip_bad`, one ValueError lists every unreadable file (an image over `max_pixels`
+  pixels counts as unreadable).
   """
   probes = image_checks.probe_all(
-      [r.path for r in records] + [r.mask_path for r in records if r.mask_path], cache_path)
+      [r.path for r in records] + [r.mask_path for r in records if r.mask_path], cache_path,
+      max_pixels=max_pixels, limit_name="data.max_pixels")
   out, bad = [], []
   missing_mask = collections.defaultdict(list)
   size_mismatch = []
@@ -157,6 +167,8 @@ def _validate(records: list, skip_bad: bool, dataset: str, cache_path: Optional[
                                  if len(bad) > _MAX_LISTED else [])
     raise ValueError(f"{dataset}: {len(bad)} unreadable file(s) (pass data.skip_bad=True to skip "
                      "them):\n  " + "\n  ".join(shown))
+  if bad:
+    logger.warning("%s: skipped %d unreadable file(s) (data.skip_bad=True)", dataset, len(bad))
   for cls, paths in missing_mask.items():
     logger.warning(
         "%s: class %r has %d anomalous test image(s) without a ground-truth mask (e.g. %s); "
@@ -185,8 +197,9 @@ def _index_one(dcfg: dict, cache_path: Optional[str] = None) -> tuple:
     raise ValueError(f"unknown data.layout {layout!r}; supported: {list(_LAYOUTS) + ['demo']}")
   if not root or not storage.isdir(root):
     raise ValueError(f"data.root {root!r} does not exist or is not a folder")
+  wanted = list(dcfg["classes"] or ())
   if layout == "mvtec":
-    records = layouts.mvtec_records(root)
+    records = layouts.mvtec_records(root, wanted)
   elif layout == "meta":
     if not dcfg["meta_train"]:
       raise ValueError("data.meta_train is empty (layout 'meta')")
@@ -195,7 +208,6 @@ def _index_one(dcfg: dict, cache_path: Optional[str] = None) -> tuple:
   else:
     records = layouts.visa_records(root, dcfg["visa_csv"])
   found = list(dict.fromkeys(r.cls for r in records))
-  wanted = list(dcfg["classes"] or ())
   if wanted:
     unknown = [c for c in wanted if c not in found]
     if unknown:
@@ -203,7 +215,11 @@ def _index_one(dcfg: dict, cache_path: Optional[str] = None) -> tuple:
     keep = set(wanted)
     records = [r for r in records if r.cls in keep]
     found = wanted
-  samples = _validate(records, bool(dcfg["skip_bad"]), f"{layout} dataset {root}", cache_path)
+  for r in records:  # class names become output folders (heatmaps/<class>)
+    storage.safe_name(r.cls, f"{r.where or 'a class folder of ' + root}: class name")
+  max_pixels = dcfg["max_pixels"]
+  samples = _validate(records, bool(dcfg["skip_bad"]), f"{layout} dataset {root}", cache_path,
+                      None if max_pixels is None else int(max_pixels))
   train = [s for split, s in samples if split == "train"]
   test = [s for split, s in samples if split == "test"]
   with_normal = {s.cls for s in train if s.label == 0}
@@ -247,6 +263,7 @@ def index_dataset(data_cfg: Any, verify_cache: Optional[str] = None) -> DatasetI
   for tag, (tr, te, cl) in zip(tags, parts):
     rename = {c: (f"{tag}_{c}" if count[c] > 1 else c) for c in cl}
     for c in cl:
+      storage.safe_name(rename[c], f"tag {tag!r} of data.extra: merged class name")
       if rename[c] in classes:
         raise ValueError(f"merged class name {rename[c]!r} (from {tag!r}) is not unique; set a "
                          "distinct 'tag' in the data.extra entries")
@@ -291,6 +308,20 @@ def index_config(cfg: Any, verify_cache: Optional[str] = None) -> DatasetIndex:
   calib = _get(cfg, "calibration", None)
   fraction = float(_get(calib, "holdout_fraction", 0.0))
   return split_holdout(index_dataset(cfg.data, verify_cache), fraction, int(_get(cfg, "seed", 0)))
+
+
+def test_set_gaps(classes, samples) -> list:
+  """One message per class of `classes` whose test `samples` cannot give metrics: none at all, or
+  no anomalous one (its AUROC, AP and F1 are then undefined); [] when every class has both."""
+  gaps = []
+  for c in classes:
+    labels = [s.label for s in samples if s.cls == c]
+    if not labels:
+      gaps.append(f"class {c!r} has no test images: it gets no metrics")
+    elif not any(labels):
+      gaps.append(f"class {c!r} has no anomalous test images ({len(labels)} normal): its AUROC, AP "
+                  "and F1 are undefined ('-')")
+  return gaps
 
 
 def summarize(index: DatasetIndex) -> str:

@@ -49,7 +49,7 @@ def _pil_decode(contents: bytes, channels: int) -> np.ndarray:
   """`pil_decode` for `tf.numpy_function`, which passes the bytes as a 0-d object array."""
   if isinstance(contents, np.ndarray):
     contents = contents.item()
-  return pil_decode(contents, channels)
+  return pil_decode(contents, channels, max_pixels=None)  # indexing applied data.max_pixels
 
 
 def decode(contents: tf.Tensor, channels: int = 3) -> tf.Tensor:

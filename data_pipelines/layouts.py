@@ -52,14 +52,21 @@ def _subdirs(folder: str) -> list:
                 if not n.startswith(".") and storage.isdir(os.path.join(folder, n)))
 
 
-def mvtec_records(root: str) -> list:
-  """Records of a folder-layout dataset (MVTec AD, BTAD, custom)."""
+def mvtec_records(root: str, classes=()) -> list:
+  """Records of a folder-layout dataset (MVTec AD, BTAD, custom); with `classes` (data.classes),
+  only those class folders are read, so another folder (empty, say) does not stop the run."""
   if storage.isdir(os.path.join(root, "train")):
     class_dirs = [(os.path.basename(storage.normpath(root)), storage.normpath(root))]
   else:
     class_dirs = [(c, os.path.join(root, c)) for c in _subdirs(root)]
   if not class_dirs:
     raise ValueError(f"no class folders in data.root {root!r} (layout 'mvtec')")
+  if classes:
+    names = [c for c, _ in class_dirs]
+    unknown = [c for c in classes if c not in names]
+    if unknown:
+      raise ValueError(f"data.classes {unknown} not found in {root}; available: {names}")
+    class_dirs = [(c, d) for c, d in class_dirs if c in set(classes)]
   records = []
   for cls, cdir in class_dirs:
     train_dir = os.path.join(cdir, "train")

@@ -86,6 +86,25 @@ def join(path: PathLike, *parts: str) -> str:
   return os.path.join(os.fspath(path), *parts)
 
 
+def safe_name(name: str, what: str) -> str:
+  """`name` when it is one plain file or folder name, else ValueError naming it and `what`.
+
+  Names made from data (class, defect and file names) become output paths; refused are the empty
+  name, "." and "..", and names holding a separator ("/" or "\\", so also absolute paths) or a
+  NUL, any of which could put a file outside its output folder.
+  """
+  if (not isinstance(name, str) or name in ("", ".", "..")
+      or any(c in name for c in ("/", "\\", "\0"))):
+    raise ValueError(f"{what} {name!r} cannot be a file or folder name: it must be non-empty, not "
+                     "'.' or '..', and hold no '/' or '\\'")
+  return name
+
+
+def join_inside(base: PathLike, *names: str, what: str = "name") -> str:
+  """`join(base, *names)` after `safe_name(n, what)` of every name: a path that stays in `base`."""
+  return join(base, *(safe_name(n, what) for n in names))
+
+
 def abspath(path: PathLike) -> str:
   """`~` expanded and made absolute for a local path; a URL unchanged."""
   path = os.fspath(path)

@@ -10,6 +10,7 @@ Layout: `backbone` is the frozen feature extractor (`FrozenFeatures.from_config(
 """
 import ml_collections
 
+from data_pipelines import pil_decode
 from onenip_jax.models import efficientnet
 
 
@@ -46,6 +47,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.textures = ""         # DTD-layout folder (images/<class>/*.jpg or <class>/*.jpg); "" = scikit-image photos
   c.data.mean, c.data.std = efficientnet.NORMALISATION["imagenet"]
   c.data.skip_bad = False      # skip unreadable files (with a warning) instead of failing at indexing
+  c.data.max_pixels = pil_decode.MAX_PIXELS   # an image of more (width x height) fails indexing
   c.data.num_parallel_calls = -1   # tf.data.AUTOTUNE
   c.data.synthesis = ml_collections.ConfigDict()
   c.data.synthesis.p_cutpaste = 0.5

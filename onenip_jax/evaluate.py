@@ -27,6 +27,7 @@ import os
 
 import numpy as np
 
+from data_pipelines import indexing
 from onenip_jax import eval_maps, exported, report_builder, reports, scoring, scoring_modes
 
 log = logging.getLogger("onenip")
@@ -35,6 +36,11 @@ log = logging.getLogger("onenip")
 def _tf_image_loader(cfg):
   from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
   return lambda path: input_pipeline.load_image(path, cfg.input_size, None, None)
+
+
+def _table(result: dict) -> str:
+  """The headline table of an evaluation and its notes (why a class has no row or '-' values)."""
+  return reports.format_table(result) + "".join(f"\n- {n}" for n in result.get("notes", ()))
 
 
 def fusion_constant(cfg, predictor, samples, index, frozen_c: float) -> tuple[float, str]:
@@ -87,9 +93,10 @@ def evaluate_predictor(cfg, predictor, index, out_dir: str, frozen_c: float, *, 
   extra = {"fusion": default, "fusion_c": c, "fusion_c_source": c_source,
            "alpha": cfg.eval.alpha, "calibration": calibration,
            "prompt_mode": cfg.eval.prompt_mode, "backend": "flax"}
-  result = builder.finish(step=step, extra=extra, write_files=main_process, default_name=default)
+  result = builder.finish(step=step, extra=extra, write_files=main_process, default_name=default,
+                          notes=indexing.test_set_gaps(index.classes, samples))
   log.info("eval step %s (%s scoring; reference c=%.4f from %s; %s prompts) -> %s\n%s", step,
-           default, c, c_source, cfg.eval.prompt_mode, out_dir, reports.format_table(result))
+           default, c, c_source, cfg.eval.prompt_mode, out_dir, _table(result))
   return result
 
 
@@ -127,9 +134,10 @@ def evaluate_exported(cfg, model, index, out_dir: str, *, samples=None) -> dict:
            "fusion_c_source": "frozen", "alpha": cfg.eval.alpha,
            "calibration": model.meta.get("calibration"), "prompt_mode": "pool",
            "backend": "exported"}
-  result = builder.finish(step=model.meta.get("step"), extra=extra)
+  result = builder.finish(step=model.meta.get("step"), extra=extra,
+                          notes=indexing.test_set_gaps(index.classes, samples))
   log.info("eval of the serialised predictor (%s scoring, pool prompts) -> %s\n%s",
-           scoring_entry["fusion"], out_dir, reports.format_table(result))
+           scoring_entry["fusion"], out_dir, _table(result))
   return result
 
 
@@ -162,7 +170,6 @@ def main(args) -> None:
   """`onenip-eval` with its flags parsed by `onenip_jax.cli`: a checkpoint (args.workdir) or an
   export (args.exported), the stored config with args.config / args.overrides applied."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
   from onenip_jax.config_loading import load_config  # pylint: disable=g-import-not-at-top
   if args.exported and not args.flax and exported.has_program(args.exported):
     model = exported.ExportedPredictor.load(args.exported, args.batch_size)
@@ -182,7 +189,7 @@ def main(args) -> None:
     out = args.out or os.path.join(args.exported, "eval")
     result = evaluate_exported(cfg, model, indexing.index_config(cfg), out)
     print(f"step {model.meta.get('step')}, pool prompts, serialised predictor -> {out}/metrics.json"
-          f"\n{reports.format_table(result)}")
+          f"\n{_table(result)}")
     return
   from onenip_jax import inference, restore, sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
@@ -209,5 +216,5 @@ def main(args) -> None:
   result = evaluate_predictor(cfg, predictor, index, out, frozen_c, step=step,
                               calibration=calibration)
   print(f"step {step}, {cfg.eval.prompt_mode} prompts -> {out}/metrics.json\n"
-        f"{reports.format_table(result)}")
+        f"{_table(result)}")
 

@@ -108,7 +108,7 @@ def validation_samples(folder: str, classes) -> list:
   from data_pipelines import indexing, layouts  # pylint: disable=g-import-not-at-top
   samples = []
   for cls in classes:
-    d = storage.join(folder, cls)
+    d = storage.join_inside(folder, cls, what="class name")
     if not storage.isdir(d):
       raise FileNotFoundError(f"validation folder {folder} has no folder for class {cls!r} ({d})")
     for sub in sorted(storage.listdir(d)):

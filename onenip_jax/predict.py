@@ -14,7 +14,12 @@ Flax predictor and tf.data decoding instead (same scores to float tolerance).
 Results are written as they come, batch by batch: `predictions.csv` (path, score, anomalous,
 matched class, threshold), with --heatmaps one PNG per image (one colour scale for the run, set by
 the first batch), with --save-maps the raw float32 (H, W) anomaly map of each image as `.npy`; at the
-end `predictions.json` with all rows. An image is anomalous iff its score > the threshold:
+end `predictions.json` with all rows. They are written into a hidden folder `<out>/.predict.tmp_*`
+and moved into `<out>` only when the run succeeds (predictions.json last), so a failed run leaves
+the previous outputs as they were. A map or heatmap is named after its input's path relative to
+the working directory, extension included, with "%", "/" and "\\" percent-encoded (`output_name`:
+`sub/x.png` -> `sub%2Fx.png.npy`, `sub_x.png` -> `sub_x.png.npy`), so no two inputs share one;
+an input given twice is scored once. An image is anomalous iff its score > the threshold:
 --threshold for every image, else the export's threshold of the matched class (else its global
 one), which the export computed on the same scoring; without any, only scores are written.
 """
@@ -27,14 +32,15 @@ import sys
 
 import numpy as np
 
-from data_pipelines import storage
+from data_pipelines import pil_decode, storage
 
 IMAGE_EXTENSIONS = storage.IMAGE_EXTENSIONS
 log = logging.getLogger("onenip")
 
 
 def find_images(inputs) -> list[str]:
-  """Files and folders (searched recursively) -> sorted image paths; an empty result is an error."""
+  """Files and folders (searched recursively) -> sorted image paths, each file once; an empty
+  result is an error."""
   paths = []
   for item in inputs:
     if storage.isdir(item):
@@ -47,7 +53,10 @@ def find_images(inputs) -> list[str]:
       paths.append(item)
     else:
       raise FileNotFoundError(f"no such file or folder: {item}")
-  return paths
+  unique = {}
+  for p in paths:  # one entry per file however it was spelt ("x.png", "./x.png", an absolute path)
+    unique.setdefault(storage.abspath(p), p)
+  return list(unique.values())
 
 
 class ExportedScorer:
@@ -91,6 +100,7 @@ class FlaxScorer:
 
   def load(self, path: str) -> np.ndarray:
     from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
+    pil_decode.check_pixels(pil_decode.image_size(storage.read_bytes(path)), pil_decode.MAX_PIXELS)
     return input_pipeline.load_image(path, self.input_size, None, None)
 
   def __call__(self, raw: np.ndarray):
@@ -148,8 +158,27 @@ def _npy_bytes(anomaly_map) -> bytes:
   return buf.getvalue()
 
 
-def _stem(path: str) -> str:
-  return os.path.splitext(os.path.relpath(path).replace(os.sep, "_").lstrip("._"))[0]
+def output_name(path: str) -> str:
+  """The file name (before the `.npy` / `.png` suffix) that stands for input `path`: its path
+  relative to the working directory (a URL as it is), extension included, "%" then "/" and "\\"
+  percent-encoded and a leading "." too, so distinct paths never share a name."""
+  rel = os.path.relpath(os.path.abspath(path)) if storage.is_local(path) else path
+  name = rel.replace("%", "%25").replace("/", "%2F").replace("\\", "%5C")
+  return "%2E" + name[1:] if name.startswith(".") else name
+
+
+def _publish(staging: str, out: str) -> None:
+  """Moves every file of the folder `staging` to the same place under `out` (predictions.json
+  last)."""
+  files = [os.path.relpath(storage.join(d, f), staging) for d, _, names in storage.walk(staging)
+           for f in names]
+  for rel in sorted(files, key=lambda r: r == "predictions.json"):
+    src, dst = storage.join(staging, rel), storage.join(out, rel)
+    if storage.is_local(src) and storage.is_local(dst):
+      storage.makedirs(os.path.dirname(dst))
+      storage.rename(src, dst)
+    else:
+      storage.atomic_write(dst, storage.read_bytes(src))
 
 
 def main(args) -> None:
@@ -161,8 +190,28 @@ def main(args) -> None:
   else:
     scorer = FlaxScorer(args.exported, args.batch_size)
   storage.makedirs(args.out)
-  results, vmax = [], None
-  csv_path = storage.join(args.out, "predictions.csv")
+  staging = storage.staging_dir(storage.join(args.out, "predict"))
+  try:
+    results = _predict_into(args, scorer, paths, staging)
+    if results:
+      _publish(staging, args.out)
+  finally:
+    storage.rmtree(staging)
+  if not results:
+    print(f"onenip-predict: error: none of the {len(paths)} image(s) could be read, nothing was "
+          "scored", file=sys.stderr)
+    sys.exit(1)
+  flagged = sum(bool(r["anomalous"]) for r in results)
+  print(f"{len(results)} images scored ({scorer.backend} predictor) -> {args.out}/predictions.json"
+        + (f"; {flagged} above threshold" if any(r["threshold"] is not None for r in results)
+           else ""))
+
+
+def _predict_into(args, scorer, paths, staging: str) -> list:
+  """Scores `paths`, writing every output file into the folder `staging` as it comes and
+  predictions.json (with paths under `args.out`) at the end; the rows, [] when none was read."""
+  results, vmax, names = [], None, set()
+  csv_path = storage.join(staging, "predictions.csv")
   with storage.open(csv_path, "w") as f:
     w = csv.writer(f)
     w.writerow(["path", "score", "anomalous", "matched_class", "threshold"])
@@ -171,32 +220,33 @@ def main(args) -> None:
       for r, m, img in zip(rows, maps, images):
         t = threshold_for(scorer, r["matched_class"], args.threshold)
         r["threshold"], r["anomalous"] = t, None if t is None else bool(r["score"] > t)
+        name = output_name(r["path"])
+        if name in names:  # never: find_images drops repeated paths
+          raise ValueError(f"two inputs would share the output name {name!r} ({r['path']})")
+        names.add(name)
+        what = f"output name (from input {r['path']})"
         if args.save_maps:
-          r["map"] = storage.join(args.out, "maps", _stem(r["path"]) + ".npy")
-          storage.atomic_write(r["map"], _npy_bytes(m))
+          storage.atomic_write(storage.join_inside(staging, "maps", name + ".npy", what=what),
+                               _npy_bytes(m))
+          r["map"] = storage.join(args.out, "maps", name + ".npy")
         if args.heatmaps:
           from onenip_jax import heatmaps  # pylint: disable=g-import-not-at-top
           if vmax is None:  # 0: the low end (the normal mean of a calibrated z-map)
             vmax = float(np.percentile(maps, 99.9))
             vmax = vmax if vmax > 0 else 1.0
-          r["heatmap"] = storage.join(args.out, "heatmaps", _stem(r["path"]) + ".png")
-          heatmaps.save_heatmap(r["heatmap"], img, m, None, r["score"], vmin=0.0, vmax=vmax,
+          heatmaps.save_heatmap(storage.join_inside(staging, "heatmaps", name + ".png", what=what),
+                                img, m, None, r["score"], vmin=0.0, vmax=vmax,
                                 title=r["matched_class"])
+          r["heatmap"] = storage.join(args.out, "heatmaps", name + ".png")
         w.writerow([r["path"], f"{r['score']:.7g}", r["anomalous"], r["matched_class"],
                     "" if t is None else f"{t:.7g}"])
       f.flush()
       results += rows
-  if not results:
-    print(f"onenip-predict: error: none of the {len(paths)} image(s) could be read, nothing was "
-          "scored", file=sys.stderr)
-    sys.exit(1)
-  global_t = args.threshold if args.threshold is not None else threshold_for(scorer, None, None)
-  payload = {"threshold": global_t, "thresholds": None if args.threshold is not None
-             else scorer.thresholds, "scoring": scorer.scoring, "fusion_c": scorer.fusion_c,
-             "step": scorer.step, "backend": scorer.backend, "predictions": results}
-  storage.atomic_write(storage.join(args.out, "predictions.json"), json.dumps(payload, indent=1))
-  flagged = sum(bool(r["anomalous"]) for r in results)
-  print(f"{len(results)} images scored ({scorer.backend} predictor) -> {args.out}/predictions.json"
-        + (f"; {flagged} above threshold" if any(r["threshold"] is not None for r in results)
-           else ""))
+  if results:
+    global_t = args.threshold if args.threshold is not None else threshold_for(scorer, None, None)
+    payload = {"threshold": global_t, "thresholds": None if args.threshold is not None
+               else scorer.thresholds, "scoring": scorer.scoring, "fusion_c": scorer.fusion_c,
+               "step": scorer.step, "backend": scorer.backend, "predictions": results}
+    storage.atomic_write(storage.join(staging, "predictions.json"), json.dumps(payload, indent=1))
+  return results
 

@@ -75,8 +75,8 @@ class ReportBuilder:
       self.pool_hits += int(np.sum(np.asarray(pool_class_ids) == np.asarray(class_ids)))
       self.pool_total += len(samples)
     if e.heatmaps and write_files and load_image is not None:
-      _write_heatmaps(storage.join(self.out_dir, "heatmaps", cls), samples, anomaly_maps, masks,
-                      scores, self.cfg, load_image)
+      _write_heatmaps(storage.join_inside(self.out_dir, "heatmaps", cls, what="class name"),
+                      samples, anomaly_maps, masks, scores, self.cfg, load_image)
 
   def add_alternative(self, name, cls, samples, anomaly_maps, scores, masks, has_mask) -> None:
     """Metrics of one class under another scoring `name` (no scores.csv rows, no heatmaps)."""
@@ -85,11 +85,15 @@ class ReportBuilder:
         scores, anomaly_maps, masks, has_mask, [s.label for s in samples],
         e.get("maskless", "skip"), e.flip_auroc)[0]
 
-  def finish(self, *, step=None, extra=None, write_files=True, default_name=None) -> dict:
+  def finish(self, *, step=None, extra=None, write_files=True, default_name=None,
+             notes=()) -> dict:
     """Writes the reports; with `default_name`, metrics.json's "scorings" and metrics.md hold
-    every scoring side by side (the default one is the headline `classes` / `mean`)."""
+    every scoring side by side (the default one is the headline `classes` / `mean`). `notes`
+    (e.g. `indexing.test_set_gaps`: why a class has no row or '-' values) go under metrics.md's
+    table and into metrics.json's "notes"."""
     result = metrics.summarize(self.per_class)
     extra = dict(extra or {})
+    extra["notes"] = list(notes)
     sections = {}
     if default_name is not None:
       sections = {default_name: result}
@@ -103,7 +107,7 @@ class ReportBuilder:
       extra["pool_class_accuracy"] = self.pool_hits / self.pool_total
     if write_files:
       reports.write_reports(self.out_dir, result, config=self.cfg, step=step, extra=extra,
-                            sections=sections)
+                            sections=sections, notes=notes)
       text = io.StringIO()
       csv.writer(text, lineterminator="\n").writerows(self.score_rows)
       storage.atomic_write(storage.join(self.out_dir, "scores.csv"), text.getvalue())
@@ -139,7 +143,10 @@ def _write_heatmaps(out_dir, samples, anomaly_maps, masks, scores, cfg, load_ima
   for i in chosen:
     sample = samples[i]
     stem = os.path.splitext(os.path.basename(sample.path))[0]
-    path = storage.join(out_dir, f"{sample.defect}_{stem}.png")
+    name = f"{sample.defect}_{stem}"
+    if storage.join(out_dir, name + ".png") in paths:  # x.png and x.jpg, say
+      name += f"_{i}"
+    path = storage.join_inside(out_dir, name + ".png", what=f"heatmap name (from {sample.path})")
     heatmaps.save_heatmap(path, load_image(sample.path), anomaly_maps[i],
                           masks[i] if masks[i].any() else None, float(scores[i]),
                           vmin=float(anomaly_maps.min()), vmax=vmax,

@@ -20,7 +20,7 @@ import io
 import json
 import math
 import os
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -149,7 +149,7 @@ def format_csv(metrics: Mapping) -> str:
 
 def write_reports(out_dir: PathLike, metrics: Mapping, *, config: Any = None,
                   step: Optional[int] = None, extra: Optional[Mapping] = None,
-                  sections: Optional[Mapping] = None) -> dict:
+                  sections: Optional[Mapping] = None, notes: Sequence[str] = ()) -> dict:
   """Writes metrics.json, metrics.md and metrics.csv into `out_dir` (created if missing).
 
   Args:
@@ -159,6 +159,7 @@ def write_reports(out_dir: PathLike, metrics: Mapping, *, config: Any = None,
     step: training step stored under "step" (null if None).
     extra: more top-level JSON keys; must not clash with classes/mean/step/config.
     sections: {title: `summarize()` output} tables appended to metrics.md (e.g. each scoring).
+    notes: lines printed under metrics.md's table (why a class has no row or '-' values).
   Returns:
     The JSON document that was written.
   """
@@ -175,6 +176,8 @@ def write_reports(out_dir: PathLike, metrics: Mapping, *, config: Any = None,
   title = "# Metrics" + ("" if step is None else f" (step {int(step)})")
   storage.atomic_write(storage.join(out_dir, "metrics.json"), text + "\n")
   md = f"{title}\n\n{format_table(checked)}\n"
+  if notes:
+    md += "\n" + "".join(f"- {n}\n" for n in notes)
   for name, table in (sections or {}).items():
     md += f"\n## {name}\n\n{format_table(_check_metrics(table, f'write_reports {name}'))}\n"
   storage.atomic_write(storage.join(out_dir, "metrics.md"), md)

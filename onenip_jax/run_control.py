@@ -33,6 +33,7 @@ log = logging.getLogger("onenip")
 # Keys (or key prefixes ending in ".") that may change when a run is resumed or extended.
 HARMLESS_KEYS = ("total_steps", "num_epochs", "log_every_steps", "distributed", "cache_features",
                  "eval.", "ckpt.", "data.num_parallel_calls", "data.skip_bad",
+                 "data.max_pixels",
                  "calibration.synthetic_per_image", "calibration.seed_offset", "calibration.weights",
                  "calibration.pool_sizes")
 

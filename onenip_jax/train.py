@@ -153,6 +153,10 @@ def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> Tr
     log.info("%d classes, %d train / %d test images; %d steps (%d per epoch) on %d devices",
              len(index.classes), len(index.train), len(index.test), num_steps, spe,
              mesh.devices.size)
+    gaps = indexing.test_set_gaps(index.classes, index.test)
+    if gaps:  # said before the first step, and again under the final table
+      log.warning("the test set cannot measure %d of %d class(es); training goes on:\n  %s",
+                  len(gaps), len(index.classes), "\n  ".join(gaps))
 
     features = FrozenFeatures.from_config(cfg.backbone)
     backbone_vars = jax.device_put(features.load_variables(cfg.backbone), sharding.replicated(mesh))

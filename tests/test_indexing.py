@@ -385,7 +385,8 @@ def test_verification_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
   assert len(json.loads(cache.read_text())["files"]) == 3 + 3 + 2   # train, test, masks
   decoded = []
   real_probe = image_checks.probe
-  monkeypatch.setattr(image_checks, "probe", lambda p: decoded.append(p) or real_probe(p))
+  monkeypatch.setattr(image_checks, "probe",
+                      lambda p, *a: decoded.append(p) or real_probe(p, *a))
   again = indexing.index_dataset(_cfg(root=str(root)), verify_cache=str(cache))
   assert decoded == [] and again == first
   changed = root / "a" / "train" / "good" / "001.png"
