@@ -112,11 +112,14 @@ def upgrade_stored_config(stored: dict) -> dict:
   sets `backbone.dtype` (it was the dtype of both); `model.restoration` becomes
   `loss.restoration`. Before `config.calibration`, nothing was held out: such a config gets
   `calibration.holdout_fraction = 0` (so its run indexes, evaluates and resumes with the training
-  set it had). A config already in the current layout is returned unchanged (a copy).
+  set it had). Before layout "tfds", `data` had no `tfds_name` / `tfds_data_dir`: they get their
+  defaults (""). A config already in the current layout is returned unchanged (a copy).
   """
   out = {k: dict(v) if isinstance(v, dict) else v for k, v in stored.items()}
   if "calibration" not in out:
     out["calibration"] = {"holdout_fraction": 0.0}
+  if isinstance(out.get("data"), dict) and "tfds_name" not in out["data"]:
+    out["data"].update(tfds_name="", tfds_data_dir="")
   model = out.get("model")
   if "backbone" in out or not isinstance(model, dict) or "backbone" not in model:
     return out
