@@ -2,12 +2,16 @@
 layout's index, batches, training losses and metrics, each process reading only its records."""
 import json
 import os
+import subprocess
+import sys
 import uuid
 
+import jax
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
-from conftest import train_losses
+from conftest import REPO, train_losses
 from data_pipelines import demo_data, indexing, input_pipeline, records, storage
 
 pytest.importorskip("importlib_resources", reason="tensorflow_datasets needs importlib_resources")
@@ -33,6 +37,23 @@ def _cfg(data: dict):
   return c
 
 
+@pytest.fixture(scope="module", autouse=True)
+def xla_cache(tmp_path_factory):
+  """A persistent compilation cache for this module only: the run from the records reuses the
+  reference run's XLA programs (same shapes) instead of compiling them again."""
+  values = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
+            "jax_persistent_cache_min_compile_time_secs": 0,
+            "jax_persistent_cache_min_entry_size_bytes": 0}
+  old = {k: getattr(jax.config, k) for k in values}
+  compilation_cache.reset_cache()
+  for k, v in values.items():
+    jax.config.update(k, v)
+  yield
+  for k, v in old.items():
+    jax.config.update(k, v)
+  compilation_cache.reset_cache()
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
   """(folder data.* keys, local tfds data.* keys, ram:// tfds data.* keys); the data sets are
@@ -43,7 +64,7 @@ def demo(tmp_path_factory):
   folder = {"layout": "mvtec", "root": root}
   out = [folder]
   for data_dir in (str(base / "tfds"), f"ram://tfds-{uuid.uuid4().hex}"):
-    cli.build_tfds(["--config", "configs/demo.py", "--data-dir", data_dir, "--name", "demo",
+    cli.build_tfds(["--config", str(REPO / "configs" / "demo.py"), "--data-dir", data_dir, "--name", "demo",
                     "--config.data.layout=mvtec", f"--config.data.root={root}"])
     out.append({"layout": "tfds", "tfds_name": "demo", "tfds_data_dir": data_dir})
   return out
@@ -87,6 +108,17 @@ def test_index_is_the_folder_layouts_without_reading_an_image(demo, where, monke
   sub = indexing.index_dataset({**demo[where], "classes": ("gravel", "brick")})
   ref = indexing.index_dataset({**demo[0], "classes": ("gravel", "brick")})
   assert sub.classes == ref.classes and [_key(s) for s in sub.test] == [_key(s) for s in ref.test]
+
+
+def test_local_records_are_indexed_and_read_without_tensorflow(demo):
+  """What the serialised predictor's evaluation (`onenip-eval --exported`) needs of the data."""
+  code = ("import sys, json; from data_pipelines import indexing; "
+          "index = indexing.index_dataset(json.loads(sys.argv[1])); "
+          "assert len(index.test[-1].read_image()) > 0 and index.test[-1].read_mask(); "
+          "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+  proc = subprocess.run([sys.executable, "-c", code, json.dumps(demo[1])], capture_output=True,
+                        text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_local_data_set_is_a_tfds_data_set(demo):
