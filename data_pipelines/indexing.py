@@ -1,7 +1,9 @@
 """Dataset indexing: every supported layout becomes one validated in-memory list of samples.
 
 Layouts (`data.layout`): "mvtec" (folders), "meta" (UniAD json lines), "visa_csv" (VisA's split
-csv) and "demo", read by `layouts.py` (see there).
+csv) and "demo", read by `layouts.py` (see there); "tfds": record shards written by
+`tfds_builder.py` from one of those, read by `records.py` (the same samples in the same order,
+from the index stored with the shards: no image is read or decoded while indexing).
 
 `data.extra` holds more dataset configs (dicts with the same keys; a missing key takes the default
 of `onenip_jax/base_config.py`, `skip_bad` that of the main config) merged into one class list. A class
@@ -42,7 +44,8 @@ logger = logging.getLogger(__name__)
 _LAYOUTS = ("mvtec", "meta", "visa_csv")
 _DATASET_KEYS_DEFAULTS = {
     "layout": "mvtec", "root": "", "classes": (), "meta_train": "", "meta_test": "",
-    "visa_csv": "", "skip_bad": False, "max_pixels": pil_decode.MAX_PIXELS}
+    "visa_csv": "", "skip_bad": False, "max_pixels": pil_decode.MAX_PIXELS,
+    "tfds_name": "", "tfds_data_dir": ""}
 _MAX_LISTED = 20   # unreadable files listed in the error
 
 
@@ -56,12 +59,26 @@ class Sample:
     label: 0 normal, 1 anomalous.
     mask_path: ground-truth mask path, None when there is none (normals; anomalies without mask).
     defect: "good" for normals, else the defect type (folder name).
+    image_record, mask_record: (shard file, byte offset, length) of the encoded image / mask
+      inside a record shard (layout "tfds"); () = read the file at path / mask_path.
   """
   path: str
   cls: str
   label: int
   mask_path: Optional[str] = None
   defect: str = "good"
+  image_record: tuple = ()
+  mask_record: tuple = ()
+
+  def read_image(self) -> bytes:
+    """The image's encoded bytes, from its record or its file."""
+    return storage.read_range(*self.image_record) if self.image_record else \
+        storage.read_bytes(self.path)
+
+  def read_mask(self) -> bytes:
+    """The mask's encoded bytes, from its record or its file (the sample must have a mask)."""
+    return storage.read_range(*self.mask_record) if self.mask_record else \
+        storage.read_bytes(self.mask_path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,13 +205,19 @@ def _validate(records: list, skip_bad: bool, dataset: str, cache_path: Optional[
 def _index_one(dcfg: dict, cache_path: Optional[str] = None) -> tuple:
   """(train, test, classes) of one dataset config (no merging)."""
   layout, root = dcfg["layout"], dcfg["root"]
+  if layout == "tfds":  # record shards written by tfds_builder: their stored index, no decoding
+    from data_pipelines import records  # pylint: disable=g-import-not-at-top
+    train, test, classes = records.load_index(dcfg["tfds_data_dir"], dcfg["tfds_name"],
+                                              dcfg["classes"])
+    return [Sample(**s) for s in train], [Sample(**s) for s in test], classes
   if layout == "demo":  # the built-in demo: generated (once) in MVTec layout at data.root
     if not root:
       raise ValueError("data.root is empty: layout 'demo' needs the folder to generate the data in")
     from data_pipelines import demo_data  # pylint: disable=g-import-not-at-top
     layout, root = "mvtec", demo_data.make_demo_dataset(root)
   if layout not in _LAYOUTS:
-    raise ValueError(f"unknown data.layout {layout!r}; supported: {list(_LAYOUTS) + ['demo']}")
+    raise ValueError(f"unknown data.layout {layout!r}; supported: "
+                     f"{list(_LAYOUTS) + ['demo', 'tfds']}")
   if not root or not storage.isdir(root):
     raise ValueError(f"data.root {root!r} does not exist or is not a folder")
   wanted = list(dcfg["classes"] or ())
@@ -256,7 +279,8 @@ def index_dataset(data_cfg: Any, verify_cache: Optional[str] = None) -> DatasetI
 
   tags = []
   for i, d in enumerate(dcfgs):
-    tag = d["tag"] or os.path.basename(storage.normpath(d["root"])) or f"data{i}"
+    tag = (d["tag"] or (d["tfds_name"] if d["layout"] == "tfds" else "")
+           or os.path.basename(storage.normpath(d["root"])) or f"data{i}")
     tags.append(tag if tag not in tags else f"{tag}_{i}")
   count = collections.Counter(c for _, _, classes in parts for c in set(classes))
   train, test, classes = [], [], []

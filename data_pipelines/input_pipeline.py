@@ -1,7 +1,8 @@
 """tf.data input pipelines: decoding, resizing, prompt sampling, training and evaluation batches.
 
-Every image goes through the same TensorFlow ops (`decode_resize`), so training, evaluation and
-single-image inference (`load_image`) see identical pixels:
+Every image goes through the same TensorFlow ops (`resize_bytes`), so training, evaluation and
+single-image inference (`load_image`) see identical pixels. The encoded bytes come from the sample's
+file, or from its byte range in a record shard (layout "tfds": `records.SampleBytes`):
   decode (format from the bytes: JPEG by TF with the accurate IDCT, as PIL/OpenCV; PNG by TF;
   BMP/TIFF/anything else by PIL in a `tf.numpy_function`, as TF cannot read TIFF nor palette BMP)
   -> RGB (gray replicated, alpha dropped), 16-bit -> 8-bit (>> 8)
@@ -27,11 +28,11 @@ Images are normalised after batching (one vectorised op per batch); the map func
 autograph-converted (tracing the synthesis graph with autograph took 3x longer).
 """
 import math
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from data_pipelines import indexing
+from data_pipelines import indexing, records
 from data_pipelines.pil_decode import pil_decode
 from data_pipelines.tf_setup import import_tensorflow
 
@@ -83,17 +84,13 @@ def decode(contents: tf.Tensor, channels: int = 3) -> tf.Tensor:
 
 
 def decode_resize(path: tf.Tensor, size: int) -> tf.Tensor:
-  """Reads an image file and resizes it like PIL `resize((size, size), BILINEAR)`.
+  """Reads an image file (tf.string scalar path): `resize_bytes` of its bytes."""
+  return resize_bytes(tf.io.read_file(path), size)
 
-  Args:
-    path: tf.string scalar.
-    size: output height = width.
 
-  Returns:
-    tf.uint8 (size, size, 3).
-  """
-  img = decode(tf.io.read_file(path), 3)
-  img = tf.image.resize(img, (size, size), method="bilinear", antialias=True)
+def resize_bytes(contents: tf.Tensor, size: int) -> tf.Tensor:
+  """Encoded image bytes -> tf.uint8 (size, size, 3), as PIL `resize((size, size), BILINEAR)`."""
+  img = tf.image.resize(decode(contents, 3), (size, size), method="bilinear", antialias=True)
   return tf.cast(tf.round(tf.clip_by_value(img, 0.0, 255.0)), tf.uint8)
 
 
@@ -117,13 +114,13 @@ def resize_nearest(image: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def decode_mask(path: tf.Tensor, size: int) -> tf.Tensor:
-  """Reads a mask file: PIL-exact nearest resize to (size, size), then `> 0`.
+  """Reads a mask file: `mask_bytes` of its bytes."""
+  return mask_bytes(tf.io.read_file(path), size)
 
-  Returns:
-    tf.float32 (size, size, 1) in {0, 1}.
-  """
-  m = resize_nearest(decode(tf.io.read_file(path), 1), size)
-  return tf.cast(m > 0, tf.float32)
+
+def mask_bytes(contents: tf.Tensor, size: int) -> tf.Tensor:
+  """Encoded mask -> tf.float32 (size, size, 1) in {0, 1}: PIL-exact nearest resize, `> 0`."""
+  return tf.cast(resize_nearest(decode(contents, 1), size) > 0, tf.float32)
 
 
 def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
@@ -132,27 +129,27 @@ def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
   return (x - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
-def load_image(path: str, size: int, mean: Optional[Sequence[float]] = None,
+def load_image(path: Union[str, bytes], size: int, mean: Optional[Sequence[float]] = None,
                std: Optional[Sequence[float]] = None) -> np.ndarray:
   """One image preprocessed exactly as in the pipelines (single-image inference, heatmaps).
 
   Args:
-    path: image file.
+    path: image file, or its encoded bytes (`Sample.read_image()`).
     size: output height = width.
     mean, std: per-channel, [0, 1] scale; both None returns the resized uint8 image instead.
 
   Returns:
     float32 (size, size, 3) normalised, or uint8 (size, size, 3) when mean and std are None.
   """
-  img = decode_resize(tf.constant(path), size)
+  img = (resize_bytes if isinstance(path, bytes) else decode_resize)(tf.constant(path), size)
   if mean is None and std is None:
     return img.numpy()
   return normalize(img, mean, std).numpy()
 
 
-def load_mask(path: str, size: int) -> np.ndarray:
-  """One mask preprocessed exactly as in the pipelines: float32 (size, size, 1) in {0, 1}."""
-  return decode_mask(tf.constant(path), size).numpy()
+def load_mask(path: Union[str, bytes], size: int) -> np.ndarray:
+  """One mask file (or its bytes) preprocessed as in the pipelines: f32 (size, size, 1) in {0, 1}."""
+  return (mask_bytes if isinstance(path, bytes) else decode_mask)(tf.constant(path), size).numpy()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,7 +268,7 @@ def make_train_iterator(index: indexing.DatasetIndex, cfg: Any, *, process_index
   if not index.train:
     raise ValueError("the training list is empty")
   mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
-  paths = tf.constant([s.path for s in index.train])
+  images = records.SampleBytes(index.train)
   class_ids = tf.constant([index.class_id(s.cls) for s in index.train], tf.int64)
   prompts = _PromptTable(index)
   texture_list = tf.constant(textures.texture_paths(cfg.data.textures), tf.string)
@@ -281,7 +278,7 @@ def make_train_iterator(index: indexing.DatasetIndex, cfg: Any, *, process_index
   def load(q, i):
     c = tf.gather(class_ids, i)
     p = prompts.draw(c, _seed(seed, _TAG_PROMPT, q))
-    img = decode_resize(tf.gather(paths, i), size)
+    img = resize_bytes(images.read(i), size)
     syn, mask = synthesis.synthesize(img, _seed(seed, _TAG_SYNTH, q), texture_list, syn_cfg)
     out = {"synthetic": tf.ensure_shape(syn, [size, size, 3]),
            "mask": tf.ensure_shape(tf.cast(mask, tf.float32), [size, size, 1]),
@@ -289,7 +286,7 @@ def make_train_iterator(index: indexing.DatasetIndex, cfg: Any, *, process_index
            "prompt_index": tf.cast(p, tf.int32)}
     if decode_clean:
       out["normal"] = img
-      out["prompt"] = decode_resize(tf.gather(paths, p), size)
+      out["prompt"] = resize_bytes(images.read(p), size)
     return out
 
   ds = train_positions(len(index.train), seed, int(cfg.batch_size), process_index=process_index,
@@ -349,11 +346,11 @@ def make_eval_iterator(samples: Sequence[indexing.Sample], index: indexing.Datas
   mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
   if n == 0:
     return iter(())
-  paths = tf.constant([s.path for s in samples])
-  masks = tf.constant([s.mask_path or "" for s in samples])
+  images, masks = records.SampleBytes(samples), records.SampleBytes(samples, mask=True)
+  with_mask = tf.constant([bool(s.mask_path) for s in samples], tf.bool)
   labels = tf.constant([int(s.label) for s in samples], tf.int32)
   class_ids = tf.constant([index.class_id(s.cls) for s in samples], tf.int64)
-  train_paths = tf.constant([s.path for s in index.train]) if with_prompt else None
+  train_images = records.SampleBytes(index.train) if with_prompt else None
   prompts = _PromptTable(index) if with_prompt else None
   pos = eval_positions(n, int(batch_size), process_index, process_count)
   seed_pos = tf.constant(np.arange(n) if seed_positions is None
@@ -368,10 +365,9 @@ def make_eval_iterator(samples: Sequence[indexing.Sample], index: indexing.Datas
     i = tf.maximum(k, 0)
     c = tf.gather(class_ids, i)
     blank = tf.zeros([size, size, 3], tf.uint8)
-    image = tf.cond(valid, lambda: decode_resize(tf.gather(paths, i), size), lambda: blank)
-    mpath = tf.gather(masks, i)
-    has_mask = tf.logical_and(valid, tf.strings.length(mpath) > 0)
-    mask = tf.cond(has_mask, lambda: decode_mask(mpath, size),
+    image = tf.cond(valid, lambda: resize_bytes(images.read(i), size), lambda: blank)
+    has_mask = tf.logical_and(valid, tf.gather(with_mask, i))
+    mask = tf.cond(has_mask, lambda: mask_bytes(masks.read(i), size),
                    lambda: tf.zeros([size, size, 1], tf.float32))
     label = tf.where(valid, tf.gather(labels, i), 0)
     if synthesis_seed is not None:
@@ -388,7 +384,7 @@ def make_eval_iterator(samples: Sequence[indexing.Sample], index: indexing.Datas
     if with_prompt:
       p = prompts.draw(c, _seed(seed, _TAG_EVAL_PROMPT, tf.gather(seed_pos, i)))
       out["prompt_index"] = tf.where(valid, tf.cast(p, tf.int32), -1)
-      out["prompt"] = tf.cond(valid, lambda: decode_resize(tf.gather(train_paths, p), size),
+      out["prompt"] = tf.cond(valid, lambda: resize_bytes(train_images.read(p), size),
                               lambda: blank)
     return out
 

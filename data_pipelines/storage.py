@@ -135,6 +135,18 @@ def read_bytes(path: PathLike) -> bytes:
     return f.read()
 
 
+def read_range(path: PathLike, offset: int, length: int) -> bytes:
+  """`length` bytes of file `path` from byte `offset` (a record inside a shard): only that range
+  is read, on any backend. ValueError naming the file if it ends before."""
+  with open(path, "rb") as f:
+    f.seek(int(offset))
+    data = f.read(int(length))
+  if len(data) != int(length):
+    raise ValueError(f"{path}: {length} bytes expected at offset {offset}, the file has "
+                     f"{len(data)} there (truncated or replaced since it was indexed?)")
+  return data
+
+
 def read_text(path: PathLike) -> str:
   return read_bytes(path).decode("utf-8")
 

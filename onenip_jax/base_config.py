@@ -37,12 +37,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optim.reference_batch_size = 64
 
   c.data = ml_collections.ConfigDict()
-  c.data.layout = "mvtec"      # "mvtec" (folders) | "meta" (UniAD json lines) | "visa_csv" | "demo"
+  c.data.layout = "mvtec"      # "mvtec" (folders) | "meta" (UniAD json lines) | "visa_csv" | "demo" | "tfds"
   c.data.root = ""             # dataset root (the folder holding the class folders / image_dir)
   c.data.classes = ()          # () = every class found
   c.data.meta_train = ""       # json-lines meta files (layout "meta")
   c.data.meta_test = ""
   c.data.visa_csv = ""         # VisA's split csv (layout "visa_csv"); "" = <root>/split_csv/1cls.csv
+  c.data.tfds_name = ""        # layout "tfds": the data set's name (onenip-build-tfds --name)
+  c.data.tfds_data_dir = ""    # layout "tfds": its TFDS data folder, local or gs:// (--data-dir)
   c.data.extra = ()            # more datasets merged into one class list: tuple of dicts like this one
   c.data.textures = ""         # DTD-layout folder (images/<class>/*.jpg or <class>/*.jpg); "" = scikit-image photos
   c.data.mean, c.data.std = efficientnet.NORMALISATION["imagenet"]

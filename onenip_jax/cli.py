@@ -1,10 +1,11 @@
-r"""The five commands' one grammar: absl flags, `--config FILE[:args]`, `--config.KEY=VALUE`.
+r"""The six commands' one grammar: absl flags, `--config FILE[:args]`, `--config.KEY=VALUE`.
 
   onenip-train   --config configs/X.py[:args] --workdir DIR [--config.KEY=VALUE ...]
   onenip-eval    --workdir DIR | --exported DIR  [--config FILE[:args]] [--config.KEY=VALUE ...]
   onenip-export  --workdir DIR --out DIR         [--config FILE[:args]] [--config.KEY=VALUE ...]
   onenip-predict --exported DIR [--out DIR] IMAGE_OR_FOLDER ...
   onenip-convert-weights --variant b4 --input X.pth --output X.msgpack
+  onenip-build-tfds --config configs/X.py[:args] --data-dir DIR --name NAME [--config.KEY=VALUE ...]
 
 (also `python -m onenip_jax.cli COMMAND ...`, e.g. `python -m onenip_jax.cli eval --help`).
 Evaluating or exporting a stored run uses the config stored with it (in the checkpoint or
@@ -101,6 +102,15 @@ def _convert_flags(fv):
                       flag_values=fv, required=True)
   flags.DEFINE_string("output", None, "the .msgpack to write (backbone.weights)",
                       flag_values=fv, required=True)
+
+
+def _build_tfds_flags(fv):
+  flags.DEFINE_string("config", None, "config of the source dataset (its data.* keys); "
+                      + _CONFIG_HELP, flag_values=fv, required=True)
+  flags.DEFINE_string("data-dir", None, "TFDS data folder to write to, local or gs:// (the "
+                      "training config's data.tfds_data_dir)", flag_values=fv, required=True)
+  flags.DEFINE_string("name", None, "the data set's name (data.tfds_name)", flag_values=fv,
+                      required=True)
 
 
 def _usage(prog: str, summary: str, fv, positional: str = "") -> str:
@@ -244,6 +254,21 @@ def convert_weights(argv=None) -> int:
   return _run(prog, impl.main, args)
 
 
+def build_tfds(argv=None) -> None:
+  """`onenip-build-tfds`: a dataset config's data -> TFDS record shards for data.layout='tfds'."""
+  prog = "onenip-build-tfds"
+  args = _parse(prog, "Writes the train and test samples of a config's dataset as TFDS TFRecord "
+                "shards plus their index, read back with --config.data.layout=tfds.",
+                _build_tfds_flags, argv, overrides=True)
+  try:
+    args.config = config_loading.load_config(args.config, args.overrides)
+  except (FileNotFoundError, config_loading.ConfigKeyError) as e:
+    _fail(prog, str(e))
+  _logging()
+  from data_pipelines import tfds_builder as impl  # pylint: disable=g-import-not-at-top
+  return _run(prog, impl.main, args)
+
+
 def _check_stored(prog: str, args) -> None:
   """Before any work: a missing config file, or overrides that a stored run cannot take, fail at
   once, naming the file or key."""
@@ -258,11 +283,12 @@ def _check_stored(prog: str, args) -> None:
 
 # console script -> function; setup.py's entry points name the same functions.
 COMMANDS = {"onenip-train": train, "onenip-eval": evaluate, "onenip-export": export,
-            "onenip-predict": predict, "onenip-convert-weights": convert_weights}
+            "onenip-predict": predict, "onenip-convert-weights": convert_weights,
+            "onenip-build-tfds": build_tfds}
 
 
 def main(argv=None) -> int:
-  """`python -m onenip_jax.cli {train,eval,export,predict,convert-weights} ...`."""
+  """`python -m onenip_jax.cli {train,eval,export,predict,convert-weights,build-tfds} ...`."""
   argv = list(sys.argv[1:] if argv is None else argv)
   names = {name[len("onenip-"):]: fn for name, fn in COMMANDS.items()}
   if not argv or argv[0] not in names:

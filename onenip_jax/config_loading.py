@@ -38,7 +38,7 @@ class PathError(ConfigKeyError):
 
 # Config keys holding a file or folder path: `DATASET_PATH_KEYS` of `data` and of each entry of
 # `data.extra`, and the others of `PATH_KEYS`.
-DATASET_PATH_KEYS = ("root", "meta_train", "meta_test", "visa_csv")
+DATASET_PATH_KEYS = ("root", "meta_train", "meta_test", "visa_csv", "tfds_data_dir")
 PATH_KEYS = tuple(f"data.{k}" for k in DATASET_PATH_KEYS) + ("data.textures", "backbone.weights")
 
 # Keys a stored run (a checkpoint or an export) fixes: its weights are of this model and input size.
@@ -161,11 +161,14 @@ def upgrade_stored_config(stored: dict) -> dict:
   sets `backbone.dtype` (it was the dtype of both); `model.restoration` becomes
   `loss.restoration`. Before `config.calibration`, nothing was held out: such a config gets
   `calibration.holdout_fraction = 0` (so its run indexes, evaluates and resumes with the training
-  set it had). A config already in the current layout is returned unchanged (a copy).
+  set it had). Before layout "tfds", `data` had no `tfds_name` / `tfds_data_dir`: they get their
+  defaults (""). A config already in the current layout is returned unchanged (a copy).
   """
   out = {k: dict(v) if isinstance(v, dict) else v for k, v in stored.items()}
   if "calibration" not in out:
     out["calibration"] = {"holdout_fraction": 0.0}
+  if isinstance(out.get("data"), dict) and "tfds_name" not in out["data"]:
+    out["data"].update(tfds_name="", tfds_data_dir="")
   model = out.get("model")
   if "backbone" in out or not isinstance(model, dict) or "backbone" not in model:
     return out

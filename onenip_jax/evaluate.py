@@ -35,7 +35,7 @@ log = logging.getLogger("onenip")
 
 def _tf_image_loader(cfg):
   from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
-  return lambda path: input_pipeline.load_image(path, cfg.input_size, None, None)
+  return lambda sample: input_pipeline.load_image(sample.read_image(), cfg.input_size, None, None)
 
 
 def _table(result: dict) -> str:
@@ -117,17 +117,17 @@ def evaluate_exported(cfg, model, index, out_dir: str, *, samples=None) -> dict:
     picked = np.zeros(n, np.int32)
     for i in range(0, n, model.batch_size):
       chunk = subset[i:i + model.batch_size]
-      out = model(np.stack([model.preprocess(s.path) for s in chunk]))
+      out = model(np.stack([model.preprocess(s.read_image()) for s in chunk]))
       maps[i:i + len(chunk)], scores[i:i + len(chunk)] = out["map"], out["score"]
       picked[i:i + len(chunk)] = out["class_id"]
     masks = np.zeros((n, size, size), bool)
     has_mask = np.asarray([bool(s.mask_path) for s in subset])
     for j, s in enumerate(subset):
       if s.mask_path:
-        masks[j] = exported.load_mask(s.mask_path, size)
+        masks[j] = exported.load_mask(s.read_mask(), size)
     builder.add_class(cls, subset, maps, scores, masks, has_mask, pool_class_ids=picked,
                       class_ids=np.full(n, index.class_id(cls)),
-                      load_image=lambda p: exported.load_image(p, size))
+                      load_image=lambda s: exported.load_image(s.read_image(), size))
     del maps, masks
   c, scoring_entry = float(model.meta["fusion_c"]), model.scoring
   extra = {"fusion": scoring_entry["fusion"], "scoring": scoring_entry, "fusion_c": c,

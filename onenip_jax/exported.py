@@ -70,9 +70,10 @@ RESIZE_METHOD = "tf-bilinear-antialias"
 # Preprocessing
 
 
-def decode_image(path: str, channels: int = 3) -> np.ndarray:
-  """Any PIL-readable file -> uint8 (h, w, channels), decoded as the tf.data pipeline's PIL path."""
-  return pil_decode(storage.read_bytes(path), channels)
+def decode_image(path: str | bytes, channels: int = 3) -> np.ndarray:
+  """Any PIL-readable file (or its encoded bytes) -> uint8 (h, w, channels), decoded as the
+  tf.data pipeline's PIL path."""
+  return pil_decode(path if isinstance(path, bytes) else storage.read_bytes(path), channels)
 
 
 @functools.lru_cache(maxsize=64)
@@ -124,8 +125,8 @@ def resize_bilinear(image: np.ndarray, size: int) -> np.ndarray:
   return np.rint(np.clip(out, 0.0, 255.0)).astype(np.uint8)
 
 
-def load_image(path: str, size: int) -> np.ndarray:
-  """An image file -> the model's uint8 (size, size, 3) input pixels."""
+def load_image(path: str | bytes, size: int) -> np.ndarray:
+  """An image file (or its encoded bytes) -> the model's uint8 (size, size, 3) input pixels."""
   return resize_bilinear(decode_image(path, 3), size)
 
 
@@ -142,8 +143,9 @@ def _pil_nearest_table(n_in: int, n_out: int) -> np.ndarray:
   return np.minimum(np.cumsum(steps).astype(np.int64), int(n_in) - 1)
 
 
-def load_mask(path: str, size: int) -> np.ndarray:
-  """A mask file -> bool (size, size): PIL NEAREST resize, any non-zero pixel is a defect."""
+def load_mask(path: str | bytes, size: int) -> np.ndarray:
+  """A mask file (or its encoded bytes) -> bool (size, size): PIL NEAREST resize, any non-zero
+  pixel is a defect."""
   m = decode_image(path, 1)[..., 0]
   m = m[_pil_nearest_table(m.shape[0], size)][:, _pil_nearest_table(m.shape[1], size)]
   return m > 0
@@ -273,8 +275,9 @@ class ExportedPredictor:
   def input_size(self) -> int:
     return int(self.meta["input_size"])
 
-  def preprocess(self, path: str) -> np.ndarray:
-    """An image file -> normalised float32 (H, W, 3), as the eval pipeline."""
+  def preprocess(self, path: str | bytes) -> np.ndarray:
+    """An image file (or its encoded bytes) -> normalised float32 (H, W, 3), as the eval
+    pipeline."""
     pre = self.meta["preprocessing"]
     return normalize(load_image(path, self.input_size), pre["mean"], pre["std"])
 

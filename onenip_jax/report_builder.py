@@ -133,7 +133,7 @@ def empty_defect_masks(samples, masks, has_mask, size: int) -> list:
 
 def _write_heatmaps(out_dir, samples, anomaly_maps, masks, scores, cfg, load_image) -> None:
   """Up to `eval.max_heatmaps_per_class` PNGs (defective images first, then normal ones) and a
-  contact sheet of them; `load_image(path)` gives the uint8 (H, W, 3) model input."""
+  contact sheet of them; `load_image(sample)` gives the uint8 (H, W, 3) model input."""
   vmax = float(np.percentile(anomaly_maps, 99.9)) if anomaly_maps.size else 1.0
   n = cfg.eval.max_heatmaps_per_class
   bad = [i for i, s in enumerate(samples) if s.label]
@@ -147,7 +147,7 @@ def _write_heatmaps(out_dir, samples, anomaly_maps, masks, scores, cfg, load_ima
     if storage.join(out_dir, name + ".png") in paths:  # x.png and x.jpg, say
       name += f"_{i}"
     path = storage.join_inside(out_dir, name + ".png", what=f"heatmap name (from {sample.path})")
-    heatmaps.save_heatmap(path, load_image(sample.path), anomaly_maps[i],
+    heatmaps.save_heatmap(path, load_image(sample), anomaly_maps[i],
                           masks[i] if masks[i].any() else None, float(scores[i]),
                           vmin=float(anomaly_maps.min()), vmax=vmax,
                           title=f"{sample.cls}/{sample.defect}")

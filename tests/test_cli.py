@@ -32,6 +32,7 @@ FLAGS = {
     "onenip-predict": ["--exported", "--out", "--threshold", "--[no]heatmaps", "--[no]save-maps",
                        "--[no]skip-bad", "--[no]flax", "--batch-size"],
     "onenip-convert-weights": ["--variant", "--input", "--output"],
+    "onenip-build-tfds": ["--config", "--data-dir", "--name"],
 }
 
 

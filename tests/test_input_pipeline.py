@@ -369,28 +369,3 @@ def test_mask_nearest_matches_pil(tmp_path, hw):
   for size in (32, 224):
     want = np.asarray(Image.fromarray(m).resize((size, size), Image.NEAREST)) > 0
     np.testing.assert_array_equal(ip.load_mask(str(path), size)[..., 0], want)
-
-
-# ------------------------------------------------------------------------------------------------
-# TFDS builder
-
-
-def test_tfds_builder_roundtrip(small, tmp_path):
-  pytest.importorskip("importlib_resources", reason="tensorflow_datasets needs importlib_resources")
-  pytest.importorskip("tensorflow_datasets", reason="the `tfds` extra is not installed")
-  from data_pipelines import tfds_builder  # pylint: disable=g-import-not-at-top
-  cfg = _cfg(small)
-  index = indexing.index_dataset(cfg.data)
-  builder = tfds_builder.build(cfg.data, data_dir=str(tmp_path / "tfds"))
-  for split, samples in (("train", index.train), ("test", index.test)):
-    records = list(builder.as_dataset(split=split).as_numpy_iterator())
-    assert len(records) == len(samples)
-    for k, (r, s) in enumerate(zip(records, samples)):
-      assert r["index"] == k and r["path"].decode() == s.path and r["label"] == s.label
-      assert r["class_id"] == index.class_id(s.cls) and r["defect"].decode() == s.defect
-      assert r["image"] == pathlib.Path(s.path).read_bytes()
-      assert r["mask"] == (pathlib.Path(s.mask_path).read_bytes() if s.mask_path else b"")
-  # Decoding the stored bytes gives the file pipeline's pixels.
-  r = records[0]
-  got = ip.decode(tf.constant(r["image"]), 3).numpy()
-  np.testing.assert_array_equal(got, ip.decode(tf.io.read_file(index.test[0].path), 3).numpy())
