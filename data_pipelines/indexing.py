@@ -38,6 +38,7 @@ from typing import Any, Optional
 import numpy as np
 
 from data_pipelines import image_checks, layouts, pil_decode, storage
+from data_pipelines.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class DatasetIndex:
     try:
       return self._class_ids[cls]
     except KeyError:
-      raise ValueError(f"unknown class {cls!r}; classes: {list(self.classes)}") from None
+      raise UserError(f"unknown class {cls!r}; classes: {list(self.classes)}") from None
 
   def normal_train_indices(self, cls: str) -> list:
     """Positions in `train` of the normal (label 0) samples of class `cls`."""
@@ -182,8 +183,8 @@ def _validate(records: list, skip_bad: bool, dataset: str, cache_path: Optional[
   if bad and not skip_bad:
     shown = bad[:_MAX_LISTED] + ([f"... and {len(bad) - _MAX_LISTED} more"]
                                  if len(bad) > _MAX_LISTED else [])
-    raise ValueError(f"{dataset}: {len(bad)} unreadable file(s) (pass data.skip_bad=True to skip "
-                     "them):\n  " + "\n  ".join(shown))
+    raise UserError(f"{dataset}: {len(bad)} unreadable file(s) (pass data.skip_bad=True to skip "
+                    "them):\n  " + "\n  ".join(shown))
   if bad:
     logger.warning("%s: skipped %d unreadable file(s) (data.skip_bad=True)", dataset, len(bad))
   for cls, paths in missing_mask.items():
@@ -212,20 +213,20 @@ def _index_one(dcfg: dict, cache_path: Optional[str] = None) -> tuple:
     return [Sample(**s) for s in train], [Sample(**s) for s in test], classes
   if layout == "demo":  # the built-in demo: generated (once) in MVTec layout at data.root
     if not root:
-      raise ValueError("data.root is empty: layout 'demo' needs the folder to generate the data in")
+      raise UserError("data.root is empty: layout 'demo' needs the folder to generate the data in")
     from data_pipelines import demo_data  # pylint: disable=g-import-not-at-top
     layout, root = "mvtec", demo_data.make_demo_dataset(root)
   if layout not in _LAYOUTS:
-    raise ValueError(f"unknown data.layout {layout!r}; supported: "
-                     f"{list(_LAYOUTS) + ['demo', 'tfds']}")
+    raise UserError(f"unknown data.layout {layout!r}; supported: "
+                    f"{list(_LAYOUTS) + ['demo', 'tfds']}")
   if not root or not storage.isdir(root):
-    raise ValueError(f"data.root {root!r} does not exist or is not a folder")
+    raise UserError(f"data.root {root!r} does not exist or is not a folder")
   wanted = list(dcfg["classes"] or ())
   if layout == "mvtec":
     records = layouts.mvtec_records(root, wanted)
   elif layout == "meta":
     if not dcfg["meta_train"]:
-      raise ValueError("data.meta_train is empty (layout 'meta')")
+      raise UserError("data.meta_train is empty (layout 'meta')")
     records = (layouts.meta_records(root, dcfg["meta_train"], "train")
                + layouts.meta_records(root, dcfg["meta_test"], "test"))
   else:
@@ -234,7 +235,7 @@ def _index_one(dcfg: dict, cache_path: Optional[str] = None) -> tuple:
   if wanted:
     unknown = [c for c in wanted if c not in found]
     if unknown:
-      raise ValueError(f"data.classes {unknown} not found in {root}; available: {found}")
+      raise UserError(f"data.classes {unknown} not found in {root}; available: {found}")
     keep = set(wanted)
     records = [r for r in records if r.cls in keep]
     found = wanted
@@ -248,7 +249,7 @@ def _index_one(dcfg: dict, cache_path: Optional[str] = None) -> tuple:
   with_normal = {s.cls for s in train if s.label == 0}
   for c in found:
     if c not in with_normal:
-      raise ValueError(f"class {c!r} of {root} has no normal training image")
+      raise UserError(f"class {c!r} of {root} has no normal training image")
   return train, test, tuple(found)
 
 
@@ -271,7 +272,7 @@ def index_dataset(data_cfg: Any, verify_cache: Optional[str] = None) -> DatasetI
   dcfgs = [main] + [_dataset_cfg(e, parent=data_cfg) for e in extra]
   for i, d in enumerate(dcfgs[1:], 1):
     if d["extra"]:
-      raise ValueError(f"data.extra[{i - 1}] has its own 'extra'; nesting is not supported")
+      raise UserError(f"data.extra[{i - 1}] has its own 'extra'; nesting is not supported")
   parts = [_index_one(d, verify_cache) for d in dcfgs]
   if len(parts) == 1:
     train, test, classes = parts[0]
@@ -289,8 +290,8 @@ def index_dataset(data_cfg: Any, verify_cache: Optional[str] = None) -> DatasetI
     for c in cl:
       storage.safe_name(rename[c], f"tag {tag!r} of data.extra: merged class name")
       if rename[c] in classes:
-        raise ValueError(f"merged class name {rename[c]!r} (from {tag!r}) is not unique; set a "
-                         "distinct 'tag' in the data.extra entries")
+        raise UserError(f"merged class name {rename[c]!r} (from {tag!r}) is not unique; set a "
+                        "distinct 'tag' in the data.extra entries")
       classes.append(rename[c])
     train += [dataclasses.replace(s, cls=rename[s.cls]) for s in tr]
     test += [dataclasses.replace(s, cls=rename[s.cls]) for s in te]
@@ -308,7 +309,7 @@ def split_holdout(index: DatasetIndex, fraction: float, seed: int) -> DatasetInd
     ValueError if `fraction` (config key calibration.holdout_fraction) is not in [0, 1).
   """
   if not 0.0 <= fraction < 1.0:
-    raise ValueError(f"calibration.holdout_fraction={fraction!r}: must be in [0, 1)")
+    raise UserError(f"calibration.holdout_fraction={fraction!r}: must be in [0, 1)")
   if fraction == 0.0:
     return index
   out = set()

@@ -33,6 +33,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from data_pipelines import indexing, records
+from data_pipelines.errors import UserError
 from data_pipelines.pil_decode import pil_decode
 from data_pipelines.tf_setup import import_tensorflow
 
@@ -177,7 +178,7 @@ class _PromptTable:
         groups[index.class_id(s.cls)].append(i)
     for c, g in zip(index.classes, groups):
       if not g:
-        raise ValueError(f"class {c!r} has no normal training image to draw prompts from")
+        raise UserError(f"class {c!r} has no normal training image to draw prompts from")
     self.flat = tf.constant(np.concatenate(groups).astype(np.int64))
     self.offset = tf.constant(np.cumsum([0] + [len(g) for g in groups[:-1]]).astype(np.int64))
     self.count = tf.constant(np.array([len(g) for g in groups], np.int64))
@@ -191,7 +192,7 @@ class _PromptTable:
 
 def _per_process(batch_size: int, process_count: int, name: str) -> int:
   if process_count < 1 or batch_size % process_count:
-    raise ValueError(f"{name}={batch_size} is not divisible by the process count {process_count}")
+    raise UserError(f"{name}={batch_size} is not divisible by the process count {process_count}")
   return batch_size // process_count
 
 
@@ -266,7 +267,7 @@ def make_train_iterator(index: indexing.DatasetIndex, cfg: Any, *, process_index
   size, seed = int(cfg.input_size), int(cfg.seed)
   b = _per_process(int(cfg.batch_size), process_count, "batch_size")
   if not index.train:
-    raise ValueError("the training list is empty")
+    raise UserError("the training list is empty")
   mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
   images = records.SampleBytes(index.train)
   class_ids = tf.constant([index.class_id(s.cls) for s in index.train], tf.int64)

@@ -23,6 +23,7 @@ import os
 from typing import Optional
 
 from data_pipelines import storage
+from data_pipelines.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +61,12 @@ def mvtec_records(root: str, classes=()) -> list:
   else:
     class_dirs = [(c, os.path.join(root, c)) for c in _subdirs(root)]
   if not class_dirs:
-    raise ValueError(f"no class folders in data.root {root!r} (layout 'mvtec')")
+    raise UserError(f"no class folders in data.root {root!r} (layout 'mvtec')")
   if classes:
     names = [c for c, _ in class_dirs]
     unknown = [c for c in classes if c not in names]
     if unknown:
-      raise ValueError(f"data.classes {unknown} not found in {root}; available: {names}")
+      raise UserError(f"data.classes {unknown} not found in {root}; available: {names}")
     class_dirs = [(c, d) for c, d in class_dirs if c in set(classes)]
   records = []
   for cls, cdir in class_dirs:
@@ -74,7 +75,7 @@ def mvtec_records(root: str, classes=()) -> list:
                     if d.lower() in NORMAL_FOLDERS] if storage.isdir(train_dir) else [])
     train = [p for d in normal_dirs for p in _list_images(d)]
     if not train:
-      raise ValueError(
+      raise UserError(
           f"class {cls!r}: no normal training image in {train_dir}/{{{','.join(NORMAL_FOLDERS)}}} "
           f"(class folder {cdir})")
     records += [Record("train", p, cls, 0, None, "good") for p in train]
@@ -104,7 +105,7 @@ def meta_records(root: str, meta_file: str, split: str) -> list:
   if not meta_file:
     return []
   if not storage.isfile(meta_file):
-    raise ValueError(f"meta file not found: {meta_file} (data.meta_{split})")
+    raise UserError(f"meta file not found: {meta_file} (data.meta_{split})")
   records = []
   with storage.open(meta_file, "r") as f:
     for lineno, line in enumerate(f, 1):
@@ -114,20 +115,20 @@ def meta_records(root: str, meta_file: str, split: str) -> list:
       try:
         meta = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{where} is not JSON ({e}): {line.strip()[:200]}") from None
+        raise UserError(f"{where} is not JSON ({e}): {line.strip()[:200]}") from None
       if not isinstance(meta, dict) or not meta.get("filename"):
-        raise ValueError(f"{where} has no 'filename': {line.strip()[:200]}")
+        raise UserError(f"{where} has no 'filename': {line.strip()[:200]}")
       rel = meta["filename"]
       parts = rel.replace("\\", "/").split("/")
       cls = meta.get("clsname") or (parts[-4] if len(parts) >= 4 else None)
       if not cls:
-        raise ValueError(f"{where} has no 'clsname' and {rel!r} has under 4 path components")
+        raise UserError(f"{where} has no 'clsname' and {rel!r} has under 4 path components")
       try:
         label = int(meta.get("label", 0))
       except (TypeError, ValueError):
-        raise ValueError(f"{where}: label {meta.get('label')!r} is not 0/1") from None
+        raise UserError(f"{where}: label {meta.get('label')!r} is not 0/1") from None
       if label not in (0, 1):
-        raise ValueError(f"{where}: label {label} is not 0/1")
+        raise UserError(f"{where}: label {label} is not 0/1")
       mask = meta.get("maskname") or None
       defect = "good" if label == 0 else (parts[-2] if len(parts) >= 2 else "defective")
       records.append(Record(split, os.path.join(root, rel), str(cls), label,
@@ -139,20 +140,20 @@ def visa_records(root: str, csv_file: str) -> list:
   """Records of VisA's split csv (`object,split,label,image,mask`); "" = the download's 1cls.csv."""
   csv_file = csv_file or storage.join(root, "split_csv", "1cls.csv")
   if not storage.isfile(csv_file):
-    raise ValueError(f"data.visa_csv not found: {csv_file}")
+    raise UserError(f"data.visa_csv not found: {csv_file}")
   records = []
   with storage.open(csv_file, "r") as f:
     reader = csv.DictReader(f)
     need = {"object", "split", "label", "image"}
     if not need <= set(reader.fieldnames or ()):
-      raise ValueError(f"{csv_file}: columns {reader.fieldnames} lack {sorted(need)}")
+      raise UserError(f"{csv_file}: columns {reader.fieldnames} lack {sorted(need)}")
     for lineno, row in enumerate(reader, 2):
       where = f"line {lineno} of {csv_file}"
       split, lab = row["split"].strip().lower(), row["label"].strip().lower()
       if split not in ("train", "test"):
-        raise ValueError(f"{where}: split {row['split']!r} is not train/test")
+        raise UserError(f"{where}: split {row['split']!r} is not train/test")
       if lab not in ("normal", "anomaly"):
-        raise ValueError(f"{where}: label {row['label']!r} is not normal/anomaly")
+        raise UserError(f"{where}: label {row['label']!r} is not normal/anomaly")
       label = int(lab == "anomaly")
       mask = (row.get("mask") or "").strip()
       records.append(Record(split, os.path.join(root, row["image"].strip()), row["object"].strip(),

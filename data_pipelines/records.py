@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from data_pipelines import storage
+from data_pipelines.errors import UserError
 from data_pipelines.tf_setup import import_tensorflow  # TensorFlow only when reading in tf.data
 
 BUILDER_NAME = "onenip_index"   # the TFDS builder's name: <data_dir>/<BUILDER_NAME>/<name>/<VERSION>
@@ -51,24 +52,24 @@ def load_index(data_dir: str, name: str, classes: Sequence[str] = ()) -> tuple:
     ValueError naming the setting or file at fault.
   """
   if not data_dir or not name:
-    raise ValueError("layout 'tfds' needs data.tfds_data_dir and data.tfds_name (got "
+    raise UserError("layout 'tfds' needs data.tfds_data_dir and data.tfds_name (got "
                      f"{data_dir!r}, {name!r})")
   folder = dataset_dir(data_dir, name)
   path = storage.join(folder, INDEX_FILE)
   if not storage.isfile(path):
-    raise ValueError(f"{path} not found: no data set data.tfds_name={name!r} built under "
+    raise UserError(f"{path} not found: no data set data.tfds_name={name!r} built under "
                      f"data.tfds_data_dir={data_dir!r} (onenip-build-tfds)")
   try:
     meta = json.loads(storage.read_text(path))
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not JSON ({e})") from None
+    raise UserError(f"{path} is not JSON ({e})") from None
   if meta.get("format") != FORMAT:
-    raise ValueError(f"{path}: format {meta.get('format')!r}, this code reads {FORMAT}; rebuild it")
+    raise UserError(f"{path}: format {meta.get('format')!r}, this code reads {FORMAT}; rebuild it")
   found = list(meta["classes"])
   wanted = list(classes or ())
   unknown = [c for c in wanted if c not in found]
   if unknown:
-    raise ValueError(f"data.classes {unknown} not in {path}; available: {found}")
+    raise UserError(f"data.classes {unknown} not in {path}; available: {found}")
   keep = set(wanted or found)
   split = lambda key: [_sample(r, folder) for r in meta[key] if r["cls"] in keep]
   return split("train"), split("test"), tuple(wanted or found)

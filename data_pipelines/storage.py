@@ -23,6 +23,8 @@ import tempfile
 import uuid
 from typing import Iterator, Union
 
+from data_pipelines.errors import UserError
+
 PathLike = Union[str, os.PathLike]
 
 # File name endings (lower case) read as images everywhere: dataset layouts, predict inputs,
@@ -95,7 +97,7 @@ def safe_name(name: str, what: str) -> str:
   """
   if (not isinstance(name, str) or name in ("", ".", "..")
       or any(c in name for c in ("/", "\\", "\0"))):
-    raise ValueError(f"{what} {name!r} cannot be a file or folder name: it must be non-empty, not "
+    raise UserError(f"{what} {name!r} cannot be a file or folder name: it must be non-empty, not "
                      "'.' or '..', and hold no '/' or '\\'")
   return name
 
@@ -142,7 +144,7 @@ def read_range(path: PathLike, offset: int, length: int) -> bytes:
     f.seek(int(offset))
     data = f.read(int(length))
   if len(data) != int(length):
-    raise ValueError(f"{path}: {length} bytes expected at offset {offset}, the file has "
+    raise UserError(f"{path}: {length} bytes expected at offset {offset}, the file has "
                      f"{len(data)} there (truncated or replaced since it was indexed?)")
   return data
 

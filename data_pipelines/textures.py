@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from data_pipelines import storage
+from data_pipelines.errors import UserError
 from data_pipelines.image_ops import to_u8
 from data_pipelines.tf_setup import import_tensorflow
 
@@ -89,7 +90,7 @@ def texture_paths(textures_dir: str) -> list:
     return _skimage_textures()
   root = storage.abspath(textures_dir)
   if not storage.isdir(root):
-    raise ValueError(f"data.textures: texture folder {root} does not exist")
+    raise UserError(f"data.textures: texture folder {root} does not exist")
   paths = []
   for base in (storage.join(root, "images"), root):
     if not storage.isdir(base):
@@ -103,8 +104,8 @@ def texture_paths(textures_dir: str) -> list:
     paths = _listdir_images(root)
   if not paths:
     patterns = ", ".join("*" + e for e in TEXTURE_EXTENSIONS)
-    raise ValueError(f"data.textures: no texture image ({patterns}) found in {root}; expected "
-                     "the DTD layout images/<class>/*.jpg or <class>/*.jpg")
+    raise UserError(f"data.textures: no texture image ({patterns}) found in {root}; expected "
+                    "the DTD layout images/<class>/*.jpg or <class>/*.jpg")
   return sorted(paths)
 
 

@@ -30,6 +30,7 @@ from typing import Any, Optional
 import numpy as np
 
 from data_pipelines import indexing, records, storage
+from data_pipelines.errors import UserError
 from data_pipelines.tf_setup import import_tensorflow
 
 tf = import_tensorflow()  # GPUs hidden before tensorflow_datasets imports TensorFlow
@@ -44,7 +45,7 @@ def _cfg_dict(data_cfg: Any) -> dict:
   # pylint: disable-next=protected-access
   out = dict(indexing._dataset_cfg(data_cfg, data_cfg), classes=[], extra=[])
   if out["layout"] == "tfds":
-    raise ValueError("data.layout='tfds' is what this builds; give the source layout's config")
+    raise UserError("data.layout='tfds' is what this builds; give the source layout's config")
   del out["tfds_name"], out["tfds_data_dir"]
   out["classes"] = list(indexing._get(data_cfg, "classes", ()) or ())  # pylint: disable=protected-access
   out["extra"] = [_cfg_dict(e) for e in (indexing._get(data_cfg, "extra", ()) or ())]  # pylint: disable=protected-access
@@ -116,11 +117,11 @@ def _records(path: str):
       if not head:
         return
       if len(head) != 12:
-        raise ValueError(f"{path}: truncated record header at byte {offset}")
+        raise UserError(f"{path}: truncated record header at byte {offset}")
       (length,) = struct.unpack("<Q", head[:8])
       data = f.read(length)
       if len(data) != length or len(f.read(4)) != 4:
-        raise ValueError(f"{path}: truncated record at byte {offset}")
+        raise UserError(f"{path}: truncated record at byte {offset}")
       yield offset + 12, data
       offset += 12 + length + 4
 
@@ -129,7 +130,7 @@ def _byte_range(shard: str, offset: int, data: bytes, value: bytes) -> list:
   """[shard, offset, length] of `value` (a feature's bytes) inside the record `data` at `offset`."""
   at = data.find(value)
   if at < 0:
-    raise ValueError(f"{shard}: a record at byte {offset} does not hold its feature's bytes")
+    raise UserError(f"{shard}: a record at byte {offset} does not hold its feature's bytes")
   return [shard, offset + at, len(value)]
 
 
@@ -148,7 +149,7 @@ def _index_rows(folder: str, filenames, samples) -> list:
                  "mask": _byte_range(shard, offset, data, mask) if s.mask_path else None}
   missing = [samples[i].path for i, r in enumerate(rows) if r is None]
   if missing:
-    raise ValueError(f"{folder}: {len(missing)} sample(s) have no record, e.g. {missing[0]}")
+    raise UserError(f"{folder}: {len(missing)} sample(s) have no record, e.g. {missing[0]}")
   return rows
 
 
@@ -177,7 +178,7 @@ def build(data_cfg: Any, data_dir: str, name: Optional[str] = None) -> str:
   if storage.isfile(index_file):
     stored = json.loads(storage.read_text(index_file))["source"]
     if stored != cfg:
-      raise ValueError(f"{index_file} was built from another source config ({stored}), not "
+      raise UserError(f"{index_file} was built from another source config ({stored}), not "
                        f"{cfg}; choose another name or delete {target}")
     log.info("data set %r already built at %s", name, target)
     return target
@@ -206,7 +207,7 @@ def main(args) -> None:
   """`onenip-build-tfds`: args.config (loaded config), args.data_dir, args.name."""
   data = args.config.data
   if data.layout == "demo" and not data.root:
-    raise ValueError("layout 'demo' builds from the folder it generates the data in: set "
+    raise UserError("layout 'demo' builds from the folder it generates the data in: set "
                      "--config.data.root")
   target = build(data, args.data_dir, args.name)
   log.info("train from it with --config.data.layout=tfds --config.data.tfds_name=%s "

@@ -6,6 +6,12 @@ is copied off the devices and Orbax writes it in a background thread; `save(...,
 `replace` and the manager's `close()` wait until it is on storage. A checkpoint that cannot be read is reported in one
 line naming its step and file, and the newest intact one is used instead (`restore_latest`).
 
+A save that fails (a full disk, a refused write) raises `CheckpointSaveError`, one line naming the
+step's folder and the cause: at once for a save that waits, else from `check_saves`, which the
+training loop calls after every step, or at the latest from the next save, which waits for the
+previous one. The failed step leaves only Orbax's temporary folder: the older steps stay intact
+and a rerun resumes from the newest of them.
+
 Storage: Orbax (TensorStore for the arrays, `etils.epath` for the folders) writes local and
 `gs://` work directories itself. It cannot write other schemes: `epath` raises KeyError for
 TensorFlow's `ram://` and TensorStore has no driver for it. For such a work directory the manager
@@ -17,6 +23,7 @@ deleted there. A copied step gets the marker file `UPLOADED` last; a step withou
 short) is not restored and is removed at the next copy. Staging supports one process only: with
 several, each would hold a different part of the arrays.
 """
+import errno
 import json
 import logging
 import os
@@ -29,6 +36,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from data_pipelines import storage
+from data_pipelines.errors import UserError, UserFileNotFoundError
 from onenip_jax import config_loading
 
 log = logging.getLogger("onenip")
@@ -42,8 +50,12 @@ UPLOADED = "UPLOADED"        # marker file, written last into a step copied by `
 _STEP = re.compile(r"^\d+$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """No checkpoint of a work directory can be read (the message names each step and file)."""
+
+
+class CheckpointSaveError(UserError):
+  """A checkpoint could not be written (the message names the step's folder and the cause)."""
 
 
 class _StagedManager(ocp.CheckpointManager):
@@ -51,8 +63,8 @@ class _StagedManager(ocp.CheckpointManager):
 
   def __init__(self, remote: str, options: ocp.CheckpointManagerOptions):
     if jax.process_count() > 1:
-      raise ValueError(f"{remote}: checkpoints on {storage.scheme(remote)}:// need a single "
-                       f"process (they are staged locally); use a local or gs:// workdir")
+      raise UserError(f"{remote}: checkpoints on {storage.scheme(remote)}:// need a single "
+                      f"process (they are staged locally); use a local or gs:// workdir")
     self._remote, self._read_only = remote, options.read_only
     self._stage = tempfile.mkdtemp(prefix="onenip-ckpt-")
     self._copied = {}   # step folder name -> (inode, mtime) of the local folder last copied
@@ -129,9 +141,78 @@ def save(manager: ocp.CheckpointManager, step: int, state, cfg: ml_collections.C
            "config": ocp.args.JsonSave(json.loads(cfg.to_json_best_effort()))}
   if calibration is not None:
     items["calibration"] = ocp.args.JsonSave(calibration)
-  manager.save(step, args=ocp.args.Composite(**items), force=True)
-  if wait:
-    manager.wait_until_finished()
+  try:
+    manager.save(step, args=ocp.args.Composite(**items), force=True)
+    if wait:
+      manager.wait_until_finished()
+  except Exception as e:  # Orbax / TensorStore / OS errors of many types
+    raise save_error(manager, step, e) from e
+
+
+def check_saves(manager: ocp.CheckpointManager) -> None:
+  """Raises `CheckpointSaveError` if a background save has failed (does not wait for one)."""
+  try:
+    manager.check_for_errors()
+  except Exception as e:  # pylint: disable=broad-except
+    raise save_error(manager, None, e) from e
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_no_space(error: BaseException) -> bool:
+  """True when `error` or one of its causes is a full disk or quota (also TensorStore's text)."""
+  e, seen = error, 0
+  while e is not None and seen < 10:
+    if isinstance(e, OSError) and e.errno in _NO_SPACE:
+      return True
+    text = str(e)
+    if ("No space left on device" in text or "Disk quota exceeded" in text
+        or any(f"os_error_code='{n}'" in text for n in _NO_SPACE)):
+      return True
+    e, seen = e.__cause__ or e.__context__, seen + 1
+  return False
+
+
+def save_error(manager: ocp.CheckpointManager, step: int | None,
+               error: BaseException) -> CheckpointSaveError:
+  """One line naming the step's folder and the cause of a failed save, and the newest step left.
+
+  The step is read from the error's paths where they name one (a save first waits for the
+  previous one, whose error it raises), else it is `step`.
+  """
+  if isinstance(error, CheckpointSaveError):
+    return error
+  directory = str(manager.directory)
+  messages, e = [], error
+  while e is not None and len(messages) < 10:
+    messages.append(str(e))
+    e = e.__cause__ or e.__context__
+  found = re.search(re.escape(directory.rstrip("/")) + r"/(\d+)", "\n".join(messages))
+  step = int(found.group(1)) if found else step
+  path = storage.join(directory, str(step)) if step is not None else directory
+  intact = sorted(int(n) for n in (storage.listdir(directory) if storage.isdir(directory) else ())
+                  if _STEP.match(n) and int(n) != step)
+  left = (f"; the newest intact checkpoint is step {intact[-1]}, a rerun resumes from it"
+          if intact else "")
+  if is_no_space(error):
+    return CheckpointSaveError(f"no space left on device: {path} (checkpoint step {step} not "
+                               f"saved{left})")
+  reason = next((m.strip().splitlines()[0] for m in reversed(messages) if m.strip()),
+                type(error).__name__)
+  return CheckpointSaveError(f"cannot save checkpoint step {step} to {path}: {reason[:300]}{left}")
+
+
+def close(manager: ocp.CheckpointManager, *, after_error: bool = False) -> None:
+  """Closes `manager` (waiting for its saves). After another error (`after_error`), a failure
+  here is logged in one line, not raised, so that the first error is the one reported."""
+  try:
+    manager.close()
+  except Exception as e:  # pylint: disable=broad-except
+    error = save_error(manager, None, e)
+    if not after_error:
+      raise error from e
+    log.warning("%s", error)
 
 
 def restore_calibration(manager: ocp.CheckpointManager, step: int) -> dict | None:
@@ -274,7 +355,7 @@ def restore_config(workdir: str, step: int | None = None) -> ml_collections.Conf
     if step is None:  # the newest config that reads back
       found = latest_config(manager)
       if found is None:
-        raise FileNotFoundError(f"no readable checkpoint under {workdir}/checkpoints")
+        raise UserFileNotFoundError(f"no readable checkpoint under {workdir}/checkpoints")
       return ml_collections.ConfigDict(found[1])
     restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   return ml_collections.ConfigDict(config_loading.upgrade_stored_config(dict(restored.config)))

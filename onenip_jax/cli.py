@@ -12,19 +12,28 @@ Evaluating or exporting a stored run uses the config stored with it (in the chec
 export); `--config FILE` replaces it except for the model and input size, and `--config.KEY=VALUE`
 overrides either (keys of the model and input size excepted: they fail, naming the key).
 
-This module imports only absl, ml_collections, the standard library and `config_loading` (with
-`data_pipelines.storage`), so `--help` is quick; each command imports its implementation (JAX,
-TensorFlow, ...) after its flags are parsed. Path flags (`_PATH_FLAGS`), predict's inputs and the
---config file have `~` and `$VAR` expanded like the config's paths (`config_loading` module doc).
+Exit codes: 0 done; 2 an error the user fixes, printed in one line `PROG: error: MESSAGE` naming
+the file or setting at fault (usage, config keys and values, missing or bad data, a damaged
+export, a busy work directory, a full disk: `data_pipelines.errors.UserError`; `--verbose` adds
+its traceback); 128 + signal number for a run stopped by SIGTERM / SIGINT (143 / 130); 1 an
+unexpected error, with its traceback.
+
+This module imports only absl, ml_collections, the standard library and the project's modules
+built on them (config_loading, config_checks, data_pipelines.errors), so `--help` is quick; each
+command imports its implementation (JAX, TensorFlow, ...) after its flags are parsed. Path flags
+(`_PATH_FLAGS`), predict's inputs and the --config file have `~` and `$VAR` expanded like the
+config's paths (`config_loading` module doc).
 """
 import logging
 import os
 import sys
+import traceback
 import types
 
 from absl import app, flags
 
-from onenip_jax import config_loading
+from data_pipelines import errors
+from onenip_jax import config_checks, config_loading
 
 _HELP = ("-h", "-?", "--help", "--helpshort", "--helpfull")
 # Flags (of any command) naming a file or folder: `~` and `$VAR` expanded as in config paths
@@ -130,6 +139,8 @@ def _parse(prog: str, summary: str, define, argv, *, overrides: bool = False,
   argv = list(sys.argv[1:] if argv is None else argv)
   fv = flags.FlagValues()
   define(fv)
+  flags.DEFINE_boolean("verbose", False, "show the traceback of an error that names the file or "
+                       "setting at fault (printed in one line without it)", flag_values=fv)
   head = argv[:argv.index("--")] if "--" in argv else argv
   if any(a in _HELP for a in head):
     print(_usage(prog, summary, fv, positional))
@@ -176,17 +187,58 @@ def _fail(prog: str, message: str):
   sys.exit(2)
 
 
-def _run(prog: str, fn, args):
-  """fn(args); a usage or config-key error ends the process in one line with exit code 2."""
+def _run(prog: str, fn, args, *, hard_exit: bool = False):
+  """fn(args); a usage, config or other user error (`data_pipelines.errors.UserError`: bad data, a
+  missing file, a damaged export, a full disk, ...) ends the process in one line with exit code 2
+  (after its traceback with --verbose). Any other exception keeps its traceback.
+
+  With `hard_exit` the process ends without the interpreter's teardown (`run_control.exit_now`),
+  where background threads (Orbax, tf.data) of a failed run would print pages of noise.
+  """
   try:
     return fn(args)
-  except (app.UsageError, config_loading.ConfigKeyError) as e:
-    _fail(prog, str(e))
+  except (app.UsageError, config_loading.ConfigKeyError, errors.UserError) as e:
+    if getattr(args, "verbose", False):
+      traceback.print_exc()
+    if not hard_exit:
+      _fail(prog, str(e))
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    from onenip_jax import run_control  # pylint: disable=g-import-not-at-top
+    run_control.exit_now(errors.EXIT_CODE)
 
 
-def _logging():
+class _DropOrbaxErrors(logging.Filter):
+  """Drops the error records (with tracebacks) Orbax's background threads log for a failed save;
+  the training reports the failure itself in one line (`checkpoints.CheckpointSaveError`)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _quiet_unraisable(hook):
+  """sys.unraisablehook without the 'Event loop is closed' errors of TensorStore's callbacks
+  after a failed checkpoint write (one per array)."""
+
+  if getattr(hook, "quiet", False):
+    return hook
+
+  def quiet(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      hook(unraisable)
+
+  quiet.quiet = True
+  return quiet
+
+
+def _logging(verbose: bool = False):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
+  absl_logger = logging.getLogger("absl")
+  absl_logger.setLevel(logging.WARNING)  # Orbax's per-save chatter
+  if not verbose:
+    if not any(isinstance(f, _DropOrbaxErrors) for f in absl_logger.filters):
+      absl_logger.addFilter(_DropOrbaxErrors())
+    sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
 
 
 def train(argv=None) -> None:
@@ -196,12 +248,13 @@ def train(argv=None) -> None:
                 _train_flags, argv, overrides=True)
   try:
     args.config = config_loading.load_config(args.config, args.overrides)
-  except (FileNotFoundError, config_loading.ConfigKeyError) as e:
+    config_checks.check_config(args.config)
+  except (FileNotFoundError, config_loading.ConfigKeyError, errors.UserError) as e:
     _fail(prog, str(e))
   args.config.lock()
-  _logging()
+  _logging(args.verbose)
   from onenip_jax import train as impl  # pylint: disable=g-import-not-at-top
-  return _run(prog, impl.main, args)
+  return _run(prog, impl.main, args, hard_exit=True)
 
 
 def evaluate(argv=None) -> None:
@@ -211,7 +264,7 @@ def evaluate(argv=None) -> None:
                 "metrics.md, metrics.csv, scores.csv (and heatmaps).", _eval_flags, argv,
                 overrides=True)
   _check_stored(prog, args)
-  _logging()
+  _logging(args.verbose)
   from onenip_jax import evaluate as impl  # pylint: disable=g-import-not-at-top
   return _run(prog, impl.main, args)
 
@@ -228,7 +281,7 @@ def export(argv=None) -> None:
   if not args.target_fpr < 1.0:
     _fail(prog, "--target-fpr must be in [0, 1)")
   _check_stored(prog, args)
-  _logging()
+  _logging(args.verbose)
   from onenip_jax import export as impl  # pylint: disable=g-import-not-at-top
   return _run(prog, impl.main, args)
 
@@ -239,7 +292,7 @@ def predict(argv=None) -> None:
   args = _parse(prog, "Scores images or folders of images with an export; writes predictions.csv "
                 "and predictions.json.", _predict_flags, argv,
                 positional=" IMAGE_OR_FOLDER [...]")
-  _logging()
+  _logging(args.verbose)
   from onenip_jax import predict as impl  # pylint: disable=g-import-not-at-top
   return _run(prog, impl.main, args)
 
@@ -264,20 +317,30 @@ def build_tfds(argv=None) -> None:
     args.config = config_loading.load_config(args.config, args.overrides)
   except (FileNotFoundError, config_loading.ConfigKeyError) as e:
     _fail(prog, str(e))
-  _logging()
+  _logging(args.verbose)
   from data_pipelines import tfds_builder as impl  # pylint: disable=g-import-not-at-top
   return _run(prog, impl.main, args)
 
 
 def _check_stored(prog: str, args) -> None:
-  """Before any work: a missing config file, or overrides that a stored run cannot take, fail at
-  once, naming the file or key."""
+  """Before any work: a missing config file, overrides that a stored run cannot take, or override
+  values out of range (`config_checks`) fail at once, naming the file or key. The whole config
+  is checked once the stored run's is loaded."""
   try:
     path = args.config and config_loading.expand_path(args.config.partition(":")[0], "--config")
     if path and not os.path.isfile(path):
       _fail(prog, f"config file not found: {path}")
     config_loading.check_stored_run_overrides(args.overrides)
-  except config_loading.ConfigKeyError as e:
+    keys = [k for k in map(config_loading.override_key, args.overrides) if k]
+    if keys:
+      from onenip_jax import base_config  # pylint: disable=g-import-not-at-top
+      try:
+        cfg = config_loading.apply_overrides(base_config.get_base_config(), args.overrides)
+      except config_loading.ConfigKeyError:
+        cfg = None  # a key of the config file only: checked once the config is loaded
+      if cfg is not None:
+        config_checks.check_config(cfg, keys)
+  except (config_loading.ConfigKeyError, errors.UserError) as e:
     _fail(prog, str(e))
 
 

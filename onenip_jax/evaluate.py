@@ -28,7 +28,9 @@ import os
 import numpy as np
 
 from data_pipelines import indexing
-from onenip_jax import eval_maps, exported, report_builder, reports, scoring, scoring_modes
+from data_pipelines.errors import UserError
+from onenip_jax import (config_checks, eval_maps, exported, report_builder, reports, scoring,
+                        scoring_modes)
 
 log = logging.getLogger("onenip")
 
@@ -49,7 +51,7 @@ def fusion_constant(cfg, predictor, samples, index, frozen_c: float) -> tuple[fl
   pass over `samples`)."""
   mode = cfg.eval.get("fusion_constant", "frozen")
   if mode not in ("frozen", "test"):
-    raise ValueError(f"config.eval.fusion_constant={mode!r}: use 'frozen' or 'test'")
+    raise UserError(f"config.eval.fusion_constant={mode!r}: use 'frozen' or 'test'")
   if mode == "frozen" and not np.isnan(frozen_c):
     return float(frozen_c), "frozen"
   return float(scoring.mid_range(*eval_maps.rec_range(predictor, samples, index, cfg))), "test"
@@ -105,8 +107,8 @@ def evaluate_exported(cfg, model, index, out_dir: str, *, samples=None) -> dict:
   numpy/PIL preprocessing, pool prompts, the export's scoring (`model.scoring`) only."""
   samples = index.test if samples is None else samples
   if tuple(index.classes) != model.classes:
-    raise ValueError(f"the dataset's classes {index.classes} differ from the exported model's "
-                     f"{model.classes}")
+    raise UserError(f"the dataset's classes {index.classes} differ from the exported model's "
+                    f"{model.classes}")
   size = model.input_size
   builder = report_builder.ReportBuilder(cfg, out_dir)
   for cls, rows in eval_maps.class_rows(samples, index.classes):
@@ -175,6 +177,7 @@ def main(args) -> None:
     model = exported.ExportedPredictor.load(args.exported, args.batch_size)
     cfg = load_config(args.config, args.overrides,
                       base=ml_collections.ConfigDict(model.meta["config"]))
+    config_checks.check_config(cfg)
     cfg.eval.heatmaps = cfg.eval.heatmaps or args.heatmaps
     if cfg.eval.prompt_mode != "pool":
       log.info("the serialised predictor uses pool prompts (eval.prompt_mode=%r needs --flax)",
@@ -196,6 +199,7 @@ def main(args) -> None:
   if args.exported:
     loaded = restore.load_export(args.exported, mesh)
     cfg = load_config(args.config, args.overrides, base=loaded.config)
+    config_checks.check_config(cfg)
     predictor, frozen_c, step = loaded.predictor, loaded.fusion_c, loaded.step
     calibration = loaded.calibration
     out = args.out or os.path.join(args.exported, "eval")

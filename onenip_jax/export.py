@@ -59,6 +59,7 @@ import numpy as np
 from absl import app
 
 from data_pipelines import storage
+from data_pipelines.errors import UserError
 from onenip_jax import (checkpoints, export_thresholds, exported, inference, restore, scoring_modes,
                         sharding)
 
@@ -218,8 +219,8 @@ def main(args) -> None:
   cfg, predictor, fusion_c, step = restore.load_checkpoint(
       args.workdir, mesh, args.step, config=args.config, overrides=args.overrides)
   if np.isnan(fusion_c):
-    raise ValueError(f"{args.workdir}: the checkpoint at step {step} has no frozen fusion constant "
-                     "(training did not finish); finish training or pass --step of a final checkpoint")
+    raise UserError(f"{args.workdir}: the checkpoint at step {step} has no frozen fusion constant "
+                    "(training did not finish); finish training or pass --step of a final checkpoint")
   index = indexing.index_config(cfg, verify_cache=os.path.join(args.workdir,
                                                                "verified_images.json"))
   predictor.pool = inference.build_prompt_pool(predictor, index, cfg)

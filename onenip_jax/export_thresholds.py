@@ -7,6 +7,7 @@ test set) is the module doc of `onenip_jax.export`. A threshold is set on the ex
 import numpy as np
 
 from data_pipelines import storage
+from data_pipelines.errors import UserError, UserFileNotFoundError
 from onenip_jax import eval_maps, inference, restore
 
 
@@ -29,7 +30,7 @@ def _threshold_entry(scores, labels, source: str, target_fpr: float, note: str =
     entry = {"value": normal_quantile(normal, target_fpr), "method": "normal-quantile",
              "target_fpr": target_fpr}
   else:
-    raise ValueError(f"no normal image to set a threshold from ({source})")
+    raise UserError(f"no normal image to set a threshold from ({source})")
   value = entry["value"]
   entry.update({"source": source, "n_normal": int(normal.size), "n_anomalous": int(labels.sum()),
                 "fpr_on_source": float(np.mean(normal > value)) if normal.size else None})
@@ -79,8 +80,8 @@ def threshold_normals(index, pool: inference.PromptPool, fraction: float, seed: 
   for cls in index.classes if classes is None else classes:
     cand = [s for s in index.train if s.cls == cls and s.label == 0 and s.path not in taken]
     if not cand:
-      raise ValueError(f"class {cls!r} has no normal training image outside the prompt pool to "
-                       "set a threshold from; pass --threshold-dir or --threshold-fraction 0")
+      raise UserError(f"class {cls!r} has no normal training image outside the prompt pool to "
+                      "set a threshold from; pass --threshold-dir or --threshold-fraction 0")
     n = max(1, int(round(fraction * len(cand))))
     chosen += [cand[i] for i in sorted(rng.choice(len(cand), size=n, replace=False))]
   return chosen
@@ -110,7 +111,7 @@ def validation_samples(folder: str, classes) -> list:
   for cls in classes:
     d = storage.join_inside(folder, cls, what="class name")
     if not storage.isdir(d):
-      raise FileNotFoundError(f"validation folder {folder} has no folder for class {cls!r} ({d})")
+      raise UserFileNotFoundError(f"validation folder {folder} has no folder for class {cls!r} ({d})")
     for sub in sorted(storage.listdir(d)):
       files = sorted(f for f in storage.listdir(storage.join(d, sub))
                      if f.lower().endswith(storage.IMAGE_EXTENSIONS)) \
@@ -118,5 +119,5 @@ def validation_samples(folder: str, classes) -> list:
       label = 0 if sub in layouts.NORMAL_FOLDERS else 1
       samples += [indexing.Sample(storage.join(d, sub, f), cls, label, None, sub) for f in files]
     if not any(s.cls == cls and s.label == 0 for s in samples):
-      raise ValueError(f"validation folder {d} has no normal images (expected {d}/good/)")
+      raise UserError(f"validation folder {d} has no normal images (expected {d}/good/)")
   return samples

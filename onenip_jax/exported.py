@@ -53,6 +53,7 @@ import jax
 import numpy as np
 
 from data_pipelines import storage
+from data_pipelines.errors import UserError, UserFileNotFoundError
 from data_pipelines.pil_decode import pil_decode
 
 FORMAT_VERSION = 4
@@ -159,15 +160,15 @@ def read_meta(export_dir: str) -> dict:
   """export.json of `export_dir`; clear errors for a missing, damaged or foreign file."""
   path = storage.join(export_dir, META_FILE)
   if not storage.isfile(path):
-    raise FileNotFoundError(f"export is incomplete: {META_FILE} missing ({path})")
+    raise UserFileNotFoundError(f"export is incomplete: {META_FILE} missing ({path})")
   try:
     meta = json.loads(storage.read_text(path))
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e}); the export is damaged") from e
+    raise UserError(f"{path} is not valid JSON ({e}); the export is damaged") from e
   version = meta.get("format_version")
   if version not in READABLE_VERSIONS:
-    raise ValueError(f"{path}: export format version {version!r} is not supported by this "
-                     f"onenip-jax (expects {FORMAT_VERSION}); re-export the model")
+    raise UserError(f"{path}: export format version {version!r} is not supported by this "
+                    f"onenip-jax (expects {FORMAT_VERSION}); re-export the model")
   return meta
 
 
@@ -178,12 +179,12 @@ def has_program(export_dir: str) -> bool:
 
 def _load_npz(path: str) -> dict:
   if not storage.isfile(path):
-    raise FileNotFoundError(f"export is incomplete: {os.path.basename(path)} missing ({path})")
+    raise UserFileNotFoundError(f"export is incomplete: {os.path.basename(path)} missing ({path})")
   try:
     with np.load(io.BytesIO(storage.read_bytes(path))) as z:
       return {k: z[k] for k in z.files}
   except Exception as e:  # zipfile / format errors of a damaged file
-    raise ValueError(f"{path} cannot be read ({e}); the export is damaged") from e
+    raise UserError(f"{path} cannot be read ({e}); the export is damaged") from e
 
 
 def scoring_entry(meta: dict) -> dict:
@@ -237,24 +238,24 @@ class ExportedPredictor:
     meta = read_meta(export_dir)
     path = storage.join(export_dir, PROGRAM_FILE)
     if not storage.isfile(path):
-      raise FileNotFoundError(f"{export_dir} has no serialised predictor ({PROGRAM_FILE}); "
-                              "re-export it with this onenip-jax")
+      raise UserFileNotFoundError(f"{export_dir} has no serialised predictor ({PROGRAM_FILE}); "
+                                  "re-export it with this onenip-jax")
     data = storage.read_bytes(path)
     try:
       program = jax.export.deserialize(bytearray(data))
     except Exception as e:  # flatbuffer / version errors
-      raise ValueError(f"{path} cannot be deserialised ({type(e).__name__}: {e}); the export is "
-                       "damaged or needs a newer jax") from e
+      raise UserError(f"{path} cannot be deserialised ({type(e).__name__}: {e}); the export is "
+                      "damaged or needs a newer jax") from e
     backend = jax.default_backend()
     if backend not in program.platforms:
-      raise ValueError(f"{path} was lowered for {program.platforms}, not for this machine's "
-                       f"{backend!r}; re-export on a jax that can lower for it")
+      raise UserError(f"{path} was lowered for {program.platforms}, not for this machine's "
+                      f"{backend!r}; re-export on a jax that can lower for it")
     raw = _load_npz(storage.join(export_dir, WEIGHTS_FILE))
     n = int(meta["program"]["n_weights"])
     missing = [f"w{i:05d}" for i in range(n) if f"w{i:05d}" not in raw]
     if missing:
-      raise ValueError(f"{storage.join(export_dir, WEIGHTS_FILE)} lacks {len(missing)} of {n} "
-                       f"weights (e.g. {missing[0]}); the export is damaged")
+      raise UserError(f"{storage.join(export_dir, WEIGHTS_FILE)} lacks {len(missing)} of {n} "
+                      f"weights (e.g. {missing[0]}); the export is damaged")
     pool = _load_npz(storage.join(export_dir, POOL_FILE))
     pool["class_ids"] = pool["class_ids"].astype(np.int32)
     # On the device once, not copied at every call.

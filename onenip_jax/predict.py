@@ -33,6 +33,7 @@ import sys
 import numpy as np
 
 from data_pipelines import pil_decode, storage
+from data_pipelines.errors import UserError, UserFileNotFoundError
 
 IMAGE_EXTENSIONS = storage.IMAGE_EXTENSIONS
 log = logging.getLogger("onenip")
@@ -47,12 +48,12 @@ def find_images(inputs) -> list[str]:
       found = sorted(storage.join(d, f) for d, _, files in storage.walk(item) for f in files
                      if f.lower().endswith(IMAGE_EXTENSIONS))
       if not found:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {item}")
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {item}")
       paths.extend(found)
     elif storage.isfile(item):
       paths.append(item)
     else:
-      raise FileNotFoundError(f"no such file or folder: {item}")
+      raise UserFileNotFoundError(f"no such file or folder: {item}")
   unique = {}
   for p in paths:  # one entry per file however it was spelt ("x.png", "./x.png", an absolute path)
     unique.setdefault(storage.abspath(p), p)
@@ -141,7 +142,7 @@ def predict(scorer, paths, *, batch_size: int = 8, skip_bad: bool = False):
         good.append(p)
       except Exception as e:  # decoding errors of many kinds
         if not skip_bad:
-          raise ValueError(f"cannot read image {p}: {e} (pass --skip-bad to skip it)") from e
+          raise UserError(f"cannot read image {p}: {e} (pass --skip-bad to skip it)") from e
         log.warning("skipping unreadable image %s: %s", p, e)
     if not good:
       continue

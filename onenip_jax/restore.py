@@ -14,7 +14,9 @@ import ml_collections
 import numpy as np
 
 from data_pipelines import storage
-from onenip_jax import checkpoints, exported, inference, scoring_modes, sharding, train_state
+from data_pipelines.errors import UserError, UserFileNotFoundError
+from onenip_jax import (checkpoints, config_checks, exported, inference, scoring_modes, sharding,
+                        train_state)
 from onenip_jax.config_loading import load_config, upgrade_stored_config
 
 
@@ -46,6 +48,7 @@ def load_checkpoint(workdir: str, mesh, step=None, *, config=None, overrides=())
   """(cfg, predictor without pool, frozen fusion constant, step) from a training work directory."""
   stored = checkpoints.restore_config(workdir, step)
   cfg = load_config(config, overrides, base=stored)
+  config_checks.check_config(cfg)
   model, features = inference.make_model(stored)
   tx = train_state.make_optimizer(stored, 1)
   template = jax.jit(lambda: train_state.init_state(stored, model, tx, features),
@@ -67,13 +70,13 @@ def load_checkpoint(workdir: str, mesh, step=None, *, config=None, overrides=())
 def check_classes(predictor: inference.Predictor, index) -> None:
   """Pool prompts carry class ids: the evaluated dataset must list the same classes."""
   if predictor.pool is not None and predictor.classes not in (None, tuple(index.classes)):
-    raise ValueError(f"the dataset's classes {index.classes} differ from the exported model's "
-                     f"{predictor.classes}")
+    raise UserError(f"the dataset's classes {index.classes} differ from the exported model's "
+                    f"{predictor.classes}")
 
 
 def _read(path: str, what: str) -> bytes:
   if not storage.isfile(path):
-    raise FileNotFoundError(f"export is incomplete: {what} missing ({path})")
+    raise UserFileNotFoundError(f"export is incomplete: {what} missing ({path})")
   return storage.read_bytes(path)
 
 
@@ -91,7 +94,7 @@ def load_export(export_dir: str, mesh=None) -> LoadedModel:
     with np.load(io.BytesIO(data)) as z:
       pool = inference.PromptPool(z["features"], z["class_ids"], z["descriptors"])
   except Exception as e:  # zipfile / pickle errors of a damaged file
-    raise ValueError(f"{pool_path} cannot be read ({e}); the export is damaged") from e
+    raise UserError(f"{pool_path} cannot be read ({e}); the export is damaged") from e
   repl = sharding.replicated(mesh)
   predictor = inference.Predictor(model, features, jax.device_put(variables, repl),
                                   jax.device_put(backbone_vars, repl), mesh, pool,
@@ -111,5 +114,5 @@ def _restore_msgpack(path: str) -> dict:
   except (ValueError, TypeError, Exception) as e:  # msgpack raises several exception types
     if isinstance(e, FileNotFoundError):
       raise
-    raise ValueError(f"{path} cannot be decoded ({type(e).__name__}: {e}); the export is damaged "
-                     "or truncated") from e
+    raise UserError(f"{path} cannot be decoded ({type(e).__name__}: {e}); the export is damaged "
+                    "or truncated") from e

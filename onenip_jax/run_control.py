@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import ml_collections
 
+from data_pipelines.errors import UserError
+
 log = logging.getLogger("onenip")
 
 # Keys (or key prefixes ending in ".") that may change when a run is resumed or extended.
@@ -47,7 +49,7 @@ class Interrupted(BaseException):
     self.signum = signum
 
 
-class ConfigMismatch(ValueError):
+class ConfigMismatch(UserError):
   """The new config differs from the stored one in keys that shape the model or the data."""
 
 

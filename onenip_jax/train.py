@@ -12,12 +12,12 @@ and the loss fuses feature MSE (reconstruction + restoration) and the refiner's 
 The state, optimiser and initial state are `onenip_jax.train_state`.
 """
 import dataclasses
+import errno
 import functools
 import logging
 import math
 import os
 import signal
-import sys
 import time
 from typing import Any
 
@@ -28,8 +28,9 @@ import numpy as np
 import optax
 
 from data_pipelines import indexing, input_pipeline, storage
-from onenip_jax import (checkpoints, evaluate, losses, metric_logging, run_control, run_status,
-                        sharding, train_state)
+from data_pipelines.errors import UserError
+from onenip_jax import (checkpoints, config_checks, evaluate, losses, metric_logging, run_control,
+                        run_status, sharding, train_state, workdir_lock)
 from onenip_jax.compile_options import compiler_options
 from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
@@ -121,26 +122,66 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
   Over several processes the decision to stop is collective (`run_control`): a signal that
   reaches any process stops all of them at the same point, with the same step saved and the
   same exit code.
+
+  The work directory is locked for the run (`workdir_lock`): a second training on it fails at
+  once with `WorkdirBusy`, naming the holder. A failed checkpoint save stops the run with
+  `checkpoints.CheckpointSaveError`.
   """
+  config_checks.check_config(cfg)
   with run_control.SignalGuard() as guard:
+    lock = None
     try:
       sharding.maybe_initialize_distributed(cfg.distributed)  # a signal here stops at the check
       if jax.process_count() > 1:
         guard.make_collective(_max_over_processes)
+      lock = _lock_workdir(workdir)
       return _train_and_evaluate(cfg, workdir, guard)
     except run_control.Interrupted as e:
       log.warning("stopped by %s; run the same command again to continue",
                   signal.Signals(e.signum).name)
+      if lock is not None:
+        lock.release()
       if guard.collective:  # leave together: the coordinator (process 0) must outlive the others
         jax.distributed.shutdown()
       run_control.exit_now(128 + e.signum)
+    finally:
+      if lock is not None:
+        lock.release()
+
+
+def _lock_workdir(workdir: str):
+  """The lock of `workdir`, taken by process 0 only (the others trust it); None on the others.
+
+  Over several processes the answer is shared, so that a refused run stops on every process.
+
+  Raises:
+    workdir_lock.WorkdirBusy when another training holds the work directory.
+  """
+  lock, busy = None, None
+  if jax.process_index() == 0:
+    lock = workdir_lock.WorkdirLock(workdir)
+    try:
+      lock.acquire()
+    except workdir_lock.WorkdirBusy as e:
+      lock, busy = None, e
+  if jax.process_count() > 1 and _max_over_processes(int(busy is not None)):
+    busy = busy or workdir_lock.WorkdirBusy(
+        f"work directory {workdir} is in use by another training (see process 0's log)")
+  if busy is not None:
+    if lock is not None:
+      lock.release()
+    raise busy
+  return lock
 
 
 def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> TrainState:
   with guard.interruptible():  # start-up: nothing to save, a restart redoes it
     storage.makedirs(workdir)
     mesh = sharding.make_mesh()
-    sharding.check_batch_size(cfg.batch_size, mesh)
+    try:
+      sharding.check_batch_size(cfg.batch_size, mesh)
+    except ValueError as e:  # names config.batch_size and the device and process counts
+      raise UserError(str(e)) from e
     if cfg.data.layout == "demo" and not cfg.data.root:
       cfg.data.root = storage.join(storage.abspath(workdir), "demo_data")
     manager = checkpoints.make_manager(workdir, cfg)
@@ -176,6 +217,7 @@ def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> Tr
   guard.check()
 
   logger = metric_logging.MetricLogger(workdir)
+  failed = True
   try:
     logger.hparams(cfg)
     state = _train_loop(run, logger, state, start, num_steps, spe, train_step, cache)
@@ -193,9 +235,15 @@ def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> Tr
         run_status.mark_finished(workdir, num_steps, eval_dir)
     guard.check()
     log.info("process %d: final params digest %s", jax.process_index(), _digest(state.params))
+    failed = False
   finally:
-    logger.close()
-    manager.close()
+    try:
+      logger.close()
+    except OSError as e:
+      if not failed:
+        raise
+      log.warning("closing the training log failed: %s", e)
+    checkpoints.close(manager, after_error=failed)
   return state
 
 
@@ -265,6 +313,7 @@ def _train_loop(run: _Run, logger, state, start, num_steps, spe, train_step, cac
         jax.block_until_ready(in_flight)
       state, metrics = train_step(state, batch, run.backbone_vars, cache)
       in_flight, done = metrics, step
+      checkpoints.check_saves(manager)  # a failed background save stops the run here
       progress.update(1)
       if step % cfg.log_every_steps == 0 or step == num_steps:
         scalars = {k: _scalar(v) for k, v in metrics.items()}
@@ -383,10 +432,15 @@ def _progress(start: int, total: int):
 
 def main(args) -> None:
   """`onenip-train` with its flags parsed by `onenip_jax.cli`: args.config (the loaded, locked
-  ConfigDict) and args.workdir."""
+  ConfigDict) and args.workdir.
+
+  Errors the user fixes (a changed config, unreadable checkpoints, a busy work directory, a full
+  disk, bad data) raise `UserError`, which the CLI prints in one line (exit code 2).
+  """
   try:
     train_and_evaluate(args.config, args.workdir)
-  except (run_control.ConfigMismatch, checkpoints.CheckpointError) as e:
-    log.error("%s", e)
-    sys.exit(2)
+  except OSError as e:
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+      raise
+    raise UserError(f"no space left on device: {e.filename or args.workdir}") from e
 

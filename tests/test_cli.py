@@ -23,16 +23,16 @@ print("HEAVY", heavy)
 """
 
 FLAGS = {
-    "onenip-train": ["--config", "--workdir"],
+    "onenip-train": ["--config", "--workdir", "--[no]verbose"],
     "onenip-eval": ["--workdir", "--exported", "--config", "--out", "--step", "--[no]heatmaps",
-                    "--[no]flax", "--batch-size"],
+                    "--[no]flax", "--batch-size", "--[no]verbose"],
     "onenip-export": ["--workdir", "--out", "--config", "--step", "--[no]overwrite",
                       "--threshold-fraction", "--target-fpr", "--threshold-dir",
-                      "--[no]calibrate-on-test"],
+                      "--[no]calibrate-on-test", "--[no]verbose"],
     "onenip-predict": ["--exported", "--out", "--threshold", "--[no]heatmaps", "--[no]save-maps",
-                       "--[no]skip-bad", "--[no]flax", "--batch-size"],
-    "onenip-convert-weights": ["--variant", "--input", "--output"],
-    "onenip-build-tfds": ["--config", "--data-dir", "--name"],
+                       "--[no]skip-bad", "--[no]flax", "--batch-size", "--[no]verbose"],
+    "onenip-convert-weights": ["--variant", "--input", "--output", "--[no]verbose"],
+    "onenip-build-tfds": ["--config", "--data-dir", "--name", "--[no]verbose"],
 }
 
 

@@ -267,6 +267,8 @@ def test_cli(tmp_path, capsys):
   loaded = convert.load_variables(out, "b0")
   np.testing.assert_array_equal(loaded["params"]["blocks_5"]["project_conv"]["kernel"],
                                 model._blocks[5]._project_conv.weight.detach().numpy().transpose(2, 3, 1, 0))
-  with pytest.raises(ValueError, match="EfficientNet-b4"):
+  with pytest.raises(SystemExit) as e:  # a mismatch names the file and variant in one line
     cli.convert_weights(["--variant", "b4", "--input", src, "--output", str(tmp_path / "x.msgpack")])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 2 and len(err) == 1 and "EfficientNet-b4" in err[0], err
   assert not os.path.exists(tmp_path / "x.msgpack")

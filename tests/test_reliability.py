@@ -73,7 +73,8 @@ def finished(shared_data, tmp_path_factory):
   _wait_for(proc, workdir, "3/3 [")  # the progress bar's last step ...
   time.sleep(3)  # ... then the fusion-constant pass (its compile alone takes longer than this)
   proc.send_signal(signal.SIGTERM)
-  stopped = {"rc": proc.wait(timeout=300), "checkpoints": _checkpoints(workdir)}
+  stopped = {"rc": proc.wait(timeout=300), "checkpoints": _checkpoints(workdir),
+             "locked": os.path.exists(os.path.join(workdir, "train.lock"))}
   stopped["restart_rc"], stopped["restart_log"] = _run(workdir)
   return workdir, stopped
 
@@ -82,6 +83,7 @@ def test_sigterm_in_the_fusion_pass_keeps_the_trained_steps(finished):
   workdir, stopped = finished
   assert stopped["rc"] == 128 + signal.SIGTERM
   assert stopped["checkpoints"] == [3]  # ckpt.every_steps=100: only the stop saved it
+  assert not stopped["locked"]  # the work directory's lock is released on a signal
   assert stopped["restart_rc"] == 0, stopped["restart_log"][-3000:]
   assert "resumed from step 3" in stopped["restart_log"]
   with open(os.path.join(workdir, "eval", "step_3", "metrics.json"), encoding="utf-8") as f:
@@ -196,6 +198,7 @@ def test_sigint_saves_and_exits_promptly(shared_data, tmp_path):
   assert proc.wait(timeout=300) == 128 + signal.SIGINT
   assert time.time() - t < 10  # no 30 s teardown after the save
   assert _checkpoints(workdir) and "Traceback" not in _log(workdir)
+  assert not os.path.exists(os.path.join(workdir, "train.lock"))
 
 
 def test_second_sigint_aborts_at_once(shared_data, tmp_path):

