@@ -5,7 +5,8 @@ r"""OneNIP on BTAD (classes 01, 02, 03), one unified model.
       --config.data.meta_test=/data/BTAD/test.json --config.data.textures=/data/dtd \
       --config.backbone.weights=~/weights/b4.msgpack
 
-Arguments: res=224|256|320, backbone=b4|lite2|..., layout=meta|mvtec (BTAD's own ok/ko folders).
+Arguments: res=224|256|320, backbone=b4|lite2|..., layout=meta|mvtec (BTAD's own ok/ko folders),
+protocol=calibrated|paper|frozen_c (`base_config.PROTOCOLS`; paper: comparable to the line below).
 Reference (v2 log, 224): mean 93.17 / 98.53 / 97.42 / 56.33.
 """
 from onenip_jax import base_config

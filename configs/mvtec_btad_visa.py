@@ -5,7 +5,8 @@ r"""OneNIP on MVTec + BTAD + VisA merged (30 classes), one unified model (paper 
       --config.backbone.weights=~/weights/b4.msgpack
 
 Uses the merged meta files `<root>/train.json` and `<root>/test.json` (all class folders under one
-image_dir). Arguments: res=224|256|320, backbone=b4|lite2|....
+image_dir). Arguments: res=224|256|320, backbone=b4|lite2|..., protocol=calibrated|paper|frozen_c
+(`base_config.PROTOCOLS`; paper: comparable to the line below).
 Reference (v2 log, 224): 30-class mean 94.61 / 96.93 / 98.03 / 53.47.
 """
 from onenip_jax import base_config

@@ -6,7 +6,8 @@ r"""OneNIP on VisA (12 classes, 1cls split), one unified model.
       --config.backbone.weights=~/weights/b4.msgpack
 
 Arguments: res=224|256|320, backbone=b4|lite2|..., layout=meta|visa_csv (VisA's split_csv/1cls.csv;
-note the shipped train.json repeats some images, docs/algorithm.md §2.1, and the csv does not).
+note the shipped train.json repeats some images, docs/algorithm.md §2.1, and the csv does not),
+protocol=calibrated|paper|frozen_c (`base_config.PROTOCOLS`; paper: comparable to the line below).
 Reference (v2 log, 224): mean 92.84 / 94.81 / 98.71 / 42.51.
 """
 from onenip_jax import base_config

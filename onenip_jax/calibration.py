@@ -1,4 +1,5 @@
-"""Scoring calibrated on normal training data only (issue 13). Pure numpy; maps are (N, H, W).
+"""Scoring calibrated on normal training data only. Maps are (N, H, W); candidates are scored on
+the default device (jnp), one class at a time.
 
 The validation set of a class is its held-out normal training images (`index.holdout`, label 0,
 empty masks) and K synthetic anomalies made from each by the training synthesis with another seed
@@ -19,30 +20,48 @@ empty masks) and K synthetic anomalies made from each by the training synthesis 
      paired difference over `FOLDS` folds of the held-out images (an image and the synthetic
      anomalies made from it share a fold).
 This is done per class (used with class prompts) and once for all classes with shared statistics
-(`"global"`, used with pool prompts, where the objective is the mean over the classes).
+(`"global"`, used with pool prompts and exports, fitted on pool-prompt maps), where the figures
+are the mean over the classes of each class's figures.
+
+Streaming: the figures of a class depend only on its own maps and on the statistics used, so
+`calibrate` reads one class at a time (its argument may be a lazy mapping): a first pass over the
+normal rows gives each class's statistics and, combined (float64 count, mean and squared
+deviations), the global ones; a second pass scores every candidate of a class with both, on the
+device, and keeps only the figures. Host memory holds one class's maps.
 
 A calibration is a JSON-able dict (stored with the final checkpoint and in metrics.json):
   {"method": METHOD, "per_class": {cls: PARAMS}, "global": PARAMS, "prompt_mode", ...}
   PARAMS = {"rec_mean", "rec_std", "ref_mean", "ref_std", "ref_space", "weight", "pool_size",
             "objective", "validation": {i_auroc, i_ap, p_auroc, p_ap} of the choice, "n_normal",
-            "n_synthetic", "candidates": [{"ref_space", "weight", "pool_size", i_auroc, i_ap,
-            p_auroc, p_ap, "objective", "se", "within_se"}]}
+            "n_synthetic", "prompt_mode" (of the maps it was fitted on), "candidates":
+            [{"ref_space", "weight", "pool_size", i_auroc, i_ap, p_auroc, p_ap, "objective", "se",
+            "within_se"}]}
   (ref_mean / ref_std of the chosen `ref_space`).
 A calibration stored before `ref_space` existed (no key) is in "probability" space for every w and
 is applied as it was chosen.
 """
-from typing import Mapping, Optional, Sequence
+import functools
+import math
+from typing import Callable, Mapping, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from onenip_jax import metrics, scoring
 
-METHOD = ("z-scores (refiner in log-odds) and the refiner's probabilities; largest weight within "
-          "one paired SE of the best (5 folds)")
+METHOD = "zlogodds-1se5-v2"
 OBJECTIVE_KEYS = ("i_auroc", "i_ap", "p_auroc", "p_ap")
 FOLDS = 5
 _STD_FLOOR = 1e-12
 _TIE = 1e-9
+_SPACES = ("logodds", "probability")
+_PIXEL_BUDGET = 1 << 26  # candidates scored at once: about this many pixels in all
+_SUM_BLOCK = 4096        # float32 sums in blocks of this many terms
+
+
+class PromptModeError(ValueError):
+  """A calibration applied with prompts other than those it was fitted with."""
 
 
 def ref_values(ref: np.ndarray, space: str) -> np.ndarray:
@@ -55,13 +74,47 @@ def ref_values(ref: np.ndarray, space: str) -> np.ndarray:
   raise ValueError(f"unknown calibration ref_space {space!r}")
 
 
+def _moments(x: np.ndarray) -> tuple[int, float, float]:
+  """(count, mean, sum of squared deviations) of `x` in float64."""
+  x = np.asarray(x, np.float64).reshape(-1)
+  mean = float(x.mean()) if x.size else 0.0
+  return x.size, mean, float(np.square(x - mean).sum())
+
+
+def _combine(parts: Sequence[tuple[int, float, float]]) -> tuple[int, float, float]:
+  """`_moments` of the concatenation of the parts (Chan et al.'s pairwise update)."""
+  n, mean, m2 = 0, 0.0, 0.0
+  for nb, mb, m2b in parts:
+    if nb:
+      total = n + nb
+      delta = mb - mean
+      mean, m2, n = mean + delta * nb / total, m2 + m2b + delta * delta * n * nb / total, total
+  return n, mean, m2
+
+
+def _class_moments(rec: np.ndarray, ref: np.ndarray) -> dict:
+  """{"rec", "logodds", "probability": `_moments`} of a class's normal maps (n, H, W)."""
+  return {"rec": _moments(rec), **{s: _moments(ref_values(ref, s)) for s in _SPACES}}
+
+
+def _stats(moments: Mapping) -> dict:
+  """{ref_space: `normal_stats`-like dict} from `_class_moments` (or their `_combine`)."""
+  def mean_std(m):
+    n, mean, m2 = m
+    return mean, max(math.sqrt(m2 / n), _STD_FLOOR)
+  rec_mean, rec_std = mean_std(moments["rec"])
+  out = {}
+  for space in _SPACES:
+    ref_mean, ref_std = mean_std(moments[space])
+    out[space] = {"rec_mean": rec_mean, "rec_std": rec_std, "ref_mean": ref_mean,
+                  "ref_std": ref_std, "ref_space": space}
+  return out
+
+
 def normal_stats(rec: np.ndarray, ref: np.ndarray, ref_space: str = "logodds") -> dict:
   """Pixel mean and std (float64 accumulation) of the maps (N, H, W) of normal images, the
   refiner's in `ref_space` (`ref_values`)."""
-  rec, ref = np.asarray(rec, np.float64), np.asarray(ref_values(ref, ref_space), np.float64)
-  return {"rec_mean": float(rec.mean()), "rec_std": float(max(rec.std(), _STD_FLOOR)),
-          "ref_mean": float(ref.mean()), "ref_std": float(max(ref.std(), _STD_FLOOR)),
-          "ref_space": ref_space}
+  return _stats(_class_moments(rec, ref))[ref_space]
 
 
 def fuse(rec: np.ndarray, ref: np.ndarray, stats: Mapping, weight: float) -> np.ndarray:
@@ -91,61 +144,198 @@ def box_max(maps: np.ndarray, pool_size: int) -> np.ndarray:
   return out
 
 
-def _objective(figures: Mapping) -> float:
-  values = [figures[k] for k in OBJECTIVE_KEYS if figures.get(k) is not None]
-  return float(np.mean(values)) if values else float("nan")
+# ----------------------------------------------------------------------------------------------
+# Candidate scoring on the device.
+# ----------------------------------------------------------------------------------------------
+
+def _candidate_rows(stats: Mapping, grid: Sequence[tuple[str, float]]) -> np.ndarray:
+  """(C, 6) float32 [m_rec, s_rec, m_ref, s_ref, w, 1 - w] of each (ref_space, w) of `grid`,
+  `stats` {ref_space: stats dict}; the last column in the float32 rounding of `fuse`."""
+  return np.asarray([[stats[s]["rec_mean"], stats[s]["rec_std"], stats[s]["ref_mean"],
+                      stats[s]["ref_std"], w, np.float32(1.0 - w)] for s, w in grid], np.float32)
 
 
-def _pixel_figures(maps: np.ndarray, masks: np.ndarray) -> dict:
-  p_auroc, p_ap = metrics.pixel_auroc_ap(maps, masks)
-  return {"p_auroc": p_auroc, "p_ap": p_ap}
+def _fuse_jnp(rec, ref_lo, ref_p, row, logodds):
+  """`fuse` in jnp: (N, H, W) maps and one `_candidate_rows` row; `logodds` a bool scalar."""
+  z_rec = (rec - row[0]) / row[1]
+  z_ref = (jnp.where(logodds, ref_lo, ref_p) - row[2]) / row[3]
+  mix = row[5] * z_rec + row[4] * z_ref
+  return jnp.where(row[4] == 0.0, z_rec, jnp.where(row[4] == 1.0, z_ref, mix))
+
+
+def _block_sum(x):
+  """float32 sum of (n,) `x`, in blocks (round-off ~ eps, not n eps)."""
+  pad = (-x.shape[0]) % _SUM_BLOCK
+  return jnp.sum(jnp.sum(jnp.pad(x, (0, pad)).reshape(-1, _SUM_BLOCK), axis=1))
+
+
+def _sorted_auroc_ap(desc, label, member):
+  """(AUROC, AP) of the `member` pixels of scores sorted in descending order `desc` (n,),
+  `label` (n,) bool, exactly as `metrics.pixel_auroc_ap` on those pixels (ties as one
+  threshold); NaN where one class is missing.
+
+  A negative at a tie run adds (TP before the run + TP at its end) / 2 to the AUROC's trapezoid,
+  a positive adds TP / (TP + FP) at the end of its run to the AP."""
+  n = desc.shape[0]
+  pos = (label & member).astype(jnp.int32)
+  neg = (~label & member)
+  tp = jnp.cumsum(pos)
+  seen = jnp.cumsum(member.astype(jnp.int32))
+  diff = desc[1:] != desc[:-1]
+  start = jnp.concatenate([jnp.ones(1, bool), diff])
+  end = jnp.concatenate([diff, jnp.ones(1, bool)])
+  big = jnp.iinfo(jnp.int32).max
+  tp_before = jax.lax.cummax(jnp.where(start, tp - pos, 0))  # non-decreasing in the order
+  tp_end = jax.lax.cummin(jnp.where(end, tp, big), reverse=True)
+  seen_end = jax.lax.cummin(jnp.where(end, seen, big), reverse=True)
+  n_pos, n_neg = tp[n - 1], seen[n - 1] - tp[n - 1]
+  p, q = jnp.maximum(n_pos, 1).astype(jnp.float32), jnp.maximum(n_neg, 1).astype(jnp.float32)
+  auroc = _block_sum(jnp.where(neg, (tp_before.astype(jnp.float32) + tp_end.astype(jnp.float32))
+                               / (2.0 * p), 0.0)) / q
+  ap = _block_sum(jnp.where(pos > 0, tp_end.astype(jnp.float32)
+                            / jnp.maximum(seen_end, 1).astype(jnp.float32), 0.0)) / p
+  ok = (n_pos > 0) & (n_neg > 0)
+  return jnp.where(ok, auroc, jnp.nan), jnp.where(ok, ap, jnp.nan)
+
+
+@functools.partial(jax.jit, static_argnames=("n_folds", "pool_sizes", "batch"))
+def _score(rec, ref, mask, fold, rows, logodds, n_folds: int, pool_sizes: tuple, batch: int):
+  """Figures of every candidate on one class.
+
+  Args:
+    rec, ref: (N, H, W) float32 maps; mask: (N, H, W) bool; fold: (N,) int32 fold of each row,
+      max(n_folds, 1) for padding rows (left out of every figure).
+    rows: (C, 6) `_candidate_rows`; logodds: (C,) bool, the candidate's ref_space is log-odds.
+  Returns:
+    pixel (C, 1 + n_folds, 2) [P-AUROC, P-AP] on all rows then on each fold (NaN: undefined),
+    image (C, len(pool_sizes), N) image scores (`box_max`).
+  """
+  ref_lo = scoring.logodds(ref)
+  fold_px = jnp.broadcast_to(fold[:, None, None], rec.shape).reshape(-1)
+  label_px = mask.reshape(-1)
+
+  def one(args):
+    row, lo = args
+    s = _fuse_jnp(rec, ref_lo, ref, row, lo)
+    boxes = []
+    for k in pool_sizes:  # separable box sums in float32, no cancellation
+      b = jax.lax.reduce_window(s, 0.0, jax.lax.add, (1, k, 1), (1, 1, 1), "VALID")
+      b = jax.lax.reduce_window(b, 0.0, jax.lax.add, (1, 1, k), (1, 1, 1), "VALID")
+      boxes.append(jnp.max(b.reshape(b.shape[0], -1), axis=1) / float(k * k))
+    neg_sorted, payload = jax.lax.sort((-s.reshape(-1), fold_px * 2 + label_px.astype(jnp.int32)),
+                                             num_keys=1)
+    desc, label, fold_sorted = -neg_sorted, (payload % 2) == 1, payload // 2
+    figs = [_sorted_auroc_ap(desc, label, fold_sorted < max(n_folds, 1))]
+    figs += [_sorted_auroc_ap(desc, label, fold_sorted == k) for k in range(n_folds)]
+    return jnp.asarray(figs), jnp.stack(boxes)
+
+  return jax.lax.map(one, (rows, logodds), batch_size=batch)
+
+
+def _bucket(n: int) -> int:
+  """The smallest 8 ceil(2 ** (k / 4) / 8) >= n: row counts padded to at most ~19 % more."""
+  k = 0
+  while 8 * math.ceil(2 ** (k / 4) / 8) < n:
+    k += 1
+  return 8 * math.ceil(2 ** (k / 4) / 8)
 
 
 def _image_figures(scores: np.ndarray, labels: np.ndarray) -> dict:
   return {"i_auroc": metrics.auroc(scores, labels), "i_ap": metrics.average_precision(scores, labels)}
 
 
-def candidate_figures(groups: Sequence[Mapping], stats: Mapping, weight: float,
-                      pool_sizes: Sequence[int]) -> list:
-  """Validation figures of weight `weight` for each box size, averaged over `groups`.
+def _none(x: float) -> Optional[float]:
+  return None if not np.isfinite(x) else float(x)
+
+
+class DeviceClass:
+  """One class's validation maps on the device, rows padded to `_bucket` (`class_figures`).
+
+  Attributes:
+    rec, ref: (M, H, W) float32 device arrays; mask: (M, H, W) bool; M = _bucket(n).
+    source, label: (n,) host arrays; n: the class's rows.
+  """
+
+  def __init__(self, g: Mapping):
+    self.n, h, w = np.shape(g["rec"])
+    self.shape = (h, w)
+    self.source, self.label = np.asarray(g["source"]), np.asarray(g["label"])
+    padded = _bucket(self.n)  # few distinct shapes, few compilations
+
+    def put(x, dtype):
+      buf = np.zeros((padded, h, w), dtype)
+      buf[:self.n] = x
+      return jax.device_put(buf)
+
+    self.rec, self.ref = put(g["rec"], np.float32), put(g["ref"], np.float32)
+    self.mask = put(g["mask"], bool)
+
+
+def class_figures(d: DeviceClass, stats: Mapping, grid: Sequence[tuple[str, float]],
+                  pool_sizes: Sequence[int], n_folds: int) -> np.ndarray:
+  """Figures of every candidate of `grid` on one class with statistics `stats`.
 
   Args:
-    groups: one dict per class: 'rec', 'ref' (N, H, W) maps, 'mask' (N, H, W) bool, 'label' (N,).
-    stats: `normal_stats` output used for every group.
+    d: the class's maps ('rec', 'ref' (N, H, W) float32, 'mask' (N, H, W) bool, 'label' (N,),
+      'source' (N,) int) on the device.
+    stats: {ref_space: `normal_stats` dict}; grid: [(ref_space, w)].
+    n_folds: folds (rows with `source` % n_folds == k), 0 for none.
   Returns:
-    [{"ref_space", "weight", "pool_size", i_auroc, i_ap, p_auroc, p_ap, "objective"}] in
-    `pool_sizes` order.
+    (len(grid), len(pool_sizes), 1 + n_folds, 4) float64 figures in OBJECTIVE_KEYS order on all
+    rows, then on each fold; NaN where undefined.
   """
-  per_group = []
-  for g in groups:
-    s = fuse(g["rec"], g["ref"], stats, weight)
-    pix = _pixel_figures(s, g["mask"])
-    per_group.append([dict(pix, **_image_figures(box_max(s, p), g["label"])) for p in pool_sizes])
-  out = []
-  for j, p in enumerate(pool_sizes):
-    row = {"ref_space": stats.get("ref_space", "probability"), "weight": float(weight),
-           "pool_size": int(p)}
-    for k in OBJECTIVE_KEYS:
-      vals = [fig[j][k] for fig in per_group if fig[j][k] is not None]
-      row[k] = float(np.mean(vals)) if vals else None
-    row["objective"] = _objective(row)
-    out.append(row)
+  n, (h, w) = d.n, d.shape
+  for p in pool_sizes:
+    if p > h or p > w:
+      raise ValueError(f"calibration.pool_sizes: {p} exceeds the map size {(h, w)}")
+  fold = (d.source % n_folds if n_folds else np.zeros(n, np.int64)).astype(np.int32)
+  padded = d.rec.shape[0]
+  batch = max(1, min(len(grid), _PIXEL_BUDGET // max(padded * h * w, 1)))
+  pixel, image = _score(d.rec, d.ref, d.mask,
+                        jnp.asarray(np.pad(fold, (0, padded - n),
+                                           constant_values=max(n_folds, 1))),
+                        jnp.asarray(_candidate_rows(stats, grid)),
+                        jnp.asarray([s == "logodds" for s, _ in grid]), n_folds=n_folds,
+                        pool_sizes=tuple(int(p) for p in pool_sizes), batch=batch)
+  pixel, image = np.asarray(pixel, np.float64), np.asarray(image)[:, :, :n]
+  out = np.full((len(grid), len(pool_sizes), 1 + n_folds, 4), np.nan)
+  subsets = [np.ones(n, bool)] + [fold == k for k in range(n_folds)]
+  for c in range(len(grid)):
+    for j in range(len(pool_sizes)):
+      for f, rows in enumerate(subsets):
+        im = _image_figures(image[c, j, rows], d.label[rows])
+        out[c, j, f] = [np.nan if im[k] is None else im[k] for k in ("i_auroc", "i_ap")] + list(
+            pixel[c, f])
   return out
 
 
-def _folds(groups: Sequence[Mapping]) -> list:
-  """The groups split into folds: fold k holds the rows with `source` % folds == k, folds =
-  min(FOLDS, held-out images of the smallest group). [fold][group] -> maps as `groups`."""
-  folds = min(FOLDS, min(int(g["source"].max()) + 1 for g in groups))
-  return [[{key: g[key][g["source"] % folds == k] for key in ("rec", "ref", "mask", "label")}
-           for g in groups] for k in range(folds)]
+def _mean_figures(per_class: Sequence[np.ndarray]) -> np.ndarray:
+  """The mean over classes of `class_figures` (the defined ones; NaN when none is)."""
+  stack = np.stack(per_class)
+  count = np.sum(np.isfinite(stack), axis=0)
+  total = np.nansum(stack, axis=0)
+  return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def _fold_objectives(folds: Sequence[Sequence[Mapping]], stats: Mapping, weight: float,
-                     pool_sizes: Sequence[int]) -> np.ndarray:
-  """(len(pool_sizes), len(folds)) objectives of `weight` on each fold (`_folds`)."""
-  return np.asarray([[c["objective"] for c in candidate_figures(parts, stats, weight, pool_sizes)]
-                     for parts in folds]).T
+def _objective(values: np.ndarray) -> np.ndarray:
+  """The mean of the defined figures (last axis, OBJECTIVE_KEYS order); NaN when none is."""
+  count = np.sum(np.isfinite(values), axis=-1)
+  return np.where(count > 0, np.nansum(values, axis=-1) / np.maximum(count, 1), np.nan)
+
+
+def _candidates(figures: np.ndarray, grid: Sequence[tuple[str, float]],
+                pool_sizes: Sequence[int]) -> tuple[list, np.ndarray]:
+  """(candidate rows in grid-major order, (C, folds) objectives on each fold) from (averaged)
+  `class_figures`."""
+  rows, folds = [], []
+  for c, (space, w) in enumerate(grid):
+    for j, p in enumerate(pool_sizes):
+      row = {"ref_space": space, "weight": float(w), "pool_size": int(p)}
+      row.update({k: _none(figures[c, j, 0, i]) for i, k in enumerate(OBJECTIVE_KEYS)})
+      row["objective"] = float(_objective(figures[c, j, 0]))
+      rows.append(row)
+      folds.append(_objective(figures[c, j, 1:]))
+  return rows, np.asarray(folds).reshape(len(rows), -1)
 
 
 def select(candidates: Sequence[dict], fold_objectives: np.ndarray, default_pool_size: int) -> dict:
@@ -153,7 +343,7 @@ def select(candidates: Sequence[dict], fold_objectives: np.ndarray, default_pool
   best) and "within_se" on every candidate.
 
   Args:
-    candidates: `candidate_figures` rows; fold_objectives: (len(candidates), folds) objectives.
+    candidates: rows as PARAMS' "candidates"; fold_objectives: (len(candidates), folds).
   """
   objs = np.asarray([c["objective"] if np.isfinite(c["objective"]) else -np.inf
                      for c in candidates])
@@ -170,62 +360,160 @@ def select(candidates: Sequence[dict], fold_objectives: np.ndarray, default_pool
                                         c["ref_space"] != "probability")))
 
 
-def fit(groups: Sequence[Mapping], normal_rows: Sequence[np.ndarray], weights: Sequence[float],
-        pool_sizes: Sequence[int], default_pool_size: int) -> dict:
-  """PARAMS (module doc) for `groups` with statistics over their normal rows.
-
-  Args:
-    groups: per-class validation maps (see `candidate_figures`) and 'source' (N,) int: the
-      held-out image each row is, or was made from.
-    normal_rows: per group, the (n,) rows of the held-out normal images (statistics).
-  """
-  rec = np.concatenate([g["rec"][r] for g, r in zip(groups, normal_rows)])
-  ref = np.concatenate([g["ref"][r] for g, r in zip(groups, normal_rows)])
-  stats = {space: normal_stats(rec, ref, space) for space in ("logodds", "probability")}
-  del rec, ref
-  grid = [("logodds", float(w)) for w in weights] + [("probability", 1.0)]
-  folds, candidates, per_fold = _folds(groups), [], []
-  for space, w in grid:
-    candidates += candidate_figures(groups, stats[space], w, pool_sizes)
-    per_fold.append(_fold_objectives(folds, stats[space], w, pool_sizes))
-  best = select(candidates, np.concatenate(per_fold), default_pool_size)
-  n_normal = int(sum(len(r) for r in normal_rows))
+def _params(stats: Mapping, figures: np.ndarray, grid, pool_sizes, default_pool_size: int,
+            n_normal: int, n_rows: int) -> dict:
+  """PARAMS (module doc) from the (class-averaged) `class_figures`."""
+  candidates, per_fold = _candidates(figures, grid, pool_sizes)
+  best = select(candidates, per_fold, default_pool_size)
   return dict(stats[best["ref_space"]], weight=best["weight"], pool_size=best["pool_size"],
               objective=best["objective"], validation={k: best[k] for k in OBJECTIVE_KEYS},
-              n_normal=n_normal, n_synthetic=int(sum(len(g["label"]) for g in groups)) - n_normal,
-              candidates=candidates)
+              n_normal=n_normal, n_synthetic=n_rows - n_normal, candidates=candidates)
 
 
-def calibrate(groups: Mapping[str, Mapping], calib_cfg, default_pool_size: int) -> Optional[dict]:
-  """Per-class and global calibration (module doc) from validation maps.
+def _normal_part(g: Mapping) -> dict:
+  """The held-out normal rows of a class's maps: {'rec', 'ref', 'source'}."""
+  rows = np.flatnonzero(np.asarray(g["normal"]))
+  return {k: np.asarray(g[k])[rows] for k in ("rec", "ref", "source")}
+
+
+def calibrate(groups: Mapping[str, Mapping], calib_cfg, default_pool_size: int, *,
+              global_groups: Optional[Mapping[str, Mapping]] = None,
+              normals: Optional[Mapping[str, Mapping]] = None,
+              global_normals: Optional[Mapping[str, Mapping]] = None,
+              reference: Optional[tuple[float, float, int]] = None,
+              prompt_mode: str = "class", global_prompt_mode: Optional[str] = None
+              ) -> Optional[dict]:
+  """Per-class and global calibration (module doc), reading one class at a time.
 
   Args:
     groups: {class: {'rec', 'ref' (N, H, W) float32, 'mask' (N, H, W) bool, 'label' (N,) int,
       'normal' (N,) bool: a held-out normal image (else synthetic), 'source' (N,) int: the
-      class's held-out image the row is or was made from}}; classes without rows absent.
+      class's held-out image the row is or was made from}}, possibly lazy: each class is read
+      once by the scoring pass (and once by the statistics pass when `normals` is None).
     calib_cfg: config.calibration (weights, pool_sizes).
+    global_groups: the maps the global parameters are fitted on (default `groups`), e.g. made
+      with pool prompts; read once per class more when given.
+    normals, global_normals: {class: {'rec', 'ref', 'source'}} of the normal rows only, to read
+      for the statistics instead of `groups` / `global_groups`.
+    reference: (c, alpha, pool_size): adds "reference_validation", the figures of
+      (1 - alpha) rec + alpha c ref, to each PARAMS.
+    prompt_mode, global_prompt_mode: the prompts of `groups` and of `global_groups` (default
+      `prompt_mode`), recorded in the PARAMS.
   Returns:
-    {"method", "per_class": {cls: PARAMS}, "global": PARAMS}, or None without any group.
+    {"method", "per_class": {cls: PARAMS}, "global": PARAMS}, or None without any class with
+    normal rows.
   """
-  groups = {c: g for c, g in groups.items() if np.any(g["normal"])}
-  if not groups:
-    return None
   weights = tuple(float(w) for w in calib_cfg.weights)
   pools = tuple(int(p) for p in calib_cfg.pool_sizes)
   if not weights or not all(0.0 <= w <= 1.0 for w in weights):
     raise ValueError(f"calibration.weights={weights}: need values in [0, 1]")
-  rows = {c: np.flatnonzero(g["normal"]) for c, g in groups.items()}
-  per_class = {c: fit([g], [rows[c]], weights, pools, default_pool_size) for c, g in groups.items()}
-  return {"method": METHOD, "per_class": per_class,
-          "global": fit(list(groups.values()), list(rows.values()), weights, pools,
-                        default_pool_size)}
+  grid = [("logodds", w) for w in weights] + [("probability", 1.0)]
+  separate = global_groups is not None
+  global_groups = groups if global_groups is None else global_groups
+
+  def read_normals(maps, given):
+    out = {}
+    for c in maps:
+      part = given[c] if given is not None else _normal_part(maps[c])
+      if len(part["rec"]):
+        out[c] = {"moments": _class_moments(part["rec"], part["ref"]), "n": len(part["rec"]),
+                  "images": int(np.max(part["source"])) + 1}
+    return out
+
+  own = read_normals(groups, normals)
+  shared = read_normals(global_groups, global_normals) if separate or global_normals else own
+  if not own or not shared:
+    return None
+  global_stats = _stats({k: _combine([v["moments"][k] for v in shared.values()])
+                         for k in ("rec",) + _SPACES})
+  global_folds = min(FOLDS, min(v["images"] for v in shared.values()))
+  ref_grid, ref_stats = None, None
+  if reference is not None:
+    c, alpha, ref_pool = reference
+    ref_grid, ref_pool = [("probability", float(alpha))], (int(ref_pool),)
+    ref_stats = {"probability": {"rec_mean": 0.0, "rec_std": 1.0, "ref_mean": 0.0,
+                                 "ref_std": 1.0 / c, "ref_space": "probability"}}
+
+  def reference_figures(g):
+    return class_figures(g, ref_stats, ref_grid, ref_pool, 0)
+
+  per_class, global_figs, global_ref, global_rows = {}, [], [], 0
+  for c in groups:
+    if c not in own:
+      continue
+    g = DeviceClass(groups[c])  # the host maps are dropped here
+    stats, n_rows = _stats(own[c]["moments"]), g.n
+    figs = class_figures(g, stats, grid, pools, min(FOLDS, own[c]["images"]))
+    per_class[c] = _params(stats, figs, grid, pools, default_pool_size, own[c]["n"], n_rows)
+    per_class[c]["prompt_mode"] = prompt_mode
+    if reference is not None:
+      per_class[c]["reference_validation"] = _reference_row(reference_figures(g), ref_grid,
+                                                            ref_pool)
+    if not separate and c in shared:
+      global_figs.append(class_figures(g, global_stats, grid, pools, global_folds))
+      global_rows += n_rows
+      if reference is not None:
+        global_ref.append(reference_figures(g))
+    del g
+  if separate:
+    for c in global_groups:
+      if c not in shared:
+        continue
+      g = DeviceClass(global_groups[c])
+      global_figs.append(class_figures(g, global_stats, grid, pools, global_folds))
+      global_rows += g.n
+      if reference is not None:
+        global_ref.append(reference_figures(g))
+      del g
+  n_normal = sum(v["n"] for v in shared.values())
+  fitted = _params(global_stats, _mean_figures(global_figs), grid, pools, default_pool_size,
+                   n_normal, global_rows)
+  fitted["prompt_mode"] = global_prompt_mode or prompt_mode
+  if reference is not None:
+    fitted["reference_validation"] = _reference_row(_mean_figures(global_ref), ref_grid, ref_pool)
+  return {"method": METHOD, "per_class": per_class, "global": fitted}
+
+
+def _reference_row(figures: np.ndarray, grid, pool_sizes) -> dict:
+  """The candidate row of the reference fusion's (class-averaged) `class_figures`."""
+  return _candidates(figures, grid, pool_sizes)[0][0]
+
+
+def fitted_prompt_mode(calibration: Mapping, params: Mapping) -> Optional[str]:
+  """The prompts `params` (of `calibration`) were fitted with: its own "prompt_mode", else the
+  calibration's (stored before each PARAMS recorded it), else None (unknown)."""
+  return params.get("prompt_mode", calibration.get("prompt_mode"))
+
+
+def _params_and_name(calibration: Mapping, cls: Optional[str]) -> tuple[dict, str]:
+  if cls is not None and cls in calibration["per_class"]:
+    return calibration["per_class"][cls], f"class {cls!r}"
+  return calibration["global"], "global" if cls is None else f"global (class {cls!r} has none)"
+
+
+def prompt_mode_error(calibration: Mapping, prompt_mode: str,
+                      classes: Sequence[str] = ()) -> Optional[str]:
+  """Why `calibration` cannot score `prompt_mode` prompts ("pool": its global parameters;
+  "class": those of `classes`), or None if it can: parameters fitted with other prompts."""
+  for cls in ([None] if prompt_mode == "pool" else list(classes)):
+    params, name = _params_and_name(calibration, cls)
+    fitted = fitted_prompt_mode(calibration, params)
+    if fitted != prompt_mode:
+      return (f"the {name} calibration was fitted with {fitted or 'unrecorded'} prompts, not "
+              f"{prompt_mode} prompts: rerun `onenip-train` with the same --workdir and "
+              f"--config.eval.prompt_mode={prompt_mode} to recalibrate it, or score with "
+              f"--config.eval.fusion=reference")
+  return None
 
 
 def params_for(calibration: Mapping, cls: Optional[str]) -> dict:
-  """PARAMS of class `cls` (its own, else the global ones); the global ones when cls is None."""
-  if cls is not None and cls in calibration["per_class"]:
-    return calibration["per_class"][cls]
-  return calibration["global"]
+  """PARAMS of class `cls` with class prompts (its own, else the global ones), or the global
+  ones for pool prompts (cls None). Raises PromptModeError if they were fitted with other
+  prompts (`prompt_mode_error`)."""
+  why = prompt_mode_error(calibration, "pool" if cls is None else "class", [cls])
+  if why:
+    raise PromptModeError(why)
+  return _params_and_name(calibration, cls)[0]
 
 
 def apply(rec: np.ndarray, ref: np.ndarray, params: Mapping) -> tuple[np.ndarray, np.ndarray]:
@@ -241,18 +529,5 @@ def summary(calibration: Optional[Mapping]) -> str:
   items = list(calibration["per_class"].items()) + [("global", calibration["global"])]
   return "\n".join(
       f"{c}: w={p['weight']:.1f} pool={p['pool_size']} validation mean "
-      f"{100 * p['objective']:.2f} ({p['n_normal']} normal + {p['n_synthetic']} synthetic)"
-      for c, p in items)
-
-
-def add_reference_figures(calibration: dict, groups: Mapping[str, Mapping], c: float, alpha: float,
-                          pool_size: int) -> None:
-  """Adds "reference_validation" (figures of (1 - alpha) rec + alpha c ref, box `pool_size`) to
-  each class's PARAMS and to the global ones (mean over classes), for comparison."""
-  stats = {"rec_mean": 0.0, "rec_std": 1.0, "ref_mean": 0.0, "ref_std": 1.0 / c,
-           "ref_space": "probability"}
-  for cls, params in calibration["per_class"].items():
-    params["reference_validation"] = candidate_figures([groups[cls]], stats, alpha, (pool_size,))[0]
-  used = [groups[cls] for cls in calibration["per_class"]]
-  calibration["global"]["reference_validation"] = candidate_figures(used, stats, alpha,
-                                                                    (pool_size,))[0]
+      f"{100 * p['objective']:.2f} ({p['n_normal']} normal + {p['n_synthetic']} synthetic, "
+      f"{p.get('prompt_mode', '?')} prompts)" for c, p in items)
