@@ -9,10 +9,11 @@ import sys
 import types
 from collections.abc import Mapping
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onenip_jax import base_config, calibration, metrics
+from onenip_jax import base_config, calibration, calibration_figures, metrics
 
 OLD_COMMIT = "6a76fd3"
 GOLDEN = pathlib.Path(__file__).parent / "data" / "calibration_6a76fd3.json"
@@ -144,14 +145,13 @@ def test_device_pixel_metrics_equal_the_numpy_ones(seed):
   labels = rng.uniform(size=n) < 0.2 + 0.3 * (scores > 0.5)
   fold = rng.integers(0, 3, n)
   order = np.argsort(-scores, kind="stable")
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   for member in [np.ones(n, bool)] + [fold == k for k in range(3)]:
-    got = calibration._sorted_auroc_ap(jnp.asarray(scores[order]), jnp.asarray(labels[order]),  # pylint: disable=protected-access
-                                       jnp.asarray(member[order]))
+    got = calibration_figures._sorted_auroc_ap(  # pylint: disable=protected-access
+        jnp.asarray(scores[order]), jnp.asarray(labels[order]), jnp.asarray(member[order]))
     want = metrics.pixel_auroc_ap(scores[member], labels[member])
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6, atol=1e-7)
-  got = calibration._sorted_auroc_ap(jnp.asarray(scores[order]), jnp.zeros(n, bool),  # pylint: disable=protected-access
-                                     jnp.ones(n, bool))
+  got = calibration_figures._sorted_auroc_ap(  # pylint: disable=protected-access
+      jnp.asarray(scores[order]), jnp.zeros(n, bool), jnp.ones(n, bool))
   assert np.all(np.isnan(np.asarray(got)))
 
 
