@@ -276,7 +276,7 @@ def calibrate(groups: Mapping[str, Mapping], calib_cfg, default_pool_size: int, 
   for c in groups:
     if c not in own:
       continue
-    g = DeviceClass(groups[c])  # the host maps are dropped here
+    g = DeviceClass(groups[c], c)  # the host maps are dropped here
     stats, n_rows = _stats(own[c]["moments"]), g.n
     figs = class_figures(g, stats, grid, pools, min(FOLDS, own[c]["images"]))
     per_class[c] = _params(stats, figs, grid, pools, default_pool_size, own[c]["n"], n_rows)
@@ -294,7 +294,7 @@ def calibrate(groups: Mapping[str, Mapping], calib_cfg, default_pool_size: int, 
     for c in global_groups:
       if c not in shared:
         continue
-      g = DeviceClass(global_groups[c])
+      g = DeviceClass(global_groups[c], c)
       global_figs.append(class_figures(g, global_stats, grid, pools, global_folds))
       global_rows += g.n
       if reference is not None:

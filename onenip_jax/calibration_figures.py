@@ -124,7 +124,11 @@ class DeviceClass:
     source, label: (n,) host arrays; n: the class's rows.
   """
 
-  def __init__(self, g: Mapping):
+  def __init__(self, g: Mapping, name: str = ""):
+    for key in ("rec", "ref"):
+      if not np.all(np.isfinite(g[key])):
+        raise ValueError(f"calibration: the validation {key} maps of class {name!r} hold NaN or "
+                         "inf (a diverged model?)")
     self.n, h, w = np.shape(g["rec"])
     self.shape = (h, w)
     self.source, self.label = np.asarray(g["source"]), np.asarray(g["label"])

@@ -137,6 +137,13 @@ def test_a_lazy_mapping_is_read_one_class_at_a_time():
   assert lazy.reads == ["a", "b", "c"] * 2  # statistics, then scoring
 
 
+def test_non_finite_maps_name_the_class():
+  groups = fixture_groups()
+  groups["b"]["rec"][5, 3, 3] = np.nan
+  with pytest.raises(ValueError, match="rec maps of class 'b' hold NaN"):
+    calibration.calibrate(groups, _cfg(), 8)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_device_pixel_metrics_equal_the_numpy_ones(seed):
   rng = np.random.default_rng(seed)
