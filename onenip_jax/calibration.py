@@ -45,8 +45,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from onenip_jax import calibration_figures, scoring
-from onenip_jax.calibration_figures import DeviceClass, class_figures
+from onenip_jax import calibration_figures
+from onenip_jax.calibration_figures import ClassMaps, box_max, class_figures, fuse, ref_values
 
 METHOD = "zlogodds-1se5-v2"
 OBJECTIVE_KEYS = calibration_figures.FIGURE_KEYS
@@ -58,16 +58,6 @@ _SPACES = ("logodds", "probability")
 
 class PromptModeError(ValueError):
   """A calibration applied with prompts other than those it was fitted with."""
-
-
-def ref_values(ref: np.ndarray, space: str) -> np.ndarray:
-  """The refiner map (N, H, W) float32 in `space`: "logodds" (`scoring.logodds`) or
-  "probability"."""
-  if space == "logodds":
-    return scoring.logodds_np(ref)
-  if space == "probability":
-    return np.asarray(ref, np.float32)
-  raise ValueError(f"unknown calibration ref_space {space!r}")
 
 
 def _moments(x: np.ndarray) -> tuple[int, float, float]:
@@ -111,33 +101,6 @@ def normal_stats(rec: np.ndarray, ref: np.ndarray, ref_space: str = "logodds") -
   """Pixel mean and std (float64 accumulation) of the maps (N, H, W) of normal images, the
   refiner's in `ref_space` (`ref_values`)."""
   return _stats(_class_moments(rec, ref))[ref_space]
-
-
-def fuse(rec: np.ndarray, ref: np.ndarray, stats: Mapping, weight: float) -> np.ndarray:
-  """(N, H, W) float32 map (1 - w) (rec - m_rec) / s_rec + w (g(ref) - m_ref) / s_ref, g the
-  `stats["ref_space"]` transform (`ref_values`)."""
-  z_rec = (np.asarray(rec, np.float32) - np.float32(stats["rec_mean"])) / np.float32(stats["rec_std"])
-  if weight == 0.0:
-    return z_rec
-  z_ref = ((ref_values(ref, stats.get("ref_space", "probability")) - np.float32(stats["ref_mean"]))
-           / np.float32(stats["ref_std"]))
-  if weight == 1.0:
-    return z_ref
-  return np.float32(1.0 - weight) * z_rec + np.float32(weight) * z_ref
-
-
-def box_max(maps: np.ndarray, pool_size: int) -> np.ndarray:
-  """(N, H, W) -> (N,) max of the stride-1 VALID `pool_size`-box mean (as `scoring.image_scores`)."""
-  n, h, w = maps.shape
-  if pool_size > h or pool_size > w:
-    raise ValueError(f"calibration.pool_sizes: {pool_size} exceeds the map size {(h, w)}")
-  k, out = int(pool_size), np.zeros(n, np.float32)
-  for i in range(0, n, 32):  # float64 integral images, 32 maps at a time
-    c = np.zeros((len(maps[i:i + 32]), h + 1, w + 1))
-    c[:, 1:, 1:] = np.asarray(maps[i:i + 32], np.float64).cumsum(1).cumsum(2)
-    box = c[:, k:, k:] - c[:, :-k, k:] - c[:, k:, :-k] + c[:, :-k, :-k]
-    out[i:i + 32] = box.reshape(len(c), -1).max(axis=1) / (k * k)
-  return out
 
 
 def _none(x: float) -> Optional[float]:
@@ -276,7 +239,7 @@ def calibrate(groups: Mapping[str, Mapping], calib_cfg, default_pool_size: int, 
   for c in groups:
     if c not in own:
       continue
-    g = DeviceClass(groups[c], c)  # the host maps are dropped here
+    g = ClassMaps(groups[c], c)  # the host maps are dropped here
     stats, n_rows = _stats(own[c]["moments"]), g.n
     figs = class_figures(g, stats, grid, pools, min(FOLDS, own[c]["images"]))
     per_class[c] = _params(stats, figs, grid, pools, default_pool_size, own[c]["n"], n_rows)
@@ -294,7 +257,7 @@ def calibrate(groups: Mapping[str, Mapping], calib_cfg, default_pool_size: int, 
     for c in global_groups:
       if c not in shared:
         continue
-      g = DeviceClass(global_groups[c], c)
+      g = ClassMaps(global_groups[c], c)
       global_figs.append(class_figures(g, global_stats, grid, pools, global_folds))
       global_rows += g.n
       if reference is not None:

@@ -1,13 +1,18 @@
-"""The figures of calibration candidates on one class (`onenip_jax.calibration`), computed on the
-default device in jnp, every candidate's fused map, pixel metrics and image scores from one sort.
+"""The figures of calibration candidates on one class (`onenip_jax.calibration`): each candidate's
+fused map, image scores, and pixel AUROC and AP on all rows and on each fold from ONE sort.
 
-Pixel AUROC and AP are exact as `metrics.pixel_auroc_ap` (ties as one threshold; float32 sums in
-blocks), on all rows and on each fold from the same sort; image AUROC and AP come from
-`metrics` on the host. Candidates are mapped over in batches of about `_PIXEL_BUDGET` pixels.
+On a GPU or TPU this runs in jnp on the default device, candidates mapped over in batches of about
+`_PIXEL_BUDGET` pixels (float32 sums in blocks); on the CPU backend in numpy (XLA:CPU's sort is
+~50x slower than numpy's), candidates on threads within `_HOST_BUDGET`, the sorted pixels read
+`_CHUNK` at a time. Pixel AUROC and AP are exact as `metrics.pixel_auroc_ap` (ties as one
+threshold); image AUROC and AP come from `metrics` on the host. Also the numpy `fuse` and
+`box_max` that evaluation applies.
 """
+import concurrent.futures
 import functools
 import math
-from typing import Mapping, Sequence
+import os
+from typing import Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +21,47 @@ import numpy as np
 from onenip_jax import metrics, scoring
 
 FIGURE_KEYS = ("i_auroc", "i_ap", "p_auroc", "p_ap")
-_PIXEL_BUDGET = 1 << 26  # candidates scored at once: about this many pixels in all
+_PIXEL_BUDGET = 1 << 24  # accelerator: candidates scored at once, about this many pixels in all
 _SUM_BLOCK = 4096        # float32 sums in blocks of this many terms
+_CHUNK = 1 << 22         # CPU: sorted pixels processed this many at a time
+_HOST_BUDGET = 1 << 30   # CPU: bytes of candidates scored at once (threads)
+
+
+def ref_values(ref: np.ndarray, space: str) -> np.ndarray:
+  """The refiner map (N, H, W) float32 in `space`: "logodds" (`scoring.logodds`) or
+  "probability"."""
+  if space == "logodds":
+    return scoring.logodds_np(ref)
+  if space == "probability":
+    return np.asarray(ref, np.float32)
+  raise ValueError(f"unknown calibration ref_space {space!r}")
+
+
+def fuse(rec: np.ndarray, ref: np.ndarray, stats: Mapping, weight: float) -> np.ndarray:
+  """(N, H, W) float32 map (1 - w) (rec - m_rec) / s_rec + w (g(ref) - m_ref) / s_ref, g the
+  `stats["ref_space"]` transform (`ref_values`)."""
+  z_rec = (np.asarray(rec, np.float32) - np.float32(stats["rec_mean"])) / np.float32(stats["rec_std"])
+  if weight == 0.0:
+    return z_rec
+  z_ref = ((ref_values(ref, stats.get("ref_space", "probability")) - np.float32(stats["ref_mean"]))
+           / np.float32(stats["ref_std"]))
+  if weight == 1.0:
+    return z_ref
+  return np.float32(1.0 - weight) * z_rec + np.float32(weight) * z_ref
+
+
+def box_max(maps: np.ndarray, pool_size: int) -> np.ndarray:
+  """(N, H, W) -> (N,) max of the stride-1 VALID `pool_size`-box mean (as `scoring.image_scores`)."""
+  n, h, w = maps.shape
+  if pool_size > h or pool_size > w:
+    raise ValueError(f"calibration.pool_sizes: {pool_size} exceeds the map size {(h, w)}")
+  k, out = int(pool_size), np.zeros(n, np.float32)
+  for i in range(0, n, 32):  # float64 integral images, 32 maps at a time
+    c = np.zeros((len(maps[i:i + 32]), h + 1, w + 1))
+    c[:, 1:, 1:] = np.asarray(maps[i:i + 32], np.float64).cumsum(1).cumsum(2)
+    box = c[:, k:, k:] - c[:, :-k, k:] - c[:, k:, :-k] + c[:, :-k, :-k]
+    out[i:i + 32] = box.reshape(len(c), -1).max(axis=1) / (k * k)
+  return out
 
 
 def _candidate_rows(stats: Mapping, grid: Sequence[tuple[str, float]]) -> np.ndarray:
@@ -116,15 +160,22 @@ def _image_figures(scores: np.ndarray, labels: np.ndarray) -> dict:
   return {"i_auroc": metrics.auroc(scores, labels), "i_ap": metrics.average_precision(scores, labels)}
 
 
-class DeviceClass:
-  """One class's validation maps on the device, rows padded to `_bucket` (`class_figures`).
+def on_accelerator() -> bool:
+  """Whether candidates are scored in jnp (a GPU or TPU); on the CPU backend they are scored in
+  numpy (XLA:CPU sorts ~50x slower than numpy), with the same figures."""
+  return jax.default_backend() != "cpu"
+
+
+class ClassMaps:
+  """One class's validation maps as `class_figures` scores them: on the accelerator, rows padded
+  to `_bucket` (few shapes, few compilations); else the host arrays.
 
   Attributes:
-    rec, ref: (M, H, W) float32 device arrays; mask: (M, H, W) bool; M = _bucket(n).
-    source, label: (n,) host arrays; n: the class's rows.
+    rec, ref: (M, H, W) float32; mask: (M, H, W) bool (M = n on the host, _bucket(n) on the
+      accelerator); source, label: (n,) host arrays; n: the class's rows; device: which.
   """
 
-  def __init__(self, g: Mapping, name: str = ""):
+  def __init__(self, g: Mapping, name: str = "", device: Optional[bool] = None):
     for key in ("rec", "ref"):
       if not np.all(np.isfinite(g[key])):
         raise ValueError(f"calibration: the validation {key} maps of class {name!r} hold NaN or "
@@ -132,9 +183,12 @@ class DeviceClass:
     self.n, h, w = np.shape(g["rec"])
     self.shape = (h, w)
     self.source, self.label = np.asarray(g["source"]), np.asarray(g["label"])
-    padded = _bucket(self.n)  # few distinct shapes, few compilations
+    self.device = on_accelerator() if device is None else device
+    padded = _bucket(self.n) if self.device else self.n
 
     def put(x, dtype):
+      if not self.device:
+        return np.asarray(x, dtype)
       buf = np.zeros((padded, h, w), dtype)
       buf[:self.n] = x
       return jax.device_put(buf)
@@ -143,13 +197,68 @@ class DeviceClass:
     self.mask = put(g["mask"], bool)
 
 
-def class_figures(d: DeviceClass, stats: Mapping, grid: Sequence[tuple[str, float]],
+def _sorted_figures_np(packed: np.ndarray, n_folds: int) -> np.ndarray:
+  """(1 + n_folds, 2) [AUROC, AP] of all pixels and of each fold from (n,) uint64 keys sorted
+  ascending: (~order-preserving uint32 of the score) << 32 | fold << 1 | label. Exact as
+  `metrics.pixel_auroc_ap` (float64 sums over the tie runs), read `_CHUNK` pixels at a time."""
+  subsets = 1 + n_folds
+  tp0, seen0 = np.zeros(subsets, np.int64), np.zeros(subsets, np.int64)
+  auc, ap = np.zeros(subsets), np.zeros(subsets)
+  n, a = len(packed), 0
+  while a < n:
+    b = min(a + _CHUNK, n)
+    if b < n:  # end the chunk at the end of a run of equal scores
+      top = int(packed[b - 1] >> np.uint64(32))
+      b = n if top == 0xFFFFFFFF else int(np.searchsorted(packed, np.uint64((top + 1) << 32)))
+    chunk = packed[a:b]
+    keys = (chunk >> np.uint64(32)).astype(np.uint32)
+    payload = (chunk & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    label, fold = (payload & 1).astype(bool), payload >> 1
+    ends = np.flatnonzero(np.r_[keys[1:] != keys[:-1], True])
+    for k in range(subsets):
+      member = np.ones(len(chunk), bool) if k == 0 else fold == k - 1
+      tp = np.cumsum(member & label, dtype=np.int64)[ends] + tp0[k]
+      seen = np.cumsum(member, dtype=np.int64)[ends] + seen0[k]
+      tp_before, seen_before = np.r_[tp0[k], tp[:-1]], np.r_[seen0[k], seen[:-1]]
+      pos = tp - tp_before
+      neg = seen - seen_before - pos
+      auc[k] += float(np.sum(neg * (tp_before + tp).astype(np.float64)))
+      ap[k] += float(np.sum(pos * (tp / np.maximum(seen, 1))))
+      tp0[k], seen0[k] = tp[-1], seen[-1]
+    a = b
+  n_pos, n_neg = tp0, seen0 - tp0
+  ok = (n_pos > 0) & (n_neg > 0)
+  out = np.full((subsets, 2), np.nan)
+  out[ok, 0] = auc[ok] / (2.0 * n_pos[ok] * n_neg[ok])
+  out[ok, 1] = ap[ok] / n_pos[ok]
+  return out
+
+
+def _candidate_np(d: ClassMaps, stats: Mapping, space: str, weight: float, fold: np.ndarray,
+                  n_folds: int, pool_sizes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  """(pixel (1 + n_folds, 2), image (len(pool_sizes), n)) figures of one candidate on the host:
+  `fuse`, `box_max` and one uint64 sort."""
+  s = fuse(d.rec, d.ref, stats[space], weight)
+  image = np.stack([box_max(s, p) for p in pool_sizes])
+  per_map = s[0].size
+  packed = np.empty(s.size, np.uint64)
+  for i in range(0, d.n, 64):
+    u = (s[i:i + 64] + np.float32(0.0)).view(np.uint32).reshape(-1)  # -0.0 as +0.0
+    u = np.where(u >> np.uint32(31), u, ~(u | np.uint32(0x80000000)))  # descending order
+    low = ((fold[i:i + 64, None, None] << 1) | d.mask[i:i + 64]).reshape(-1).astype(np.uint64)
+    packed[i * per_map:i * per_map + u.size] = (u.astype(np.uint64) << np.uint64(32)) | low
+  del s
+  packed.sort()
+  return _sorted_figures_np(packed, n_folds), image
+
+
+def class_figures(d: ClassMaps, stats: Mapping, grid: Sequence[tuple[str, float]],
                   pool_sizes: Sequence[int], n_folds: int) -> np.ndarray:
   """Figures of every candidate of `grid` on one class with statistics `stats`.
 
   Args:
     d: the class's maps ('rec', 'ref' (N, H, W) float32, 'mask' (N, H, W) bool, 'label' (N,),
-      'source' (N,) int) on the device.
+      'source' (N,) int).
     stats: {ref_space: `calibration.normal_stats` dict}; grid: [(ref_space, w)].
     n_folds: folds (rows with `source` % n_folds == k), 0 for none.
   Returns:
@@ -160,16 +269,23 @@ def class_figures(d: DeviceClass, stats: Mapping, grid: Sequence[tuple[str, floa
   for p in pool_sizes:
     if p > h or p > w:
       raise ValueError(f"calibration.pool_sizes: {p} exceeds the map size {(h, w)}")
-  fold = (d.source % n_folds if n_folds else np.zeros(n, np.int64)).astype(np.int32)
-  padded = d.rec.shape[0]
-  batch = max(1, min(len(grid), _PIXEL_BUDGET // max(padded * h * w, 1)))
-  pixel, image = _score(d.rec, d.ref, d.mask,
-                        jnp.asarray(np.pad(fold, (0, padded - n),
-                                           constant_values=max(n_folds, 1))),
-                        jnp.asarray(_candidate_rows(stats, grid)),
-                        jnp.asarray([s == "logodds" for s, _ in grid]), n_folds=n_folds,
-                        pool_sizes=tuple(int(p) for p in pool_sizes), batch=batch)
-  pixel, image = np.asarray(pixel, np.float64), np.asarray(image)[:, :, :n]
+  fold = (d.source % n_folds if n_folds else np.zeros(n, np.int64)).astype(np.int64)
+  if d.device:
+    padded = d.rec.shape[0]
+    batch = max(1, min(len(grid), _PIXEL_BUDGET // max(padded * h * w, 1)))
+    pixel, image = _score(d.rec, d.ref, d.mask,
+                          jnp.asarray(np.pad(fold, (0, padded - n),
+                                             constant_values=max(n_folds, 1)).astype(np.int32)),
+                          jnp.asarray(_candidate_rows(stats, grid)),
+                          jnp.asarray([s == "logodds" for s, _ in grid]), n_folds=n_folds,
+                          pool_sizes=tuple(int(p) for p in pool_sizes), batch=batch)
+    pixel, image = np.asarray(pixel, np.float64), np.asarray(image)[:, :, :n]
+  else:
+    threads = max(1, min(os.cpu_count() or 1, len(grid), _HOST_BUDGET // max(16 * d.rec.size, 1)))
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # numpy drops the GIL
+      done = list(pool.map(lambda c: _candidate_np(d, stats, c[0], c[1], fold, n_folds,
+                                                   pool_sizes), grid))
+    pixel, image = np.stack([p for p, _ in done]), np.stack([i for _, i in done])
   out = np.full((len(grid), len(pool_sizes), 1 + n_folds, 4), np.nan)
   subsets = [np.ones(n, bool)] + [fold == k for k in range(n_folds)]
   for c in range(len(grid)):

@@ -120,7 +120,9 @@ def test_the_fixture_is_not_trivial():
   assert max(objs) - min(objs) > 0.01
 
 
-def test_streamed_calibration_equals_the_golden_file():
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_streamed_calibration_equals_the_golden_file(accelerator, monkeypatch):
+  monkeypatch.setattr(calibration_figures, "on_accelerator", lambda: accelerator)  # jnp or numpy
   _assert_same(_new_output(), json.loads(GOLDEN.read_text()))
 
 
