@@ -24,7 +24,7 @@ FIGURE_KEYS = ("i_auroc", "i_ap", "p_auroc", "p_ap")
 _PIXEL_BUDGET = 1 << 24  # accelerator: candidates scored at once, about this many pixels in all
 _SUM_BLOCK = 4096        # float32 sums in blocks of this many terms
 _CHUNK = 1 << 22         # CPU: sorted pixels processed this many at a time
-_HOST_BUDGET = 1 << 30   # CPU: bytes of candidates scored at once (threads)
+_HOST_BUDGET = 3 << 28   # CPU: bytes of sort keys of the candidates scored at once (threads)
 
 
 def ref_values(ref: np.ndarray, space: str) -> np.ndarray:
@@ -172,7 +172,8 @@ class ClassMaps:
 
   Attributes:
     rec, ref: (M, H, W) float32; mask: (M, H, W) bool (M = n on the host, _bucket(n) on the
-      accelerator); source, label: (n,) host arrays; n: the class's rows; device: which.
+      accelerator); ref_lo: on the host, `ref_values(ref, "logodds")`, else None; source,
+      label: (n,) host arrays; n: the class's rows; device: which.
   """
 
   def __init__(self, g: Mapping, name: str = "", device: Optional[bool] = None):
@@ -195,12 +196,14 @@ class ClassMaps:
 
     self.rec, self.ref = put(g["rec"], np.float32), put(g["ref"], np.float32)
     self.mask = put(g["mask"], bool)
+    self.ref_lo = None if self.device else ref_values(self.ref, "logodds")
 
 
 def _sorted_figures_np(packed: np.ndarray, n_folds: int) -> np.ndarray:
   """(1 + n_folds, 2) [AUROC, AP] of all pixels and of each fold from (n,) uint64 keys sorted
   ascending: (~order-preserving uint32 of the score) << 32 | fold << 1 | label. Exact as
-  `metrics.pixel_auroc_ap` (float64 sums over the tie runs), read `_CHUNK` pixels at a time."""
+  `metrics.pixel_auroc_ap` (a curve point per run of equal scores, float64 sums), read `_CHUNK`
+  pixels at a time (each chunk ends with a run), a fold's pixels picked out in sorted order."""
   subsets = 1 + n_folds
   tp0, seen0 = np.zeros(subsets, np.int64), np.zeros(subsets, np.int64)
   auc, ap = np.zeros(subsets), np.zeros(subsets)
@@ -212,18 +215,23 @@ def _sorted_figures_np(packed: np.ndarray, n_folds: int) -> np.ndarray:
       b = n if top == 0xFFFFFFFF else int(np.searchsorted(packed, np.uint64((top + 1) << 32)))
     chunk = packed[a:b]
     keys = (chunk >> np.uint64(32)).astype(np.uint32)
-    payload = (chunk & np.uint64(0xFFFFFFFF)).astype(np.int64)
-    label, fold = (payload & 1).astype(bool), payload >> 1
-    ends = np.flatnonzero(np.r_[keys[1:] != keys[:-1], True])
+    low = (chunk & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    label, fold = (low & np.uint32(1)).astype(bool), low >> np.uint32(1)
     for k in range(subsets):
-      member = np.ones(len(chunk), bool) if k == 0 else fold == k - 1
-      tp = np.cumsum(member & label, dtype=np.int64)[ends] + tp0[k]
-      seen = np.cumsum(member, dtype=np.int64)[ends] + seen0[k]
-      tp_before, seen_before = np.r_[tp0[k], tp[:-1]], np.r_[seen0[k], seen[:-1]]
-      pos = tp - tp_before
-      neg = seen - seen_before - pos
-      auc[k] += float(np.sum(neg * (tp_before + tp).astype(np.float64)))
-      ap[k] += float(np.sum(pos * (tp / np.maximum(seen, 1))))
+      if k == 0:
+        kk, lab = keys, label
+      else:
+        pick = fold == k - 1
+        kk, lab = keys[pick], label[pick]
+      if not len(kk):
+        continue
+      ends = np.flatnonzero(np.r_[kk[1:] != kk[:-1], True])
+      tp = np.cumsum(lab, dtype=np.int64)[ends] + tp0[k]
+      seen = ends + 1 + seen0[k]
+      tp_before = np.r_[tp0[k], tp[:-1]]
+      fp_step = (seen - np.r_[seen0[k], seen[:-1]]) - (tp - tp_before)
+      auc[k] += float(np.dot(fp_step.astype(np.float64), (tp_before + tp).astype(np.float64)))
+      ap[k] += float(np.dot((tp - tp_before).astype(np.float64), tp / seen))
       tp0[k], seen0[k] = tp[-1], seen[-1]
     a = b
   n_pos, n_neg = tp0, seen0 - tp0
@@ -237,17 +245,20 @@ def _sorted_figures_np(packed: np.ndarray, n_folds: int) -> np.ndarray:
 def _candidate_np(d: ClassMaps, stats: Mapping, space: str, weight: float, fold: np.ndarray,
                   n_folds: int, pool_sizes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
   """(pixel (1 + n_folds, 2), image (len(pool_sizes), n)) figures of one candidate on the host:
-  `fuse`, `box_max` and one uint64 sort."""
-  s = fuse(d.rec, d.ref, stats[space], weight)
-  image = np.stack([box_max(s, p) for p in pool_sizes])
-  per_map = s[0].size
-  packed = np.empty(s.size, np.uint64)
-  for i in range(0, d.n, 64):
-    u = (s[i:i + 64] + np.float32(0.0)).view(np.uint32).reshape(-1)  # -0.0 as +0.0
+  `fuse` and `box_max` 32 maps at a time, packed into one uint64 array, one sort."""
+  per_map, st = int(np.prod(d.shape)), stats[space]
+  image = np.zeros((len(pool_sizes), d.n), np.float32)
+  packed = np.empty(d.n * per_map, np.uint64)
+  probability = dict(st, ref_space="probability")  # d.ref_lo already holds the log-odds
+  for i in range(0, d.n, 32):
+    ref = d.ref_lo[i:i + 32] if space == "logodds" else d.ref[i:i + 32]
+    s = fuse(d.rec[i:i + 32], ref, probability, weight)
+    for j, p in enumerate(pool_sizes):
+      image[j, i:i + 32] = box_max(s, p)
+    u = (s + np.float32(0.0)).view(np.uint32).reshape(-1)  # -0.0 as +0.0
     u = np.where(u >> np.uint32(31), u, ~(u | np.uint32(0x80000000)))  # descending order
-    low = ((fold[i:i + 64, None, None] << 1) | d.mask[i:i + 64]).reshape(-1).astype(np.uint64)
+    low = ((fold[i:i + 32, None, None] << 1) | d.mask[i:i + 32]).reshape(-1).astype(np.uint64)
     packed[i * per_map:i * per_map + u.size] = (u.astype(np.uint64) << np.uint64(32)) | low
-  del s
   packed.sort()
   return _sorted_figures_np(packed, n_folds), image
 
@@ -281,7 +292,7 @@ def class_figures(d: ClassMaps, stats: Mapping, grid: Sequence[tuple[str, float]
                           pool_sizes=tuple(int(p) for p in pool_sizes), batch=batch)
     pixel, image = np.asarray(pixel, np.float64), np.asarray(image)[:, :, :n]
   else:
-    threads = max(1, min(os.cpu_count() or 1, len(grid), _HOST_BUDGET // max(16 * d.rec.size, 1)))
+    threads = max(1, min(os.cpu_count() or 1, len(grid), _HOST_BUDGET // max(8 * d.rec.size, 1)))
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # numpy drops the GIL
       done = list(pool.map(lambda c: _candidate_np(d, stats, c[0], c[1], fold, n_folds,
                                                    pool_sizes), grid))
