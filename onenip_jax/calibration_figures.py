@@ -23,7 +23,7 @@ from onenip_jax import metrics, scoring
 FIGURE_KEYS = ("i_auroc", "i_ap", "p_auroc", "p_ap")
 _PIXEL_BUDGET = 1 << 24  # accelerator: candidates scored at once, about this many pixels in all
 _SUM_BLOCK = 4096        # float32 sums in blocks of this many terms
-_CHUNK = 1 << 22         # CPU: sorted pixels processed this many at a time
+_CHUNK = 1 << 20         # CPU: sorted pixels processed this many at a time (~80 bytes each)
 _HOST_BUDGET = 3 << 28   # CPU: bytes of sort keys of the candidates scored at once (threads)
 
 
