@@ -1,5 +1,5 @@
-"""Scoring calibrated on normal training data only. Maps are (N, H, W); candidates are scored on
-the default device (jnp), one class at a time.
+"""Scoring calibrated on normal training data only. Maps are (N, H, W); candidates are scored one
+class at a time by `onenip_jax.calibration_figures` (jnp on a GPU or TPU, numpy on the CPU).
 
 The validation set of a class is its held-out normal training images (`index.holdout`, label 0,
 empty masks) and K synthetic anomalies made from each by the training synthesis with another seed
@@ -26,8 +26,8 @@ are the mean over the classes of each class's figures.
 Streaming: the figures of a class depend only on its own maps and on the statistics used, so
 `calibrate` reads one class at a time (its argument may be a lazy mapping): a first pass over the
 normal rows gives each class's statistics and, combined (float64 count, mean and squared
-deviations), the global ones; a second pass scores every candidate of a class with both, on the
-device, and keeps only the figures. Host memory holds one class's maps.
+deviations), the global ones; a second pass scores every candidate of a class with both and keeps
+only the figures. Host memory holds one class's maps (and, on the CPU, a candidate's sort keys).
 
 A calibration is a JSON-able dict (stored with the final checkpoint and in metrics.json):
   {"method": METHOD, "per_class": {cls: PARAMS}, "global": PARAMS, "prompt_mode", ...}
