@@ -9,7 +9,9 @@ differ: data_pipelines/layouts.py).
       --config.data.root=~/data/BTech_Dataset_transformed --config.data.textures=~/data/dtd \
       --config.backbone.weights=~/weights/b4.msgpack
 
-Arguments: res=224|256|320, backbone=b4|lite2|..., layout=mvtec|meta. layout=meta reads the
+Arguments: res=224|256|320, backbone=b4|lite2|..., layout=mvtec|meta,
+protocol=calibrated|paper|frozen_c (`base_config.PROTOCOLS`; paper: the published protocol,
+comparable to the line below). layout=meta reads the
 json-lines meta files data/btad/train.json and test.json of the OneNIP repository
 (https://github.com/gaobb/OneNIP, made like UniAD's), paths relative to the same `data.root`:
 add --config.data.meta_train=~/OneNIP/data/btad/train.json

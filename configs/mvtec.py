@@ -18,6 +18,9 @@ instead, data/MVTec-AD/train.json and test.json of the UniAD repository
       --config.data.meta_train=~/UniAD/data/MVTec-AD/train.json \
       --config.data.meta_test=~/UniAD/data/MVTec-AD/test.json
 
+Protocols: protocol=calibrated|paper|frozen_c (`base_config.PROTOCOLS`; paper: the published protocol,
+comparable to the line below).
+
 Reference (v2 log, 224): mean I-AUROC 97.96, I-AP 99.34, P-AUROC 97.91, P-AP 63.87.
 """
 from onenip_jax import base_config

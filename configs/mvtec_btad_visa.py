@@ -18,6 +18,9 @@ data/mvtec+btad+visa/train.json and test.json of the OneNIP repository
       --config.data.meta_train=~/OneNIP/data/mvtec+btad+visa/train.json \
       --config.data.meta_test=~/OneNIP/data/mvtec+btad+visa/test.json
 
+Protocols: protocol=calibrated|paper|frozen_c (`base_config.PROTOCOLS`; paper: the published protocol,
+comparable to the line below).
+
 Reference (v2 log, 224): 30-class mean 94.61 / 96.93 / 98.03 / 53.47.
 """
 import os
@@ -35,9 +38,9 @@ def _sibling(name: str, arg: str):
 
 
 def get_config(arg=None):
-  a = base_config.parse_args(arg, res=224, backbone="b4", layout="download",
+  a = base_config.parse_args(arg, res=224, backbone="b4", layout="download", protocol="calibrated",
                              **{name: "" for name in _DATASETS})
-  common = f"res={a['res']},backbone={a['backbone']}"
+  common = f"res={a['res']},backbone={a['backbone']},protocol={a['protocol']}"
   if a["layout"] == "meta":
     given = [name for name in _DATASETS if a[name]]
     if given:

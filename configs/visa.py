@@ -10,7 +10,9 @@ folder): `data.root` is the folder holding candle/ ... pipe_fryum/ and split_csv
       --config.data.root=~/data/VisA --config.data.textures=~/data/dtd \
       --config.backbone.weights=~/weights/b4.msgpack
 
-Arguments: res=224|256|320, backbone=b4|lite2|..., layout=visa_csv|meta. layout=meta reads the
+Arguments: res=224|256|320, backbone=b4|lite2|..., layout=visa_csv|meta,
+protocol=calibrated|paper|frozen_c (`base_config.PROTOCOLS`; paper: the published protocol,
+comparable to the line below). layout=meta reads the
 json-lines meta files data/visa/train.json and test.json of the OneNIP repository
 (https://github.com/gaobb/OneNIP), paths relative to the same `data.root`: add
 --config.data.meta_train=~/OneNIP/data/visa/train.json

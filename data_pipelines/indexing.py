@@ -299,11 +299,15 @@ def index_dataset(data_cfg: Any, verify_cache: Optional[str] = None) -> DatasetI
 
 
 def split_holdout(index: DatasetIndex, fraction: float, seed: int) -> DatasetIndex:
-  """Moves round(fraction * n) of each class's n normal training samples to `index.holdout`.
+  """Moves round(fraction * n) of each class's n distinct normal training images to
+  `index.holdout`.
 
-  The choice is a permutation seeded by (seed, class position), so it depends only on the seed and
-  the class's own list. At least one image is held out when fraction > 0, and at least one stays
-  for training (a class with a single normal image keeps it and holds none out).
+  Images are told apart by path: a list that names one image several times (a meta file's
+  repeats) moves all its copies to one side, and `holdout` holds each held-out image once. The
+  choice is a permutation of the distinct images in order of first appearance, seeded by (seed,
+  class position), so it depends only on the seed and the class's own list (a list without
+  repeats splits by position as before). At least one image is held out when fraction > 0, and at
+  least one stays for training (a class with a single normal image keeps it and holds none out).
 
   Raises:
     ValueError if `fraction` (config key calibration.holdout_fraction) is not in [0, 1).
@@ -312,18 +316,23 @@ def split_holdout(index: DatasetIndex, fraction: float, seed: int) -> DatasetInd
     raise UserError(f"calibration.holdout_fraction={fraction!r}: must be in [0, 1)")
   if fraction == 0.0:
     return index
-  out = set()
+  out, kept = set(), set()
   for c_id, cls in enumerate(index.classes):
-    rows = index.normal_train_indices(cls)
-    k = min(max(1, int(round(fraction * len(rows)))), len(rows) - 1)
+    copies = {}  # path -> its positions in index.train
+    for i in index.normal_train_indices(cls):
+      copies.setdefault(index.train[i].path, []).append(i)
+    images = list(copies.values())
+    k = min(max(1, int(round(fraction * len(images)))), len(images) - 1)
     if k <= 0:
       logger.warning("class %r has %d normal training image(s): none held out for calibration",
-                     cls, len(rows))
+                     cls, len(images))
       continue
-    perm = np.random.default_rng([int(seed), c_id]).permutation(len(rows))
-    out.update(rows[i] for i in perm[:k])
+    perm = np.random.default_rng([int(seed), c_id]).permutation(len(images))
+    for j in perm[:k]:
+      out.update(images[j])
+      kept.add(images[j][0])
   return dataclasses.replace(index, train=[s for i, s in enumerate(index.train) if i not in out],
-                             holdout=[s for i, s in enumerate(index.train) if i in out])
+                             holdout=[s for i, s in enumerate(index.train) if i in kept])
 
 
 def index_config(cfg: Any, verify_cache: Optional[str] = None) -> DatasetIndex:

@@ -7,8 +7,9 @@ Collects the validation maps of the run's newest checkpoint with `--per-image` s
 per held-out image (`validation.validation_groups`: copy j of image r is seeded by its position,
 so copies 0..draw-1 are exactly the validation set of `calibration.synthetic_per_image=draw`, and
 every further block of `draw` copies is an independent one), then runs `calibration.calibrate`
-on each block (with the same held-out normals) and on all copies, and prints each choice. Reads no
-test image. Overrides (e.g. `--config.eval.prompt_mode=pool`) apply to the stored config.
+on each block (with the same held-out normals) and on all copies, and prints each choice (the
+global one on these maps too). Reads no test image. Overrides (e.g.
+`--config.eval.prompt_mode=pool`) apply to the stored config.
 """
 import argparse
 import time
@@ -53,7 +54,7 @@ def main() -> None:
   index = indexing.index_config(cfg)
   if cfg.eval.prompt_mode == "pool":
     predictor.pool = inference.build_prompt_pool(predictor, index, cfg)
-  groups = validation.validation_groups(cfg, predictor, index)
+  groups = dict(validation.validation_groups(cfg, predictor, index))  # all classes, reused
   print(f"step {step}, {cfg.eval.prompt_mode} prompts, maps collected in {time.time() - start:.0f} s")
   sets = [(f"copies {i}-{i + args.draw - 1}", range(i, i + args.draw))
           for i in range(0, args.per_image, args.draw)]
@@ -61,7 +62,8 @@ def main() -> None:
   print("| validation set | " + " | ".join(list(groups) + ["global"]) + " |")
   print("|---" * (len(groups) + 2) + "|")
   for name, keep in sets:
-    res = calibration.calibrate(copies(groups, keep), cfg.calibration, int(cfg.eval.pool_size))
+    res = calibration.calibrate(copies(groups, keep), cfg.calibration, int(cfg.eval.pool_size),
+                                prompt_mode=cfg.eval.prompt_mode)
     cells = [describe(res["per_class"][c]) for c in groups] + [describe(res["global"])]
     print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 

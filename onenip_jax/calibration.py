@@ -1,4 +1,5 @@
-"""Scoring calibrated on normal training data only (issue 13). Pure numpy; maps are (N, H, W).
+"""Scoring calibrated on normal training data only. Maps are (N, H, W); candidates are scored one
+class at a time by `onenip_jax.calibration_figures` (jnp on a GPU or TPU, numpy on the CPU).
 
 The validation set of a class is its held-out normal training images (`index.holdout`, label 0,
 empty masks) and K synthetic anomalies made from each by the training synthesis with another seed
@@ -19,133 +20,120 @@ empty masks) and K synthetic anomalies made from each by the training synthesis 
      paired difference over `FOLDS` folds of the held-out images (an image and the synthetic
      anomalies made from it share a fold).
 This is done per class (used with class prompts) and once for all classes with shared statistics
-(`"global"`, used with pool prompts, where the objective is the mean over the classes).
+(`"global"`, used with pool prompts and exports, fitted on pool-prompt maps), where the figures
+are the mean over the classes of each class's figures.
+
+Streaming: the figures of a class depend only on its own maps and on the statistics used, so
+`calibrate` reads one class at a time (its argument may be a lazy mapping): a first pass over the
+normal rows gives each class's statistics and, combined (float64 count, mean and squared
+deviations), the global ones; a second pass scores every candidate of a class with both and keeps
+only the figures. Host memory holds one class's maps (and, on the CPU, a candidate's sort keys).
 
 A calibration is a JSON-able dict (stored with the final checkpoint and in metrics.json):
   {"method": METHOD, "per_class": {cls: PARAMS}, "global": PARAMS, "prompt_mode", ...}
   PARAMS = {"rec_mean", "rec_std", "ref_mean", "ref_std", "ref_space", "weight", "pool_size",
             "objective", "validation": {i_auroc, i_ap, p_auroc, p_ap} of the choice, "n_normal",
-            "n_synthetic", "candidates": [{"ref_space", "weight", "pool_size", i_auroc, i_ap,
-            p_auroc, p_ap, "objective", "se", "within_se"}]}
+            "n_synthetic", "prompt_mode" (of the maps it was fitted on), "candidates":
+            [{"ref_space", "weight", "pool_size", i_auroc, i_ap, p_auroc, p_ap, "objective", "se",
+            "within_se"}]}
   (ref_mean / ref_std of the chosen `ref_space`).
 A calibration stored before `ref_space` existed (no key) is in "probability" space for every w and
 is applied as it was chosen.
 """
+import math
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from onenip_jax import metrics, scoring
+from onenip_jax import calibration_figures
+from onenip_jax.calibration_figures import ClassMaps, box_max, class_figures, fuse, ref_values
 
-METHOD = ("z-scores (refiner in log-odds) and the refiner's probabilities; largest weight within "
-          "one paired SE of the best (5 folds)")
-OBJECTIVE_KEYS = ("i_auroc", "i_ap", "p_auroc", "p_ap")
+METHOD = "zlogodds-1se5-v2"
+OBJECTIVE_KEYS = calibration_figures.FIGURE_KEYS
 FOLDS = 5
 _STD_FLOOR = 1e-12
 _TIE = 1e-9
+_SPACES = ("logodds", "probability")
 
 
-def ref_values(ref: np.ndarray, space: str) -> np.ndarray:
-  """The refiner map (N, H, W) float32 in `space`: "logodds" (`scoring.logodds`) or
-  "probability"."""
-  if space == "logodds":
-    return scoring.logodds_np(ref)
-  if space == "probability":
-    return np.asarray(ref, np.float32)
-  raise ValueError(f"unknown calibration ref_space {space!r}")
+class PromptModeError(ValueError):
+  """A calibration applied with prompts other than those it was fitted with."""
+
+
+def _moments(x: np.ndarray) -> tuple[int, float, float]:
+  """(count, mean, sum of squared deviations) of `x` in float64."""
+  x = np.asarray(x, np.float64).reshape(-1)
+  mean = float(x.mean()) if x.size else 0.0
+  return x.size, mean, float(np.square(x - mean).sum())
+
+
+def _combine(parts: Sequence[tuple[int, float, float]]) -> tuple[int, float, float]:
+  """`_moments` of the concatenation of the parts (Chan et al.'s pairwise update)."""
+  n, mean, m2 = 0, 0.0, 0.0
+  for nb, mb, m2b in parts:
+    if nb:
+      total = n + nb
+      delta = mb - mean
+      mean, m2, n = mean + delta * nb / total, m2 + m2b + delta * delta * n * nb / total, total
+  return n, mean, m2
+
+
+def _class_moments(rec: np.ndarray, ref: np.ndarray) -> dict:
+  """{"rec", "logodds", "probability": `_moments`} of a class's normal maps (n, H, W)."""
+  return {"rec": _moments(rec), **{s: _moments(ref_values(ref, s)) for s in _SPACES}}
+
+
+def _stats(moments: Mapping) -> dict:
+  """{ref_space: `normal_stats`-like dict} from `_class_moments` (or their `_combine`)."""
+  def mean_std(m):
+    n, mean, m2 = m
+    return mean, max(math.sqrt(m2 / n), _STD_FLOOR)
+  rec_mean, rec_std = mean_std(moments["rec"])
+  out = {}
+  for space in _SPACES:
+    ref_mean, ref_std = mean_std(moments[space])
+    out[space] = {"rec_mean": rec_mean, "rec_std": rec_std, "ref_mean": ref_mean,
+                  "ref_std": ref_std, "ref_space": space}
+  return out
 
 
 def normal_stats(rec: np.ndarray, ref: np.ndarray, ref_space: str = "logodds") -> dict:
   """Pixel mean and std (float64 accumulation) of the maps (N, H, W) of normal images, the
   refiner's in `ref_space` (`ref_values`)."""
-  rec, ref = np.asarray(rec, np.float64), np.asarray(ref_values(ref, ref_space), np.float64)
-  return {"rec_mean": float(rec.mean()), "rec_std": float(max(rec.std(), _STD_FLOOR)),
-          "ref_mean": float(ref.mean()), "ref_std": float(max(ref.std(), _STD_FLOOR)),
-          "ref_space": ref_space}
+  return _stats(_class_moments(rec, ref))[ref_space]
 
 
-def fuse(rec: np.ndarray, ref: np.ndarray, stats: Mapping, weight: float) -> np.ndarray:
-  """(N, H, W) float32 map (1 - w) (rec - m_rec) / s_rec + w (g(ref) - m_ref) / s_ref, g the
-  `stats["ref_space"]` transform (`ref_values`)."""
-  z_rec = (np.asarray(rec, np.float32) - np.float32(stats["rec_mean"])) / np.float32(stats["rec_std"])
-  if weight == 0.0:
-    return z_rec
-  z_ref = ((ref_values(ref, stats.get("ref_space", "probability")) - np.float32(stats["ref_mean"]))
-           / np.float32(stats["ref_std"]))
-  if weight == 1.0:
-    return z_ref
-  return np.float32(1.0 - weight) * z_rec + np.float32(weight) * z_ref
+def _none(x: float) -> Optional[float]:
+  return None if not np.isfinite(x) else float(x)
 
 
-def box_max(maps: np.ndarray, pool_size: int) -> np.ndarray:
-  """(N, H, W) -> (N,) max of the stride-1 VALID `pool_size`-box mean (as `scoring.image_scores`)."""
-  n, h, w = maps.shape
-  if pool_size > h or pool_size > w:
-    raise ValueError(f"calibration.pool_sizes: {pool_size} exceeds the map size {(h, w)}")
-  k, out = int(pool_size), np.zeros(n, np.float32)
-  for i in range(0, n, 32):  # float64 integral images, 32 maps at a time
-    c = np.zeros((len(maps[i:i + 32]), h + 1, w + 1))
-    c[:, 1:, 1:] = np.asarray(maps[i:i + 32], np.float64).cumsum(1).cumsum(2)
-    box = c[:, k:, k:] - c[:, :-k, k:] - c[:, k:, :-k] + c[:, :-k, :-k]
-    out[i:i + 32] = box.reshape(len(c), -1).max(axis=1) / (k * k)
-  return out
+def _mean_figures(per_class: Sequence[np.ndarray]) -> np.ndarray:
+  """The mean over classes of `class_figures` (the defined ones; NaN when none is)."""
+  stack = np.stack(per_class)
+  count = np.sum(np.isfinite(stack), axis=0)
+  total = np.nansum(stack, axis=0)
+  return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def _objective(figures: Mapping) -> float:
-  values = [figures[k] for k in OBJECTIVE_KEYS if figures.get(k) is not None]
-  return float(np.mean(values)) if values else float("nan")
+def _objective(values: np.ndarray) -> np.ndarray:
+  """The mean of the defined figures (last axis, OBJECTIVE_KEYS order); NaN when none is."""
+  count = np.sum(np.isfinite(values), axis=-1)
+  return np.where(count > 0, np.nansum(values, axis=-1) / np.maximum(count, 1), np.nan)
 
 
-def _pixel_figures(maps: np.ndarray, masks: np.ndarray) -> dict:
-  p_auroc, p_ap = metrics.pixel_auroc_ap(maps, masks)
-  return {"p_auroc": p_auroc, "p_ap": p_ap}
-
-
-def _image_figures(scores: np.ndarray, labels: np.ndarray) -> dict:
-  return {"i_auroc": metrics.auroc(scores, labels), "i_ap": metrics.average_precision(scores, labels)}
-
-
-def candidate_figures(groups: Sequence[Mapping], stats: Mapping, weight: float,
-                      pool_sizes: Sequence[int]) -> list:
-  """Validation figures of weight `weight` for each box size, averaged over `groups`.
-
-  Args:
-    groups: one dict per class: 'rec', 'ref' (N, H, W) maps, 'mask' (N, H, W) bool, 'label' (N,).
-    stats: `normal_stats` output used for every group.
-  Returns:
-    [{"ref_space", "weight", "pool_size", i_auroc, i_ap, p_auroc, p_ap, "objective"}] in
-    `pool_sizes` order.
-  """
-  per_group = []
-  for g in groups:
-    s = fuse(g["rec"], g["ref"], stats, weight)
-    pix = _pixel_figures(s, g["mask"])
-    per_group.append([dict(pix, **_image_figures(box_max(s, p), g["label"])) for p in pool_sizes])
-  out = []
-  for j, p in enumerate(pool_sizes):
-    row = {"ref_space": stats.get("ref_space", "probability"), "weight": float(weight),
-           "pool_size": int(p)}
-    for k in OBJECTIVE_KEYS:
-      vals = [fig[j][k] for fig in per_group if fig[j][k] is not None]
-      row[k] = float(np.mean(vals)) if vals else None
-    row["objective"] = _objective(row)
-    out.append(row)
-  return out
-
-
-def _folds(groups: Sequence[Mapping]) -> list:
-  """The groups split into folds: fold k holds the rows with `source` % folds == k, folds =
-  min(FOLDS, held-out images of the smallest group). [fold][group] -> maps as `groups`."""
-  folds = min(FOLDS, min(int(g["source"].max()) + 1 for g in groups))
-  return [[{key: g[key][g["source"] % folds == k] for key in ("rec", "ref", "mask", "label")}
-           for g in groups] for k in range(folds)]
-
-
-def _fold_objectives(folds: Sequence[Sequence[Mapping]], stats: Mapping, weight: float,
-                     pool_sizes: Sequence[int]) -> np.ndarray:
-  """(len(pool_sizes), len(folds)) objectives of `weight` on each fold (`_folds`)."""
-  return np.asarray([[c["objective"] for c in candidate_figures(parts, stats, weight, pool_sizes)]
-                     for parts in folds]).T
+def _candidates(figures: np.ndarray, grid: Sequence[tuple[str, float]],
+                pool_sizes: Sequence[int]) -> tuple[list, np.ndarray]:
+  """(candidate rows in grid-major order, (C, folds) objectives on each fold) from (averaged)
+  `class_figures`."""
+  rows, folds = [], []
+  for c, (space, w) in enumerate(grid):
+    for j, p in enumerate(pool_sizes):
+      row = {"ref_space": space, "weight": float(w), "pool_size": int(p)}
+      row.update({k: _none(figures[c, j, 0, i]) for i, k in enumerate(OBJECTIVE_KEYS)})
+      row["objective"] = float(_objective(figures[c, j, 0]))
+      rows.append(row)
+      folds.append(_objective(figures[c, j, 1:]))
+  return rows, np.asarray(folds).reshape(len(rows), -1)
 
 
 def select(candidates: Sequence[dict], fold_objectives: np.ndarray, default_pool_size: int) -> dict:
@@ -153,7 +141,7 @@ def select(candidates: Sequence[dict], fold_objectives: np.ndarray, default_pool
   best) and "within_se" on every candidate.
 
   Args:
-    candidates: `candidate_figures` rows; fold_objectives: (len(candidates), folds) objectives.
+    candidates: rows as PARAMS' "candidates"; fold_objectives: (len(candidates), folds).
   """
   objs = np.asarray([c["objective"] if np.isfinite(c["objective"]) else -np.inf
                      for c in candidates])
@@ -170,62 +158,160 @@ def select(candidates: Sequence[dict], fold_objectives: np.ndarray, default_pool
                                         c["ref_space"] != "probability")))
 
 
-def fit(groups: Sequence[Mapping], normal_rows: Sequence[np.ndarray], weights: Sequence[float],
-        pool_sizes: Sequence[int], default_pool_size: int) -> dict:
-  """PARAMS (module doc) for `groups` with statistics over their normal rows.
-
-  Args:
-    groups: per-class validation maps (see `candidate_figures`) and 'source' (N,) int: the
-      held-out image each row is, or was made from.
-    normal_rows: per group, the (n,) rows of the held-out normal images (statistics).
-  """
-  rec = np.concatenate([g["rec"][r] for g, r in zip(groups, normal_rows)])
-  ref = np.concatenate([g["ref"][r] for g, r in zip(groups, normal_rows)])
-  stats = {space: normal_stats(rec, ref, space) for space in ("logodds", "probability")}
-  del rec, ref
-  grid = [("logodds", float(w)) for w in weights] + [("probability", 1.0)]
-  folds, candidates, per_fold = _folds(groups), [], []
-  for space, w in grid:
-    candidates += candidate_figures(groups, stats[space], w, pool_sizes)
-    per_fold.append(_fold_objectives(folds, stats[space], w, pool_sizes))
-  best = select(candidates, np.concatenate(per_fold), default_pool_size)
-  n_normal = int(sum(len(r) for r in normal_rows))
+def _params(stats: Mapping, figures: np.ndarray, grid, pool_sizes, default_pool_size: int,
+            n_normal: int, n_rows: int) -> dict:
+  """PARAMS (module doc) from the (class-averaged) `class_figures`."""
+  candidates, per_fold = _candidates(figures, grid, pool_sizes)
+  best = select(candidates, per_fold, default_pool_size)
   return dict(stats[best["ref_space"]], weight=best["weight"], pool_size=best["pool_size"],
               objective=best["objective"], validation={k: best[k] for k in OBJECTIVE_KEYS},
-              n_normal=n_normal, n_synthetic=int(sum(len(g["label"]) for g in groups)) - n_normal,
-              candidates=candidates)
+              n_normal=n_normal, n_synthetic=n_rows - n_normal, candidates=candidates)
 
 
-def calibrate(groups: Mapping[str, Mapping], calib_cfg, default_pool_size: int) -> Optional[dict]:
-  """Per-class and global calibration (module doc) from validation maps.
+def _normal_part(g: Mapping) -> dict:
+  """The held-out normal rows of a class's maps: {'rec', 'ref', 'source'}."""
+  rows = np.flatnonzero(np.asarray(g["normal"]))
+  return {k: np.asarray(g[k])[rows] for k in ("rec", "ref", "source")}
+
+
+def calibrate(groups: Mapping[str, Mapping], calib_cfg, default_pool_size: int, *,
+              global_groups: Optional[Mapping[str, Mapping]] = None,
+              normals: Optional[Mapping[str, Mapping]] = None,
+              global_normals: Optional[Mapping[str, Mapping]] = None,
+              reference: Optional[tuple[float, float, int]] = None,
+              prompt_mode: str = "class", global_prompt_mode: Optional[str] = None
+              ) -> Optional[dict]:
+  """Per-class and global calibration (module doc), reading one class at a time.
 
   Args:
     groups: {class: {'rec', 'ref' (N, H, W) float32, 'mask' (N, H, W) bool, 'label' (N,) int,
       'normal' (N,) bool: a held-out normal image (else synthetic), 'source' (N,) int: the
-      class's held-out image the row is or was made from}}; classes without rows absent.
+      class's held-out image the row is or was made from}}, possibly lazy: each class is read
+      once by the scoring pass (and once by the statistics pass when `normals` is None).
     calib_cfg: config.calibration (weights, pool_sizes).
+    global_groups: the maps the global parameters are fitted on (default `groups`), e.g. made
+      with pool prompts; read once per class more when given.
+    normals, global_normals: {class: {'rec', 'ref', 'source'}} of the normal rows only, to read
+      for the statistics instead of `groups` / `global_groups`.
+    reference: (c, alpha, pool_size): adds "reference_validation", the figures of
+      (1 - alpha) rec + alpha c ref, to each PARAMS.
+    prompt_mode, global_prompt_mode: the prompts of `groups` and of `global_groups` (default
+      `prompt_mode`), recorded in the PARAMS.
   Returns:
-    {"method", "per_class": {cls: PARAMS}, "global": PARAMS}, or None without any group.
+    {"method", "per_class": {cls: PARAMS}, "global": PARAMS}, or None without any class with
+    normal rows.
   """
-  groups = {c: g for c, g in groups.items() if np.any(g["normal"])}
-  if not groups:
-    return None
   weights = tuple(float(w) for w in calib_cfg.weights)
   pools = tuple(int(p) for p in calib_cfg.pool_sizes)
   if not weights or not all(0.0 <= w <= 1.0 for w in weights):
     raise ValueError(f"calibration.weights={weights}: need values in [0, 1]")
-  rows = {c: np.flatnonzero(g["normal"]) for c, g in groups.items()}
-  per_class = {c: fit([g], [rows[c]], weights, pools, default_pool_size) for c, g in groups.items()}
-  return {"method": METHOD, "per_class": per_class,
-          "global": fit(list(groups.values()), list(rows.values()), weights, pools,
-                        default_pool_size)}
+  grid = [("logodds", w) for w in weights] + [("probability", 1.0)]
+  separate = global_groups is not None
+  global_groups = groups if global_groups is None else global_groups
+
+  def read_normals(maps, given):
+    out = {}
+    for c in maps:
+      part = given[c] if given is not None else _normal_part(maps[c])
+      if len(part["rec"]):
+        out[c] = {"moments": _class_moments(part["rec"], part["ref"]), "n": len(part["rec"]),
+                  "images": int(np.max(part["source"])) + 1}
+    return out
+
+  own = read_normals(groups, normals)
+  shared = read_normals(global_groups, global_normals) if separate or global_normals else own
+  if not own or not shared:
+    return None
+  global_stats = _stats({k: _combine([v["moments"][k] for v in shared.values()])
+                         for k in ("rec",) + _SPACES})
+  global_folds = min(FOLDS, min(v["images"] for v in shared.values()))
+  ref_grid, ref_stats = None, None
+  if reference is not None:
+    c, alpha, ref_pool = reference
+    ref_grid, ref_pool = [("probability", float(alpha))], (int(ref_pool),)
+    ref_stats = {"probability": {"rec_mean": 0.0, "rec_std": 1.0, "ref_mean": 0.0,
+                                 "ref_std": 1.0 / c, "ref_space": "probability"}}
+
+  def reference_figures(g):
+    return class_figures(g, ref_stats, ref_grid, ref_pool, 0)
+
+  per_class, global_figs, global_ref, global_rows = {}, [], [], 0
+  for c in groups:
+    if c not in own:
+      continue
+    g = ClassMaps(groups[c], c)  # the host maps are dropped here
+    stats, n_rows = _stats(own[c]["moments"]), g.n
+    figs = class_figures(g, stats, grid, pools, min(FOLDS, own[c]["images"]))
+    per_class[c] = _params(stats, figs, grid, pools, default_pool_size, own[c]["n"], n_rows)
+    per_class[c]["prompt_mode"] = prompt_mode
+    if reference is not None:
+      per_class[c]["reference_validation"] = _reference_row(reference_figures(g), ref_grid,
+                                                            ref_pool)
+    if not separate and c in shared:
+      global_figs.append(class_figures(g, global_stats, grid, pools, global_folds))
+      global_rows += n_rows
+      if reference is not None:
+        global_ref.append(reference_figures(g))
+    del g
+  if separate:
+    for c in global_groups:
+      if c not in shared:
+        continue
+      g = ClassMaps(global_groups[c], c)
+      global_figs.append(class_figures(g, global_stats, grid, pools, global_folds))
+      global_rows += g.n
+      if reference is not None:
+        global_ref.append(reference_figures(g))
+      del g
+  n_normal = sum(v["n"] for v in shared.values())
+  fitted = _params(global_stats, _mean_figures(global_figs), grid, pools, default_pool_size,
+                   n_normal, global_rows)
+  fitted["prompt_mode"] = global_prompt_mode or prompt_mode
+  if reference is not None:
+    fitted["reference_validation"] = _reference_row(_mean_figures(global_ref), ref_grid, ref_pool)
+  return {"method": METHOD, "per_class": per_class, "global": fitted}
+
+
+def _reference_row(figures: np.ndarray, grid, pool_sizes) -> dict:
+  """The candidate row of the reference fusion's (class-averaged) `class_figures`."""
+  return _candidates(figures, grid, pool_sizes)[0][0]
+
+
+def fitted_prompt_mode(calibration: Mapping, params: Mapping) -> Optional[str]:
+  """The prompts `params` (of `calibration`) were fitted with: its own "prompt_mode", else the
+  calibration's (stored before each PARAMS recorded it), else None (unknown)."""
+  return params.get("prompt_mode", calibration.get("prompt_mode"))
+
+
+def _params_and_name(calibration: Mapping, cls: Optional[str]) -> tuple[dict, str]:
+  if cls is not None and cls in calibration["per_class"]:
+    return calibration["per_class"][cls], f"class {cls!r}"
+  return calibration["global"], "global" if cls is None else f"global (class {cls!r} has none)"
+
+
+def prompt_mode_error(calibration: Mapping, prompt_mode: str,
+                      classes: Sequence[str] = ()) -> Optional[str]:
+  """Why `calibration` cannot score `prompt_mode` prompts ("pool": its global parameters;
+  "class": those of `classes`), or None if it can: parameters fitted with other prompts."""
+  for cls in ([None] if prompt_mode == "pool" else list(classes)):
+    params, name = _params_and_name(calibration, cls)
+    fitted = fitted_prompt_mode(calibration, params)
+    if fitted != prompt_mode:
+      return (f"the {name} calibration was fitted with {fitted or 'unrecorded'} prompts, not "
+              f"{prompt_mode} prompts: rerun `onenip-train` with the same --workdir and "
+              f"--config.eval.prompt_mode={prompt_mode} to recalibrate it, or score with "
+              f"--config.eval.fusion=reference")
+  return None
 
 
 def params_for(calibration: Mapping, cls: Optional[str]) -> dict:
-  """PARAMS of class `cls` (its own, else the global ones); the global ones when cls is None."""
-  if cls is not None and cls in calibration["per_class"]:
-    return calibration["per_class"][cls]
-  return calibration["global"]
+  """PARAMS of class `cls` with class prompts (its own, else the global ones), or the global
+  ones for pool prompts (cls None). Raises PromptModeError if they were fitted with other
+  prompts (`prompt_mode_error`)."""
+  why = prompt_mode_error(calibration, "pool" if cls is None else "class", [cls])
+  if why:
+    raise PromptModeError(why)
+  return _params_and_name(calibration, cls)[0]
 
 
 def apply(rec: np.ndarray, ref: np.ndarray, params: Mapping) -> tuple[np.ndarray, np.ndarray]:
@@ -241,18 +327,5 @@ def summary(calibration: Optional[Mapping]) -> str:
   items = list(calibration["per_class"].items()) + [("global", calibration["global"])]
   return "\n".join(
       f"{c}: w={p['weight']:.1f} pool={p['pool_size']} validation mean "
-      f"{100 * p['objective']:.2f} ({p['n_normal']} normal + {p['n_synthetic']} synthetic)"
-      for c, p in items)
-
-
-def add_reference_figures(calibration: dict, groups: Mapping[str, Mapping], c: float, alpha: float,
-                          pool_size: int) -> None:
-  """Adds "reference_validation" (figures of (1 - alpha) rec + alpha c ref, box `pool_size`) to
-  each class's PARAMS and to the global ones (mean over classes), for comparison."""
-  stats = {"rec_mean": 0.0, "rec_std": 1.0, "ref_mean": 0.0, "ref_std": 1.0 / c,
-           "ref_space": "probability"}
-  for cls, params in calibration["per_class"].items():
-    params["reference_validation"] = candidate_figures([groups[cls]], stats, alpha, (pool_size,))[0]
-  used = [groups[cls] for cls in calibration["per_class"]]
-  calibration["global"]["reference_validation"] = candidate_figures(used, stats, alpha,
-                                                                    (pool_size,))[0]
+      f"{100 * p['objective']:.2f} ({p['n_normal']} normal + {p['n_synthetic']} synthetic, "
+      f"{p.get('prompt_mode', '?')} prompts)" for c, p in items)

@@ -29,6 +29,7 @@ import numpy as np
 
 from data_pipelines import indexing
 from data_pipelines.errors import UserError
+from onenip_jax import calibration as calib
 from onenip_jax import (config_checks, eval_maps, exported, report_builder, reports, scoring,
                         scoring_modes)
 
@@ -69,13 +70,22 @@ def evaluate_predictor(cfg, predictor, index, out_dir: str, frozen_c: float, *, 
   samples = index.test if samples is None else samples
   c, c_source = fusion_constant(cfg, predictor, samples, index, frozen_c)
   has_refiner = bool(cfg.model.refiner)
+  pool = predictor.pool
   default = scoring_modes.default_scoring(cfg, calibration, has_refiner)
+  usable = bool(calibration)
+  if calibration and has_refiner:
+    why = calib.prompt_mode_error(calibration, "class" if pool is None else "pool",
+                                  [cl for cl, _ in eval_maps.class_rows(samples, index.classes)])
+    if why and default == "calibrated":
+      raise calib.PromptModeError(f"eval.fusion='calibrated': {why}")
+    if why:
+      log.warning("the calibrated scoring is left out: %s", why)
+      usable = False
   names = [default] + [n for n in scoring_modes.SCORINGS
                        if n != default and (has_refiner or n == "reconstruction")
-                       and (n != "calibrated" or calibration)]
+                       and (n != "calibrated" or usable)]
   builder = report_builder.ReportBuilder(cfg, out_dir)
   main_process = jax.process_index() == 0
-  pool = predictor.pool
   for cls, rows in eval_maps.class_rows(samples, index.classes):
     subset = [samples[i] for i in rows]
     maps = eval_maps.collect_maps(predictor, subset, index, cfg, seed_positions=rows)

@@ -22,8 +22,9 @@ default: the calibration stored with the checkpoint, `onenip_jax.calibration`, m
 training on held-out normals), falling back to "reference" with a note in export.json when the run
 has none; `--config.eval.fusion=reference` for the published protocol's fusion. Both export
 predictors (Flax, `load_export`, and serialised) score with pool prompts, so they use the GLOBAL
-calibration, which is what it was fitted for (one set of statistics and weight over all classes,
-chosen on the mean objective of the classes): an image's map and score then do not depend on which
+calibration, which is what it was fitted for (on pool-prompt maps; one fitted with other prompts
+is an error naming the refit; one set of statistics and weight over all classes, chosen on the
+mean objective of the classes): an image's map and score then do not depend on which
 class its prompt matched (a wrong match changes the prompt, not the normalisation), pool-mode
 `onenip-eval --workdir` reports the same numbers, and the program has one box size. export.json
 keeps the whole calibration (per class and global: the choice, its validation figures, every

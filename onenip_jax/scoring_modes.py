@@ -53,7 +53,7 @@ def make_scoring(cfg, fusion_c: float, calibration: dict | None) -> dict:
   """export.json's `scoring`: the `eval.fusion` scoring (`default_scoring`, with its
   fallbacks) as {"fusion", "params": {exported.SCORING_KEYS}, "pool_size", "calibration_scope",
   "requested", "note"}; calibrated uses the GLOBAL calibration (pool prompts: module doc of
-  `onenip_jax.export`)."""
+  `onenip_jax.export`), which must have been fitted with pool prompts (else PromptModeError)."""
   requested = {"frozen": "reference"}.get(cfg.eval.fusion, cfg.eval.fusion)
   name = default_scoring(cfg, calibration, bool(cfg.model.refiner))
   alpha, pool_size, scope, note = float(cfg.eval.alpha), int(cfg.eval.pool_size), None, ""
@@ -62,6 +62,9 @@ def make_scoring(cfg, fusion_c: float, calibration: dict | None) -> dict:
             "refiner": (0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0),
             "reconstruction": (0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0)}
   if name == "calibrated":
+    why = calib.prompt_mode_error(calibration, "pool")
+    if why:  # an export scores pool prompts
+      raise calib.PromptModeError(f"eval.fusion='calibrated' for an export: {why}")
     g, scope = calibration["global"], "global"
     values["calibrated"] = (g["rec_mean"], g["rec_std"], g["ref_mean"], g["ref_std"],
                             float(np.float32(1.0 - g["weight"])), float(g["weight"]),

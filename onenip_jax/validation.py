@@ -1,13 +1,18 @@
-"""The validation set of a checkpoint's calibration and the calibration itself (issue 13).
+"""The validation set of a checkpoint's calibration and the calibration itself.
 
 Validation set: the held-out normal training images of `index.holdout` (label 0, empty masks) and
 `calibration.synthetic_per_image` synthetic anomalies made from each by the training synthesis
 (tf.data, `input_pipeline.make_eval_iterator(synthesis_seed=...)`) with the seed
 `seed + calibration.seed_offset` (training synthesises with `seed`). Prompts are drawn as the
 evaluation draws them: class prompts from `index.train`, or the pool built from `index.train`.
-No test image is read. The selection itself is `onenip_jax.calibration` (numpy).
+The per-class parameters are fitted on maps made with `eval.prompt_mode`'s prompts, the global
+ones (pool-prompt evaluation, exports) always on pool-prompt maps. No test image is read. Maps are
+made one class at a time (`ValidationMaps`), so host memory holds one class's; the selection
+itself is `onenip_jax.calibration`.
 """
+import dataclasses
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -26,16 +31,19 @@ def settings(cfg) -> dict:
 
 def out_of_date(stored: dict, cfg) -> str | None:
   """Why the calibration `stored` with a checkpoint does not answer `cfg`, or None if it does:
-  another `calibration.METHOD`, or other `settings` (synthetic_per_image, synthesis seed,
-  prompt_mode) or candidate grid (weights, pool_sizes, read from its candidates)."""
+  another `calibration.METHOD` (older calibrations named it in a sentence), other `settings`
+  (synthetic_per_image, synthesis seed, prompt_mode) or candidate grid (weights, pool_sizes,
+  read from its candidates), or global parameters not fitted with pool prompts."""
   if stored.get("method") != calib.METHOD:
     return f"made by another method ({stored.get('method', 'before calibration.METHOD')})"
   cands = stored["global"]["candidates"]
   now = dict(settings(cfg), weights=sorted({float(w) for w in cfg.calibration.weights}),
-             pool_sizes=sorted({int(p) for p in cfg.calibration.pool_sizes}))
+             pool_sizes=sorted({int(p) for p in cfg.calibration.pool_sizes}),
+             global_prompt_mode="pool")
   made = dict({key: stored.get(key) for key in settings(cfg)},
               weights=sorted({c["weight"] for c in cands if c["ref_space"] == "logodds"}),
-              pool_sizes=sorted({c["pool_size"] for c in cands}))
+              pool_sizes=sorted({c["pool_size"] for c in cands}),
+              global_prompt_mode=calib.fitted_prompt_mode(stored, stored["global"]))
   changed = [f"{k} {made[k]} -> {now[k]}" for k in now if made[k] != now[k]]
   return "made with other settings: " + ", ".join(changed) if changed else None
 
@@ -53,50 +61,85 @@ def calibrate_state(cfg, state, index, features, backbone_vars, mesh) -> dict | 
                              float(np.asarray(state.fusion_c.addressable_data(0))))
 
 
-def validation_groups(cfg, predictor, index) -> dict:
-  """The validation maps of `index.holdout` and `calibration.synthetic_per_image` synthetic
-  anomalies made from each held-out image (seed `seed + calibration.seed_offset`), as
-  `calibration.calibrate` takes them: {class: {'rec', 'ref', 'mask', 'label', 'normal',
-  'source'}}. Rows: the class's held-out normals, then its synthetic copy 0 of each, copy 1, ..."""
-  made = settings(cfg)
-  k, syn_seed = made["synthetic_per_image"], made["synthesis_seed"]
-  holdout, n = index.holdout, len(index.holdout)
-  # Two passes over all classes (each tf.data pipeline traces the synthesis graph once). Prompt
-  # and synthesis seeds come from the position in the list: j * n + r for copy j of image r.
-  parts = [eval_maps.collect_maps(predictor, holdout, index, cfg)]
-  if k:
-    parts.append(eval_maps.collect_maps(predictor, holdout * k, index, cfg,
-                                        synthesis_seed=syn_seed))
-  maps = {key: np.concatenate([p[key] for p in parts]) for key in ("rec", "ref", "mask")}
-  del parts
-  cls = np.asarray([s.cls for s in holdout] * (k + 1))
-  # The class-local index of the held-out image each row is, or was made from (the folds).
-  local = np.zeros(n, np.int64)
-  for c in set(cls[:n]):
-    local[cls[:n] == c] = np.arange(np.sum(cls[:n] == c))
-  groups = {}
-  for c, _ in eval_maps.class_rows(holdout, index.classes):
-    rows = np.flatnonzero(cls == c)
-    mask = maps["mask"][rows]
-    groups[c] = {"rec": maps["rec"][rows], "ref": maps["ref"][rows], "mask": mask,
-                 "label": mask.reshape(len(mask), -1).any(axis=1).astype(np.int32),
-                 "normal": rows < n, "source": local[rows % n]}
-  return groups
+def _image_ids(samples) -> np.ndarray:
+  """(len(samples),) the index of each sample's path among the distinct paths, in order of first
+  appearance: copies of one image share it (a fold)."""
+  first = {}
+  return np.asarray([first.setdefault(s.path, len(first)) for s in samples], np.int64)
+
+
+class ValidationMaps(Mapping):
+  """{class: validation maps} as `calibration.calibrate` reads them, made on access.
+
+  A class's rows: its held-out normals, then synthetic copy 0 of each, copy 1, ... Copy j of
+  held-out image r (its position in `index.holdout`, n images) is seeded by position j * n + r, the
+  normal image r by r: the maps are those of one pass over the whole list, whichever class is
+  read. Keys of a class: 'rec', 'ref', 'mask', 'label', 'normal', 'source' (the class-local index
+  of the held-out image, by path); with `normals_only`, 'rec', 'ref' and 'source' of the normals.
+  """
+
+  def __init__(self, cfg, predictor, index, normals_only: bool = False):
+    self.cfg, self.predictor, self.index, self.normals_only = cfg, predictor, index, normals_only
+    self.rows = dict(eval_maps.class_rows(index.holdout, index.classes))
+
+  def __iter__(self):
+    return iter(self.rows)
+
+  def __len__(self):
+    return len(self.rows)
+
+  def __getitem__(self, cls):
+    made, holdout, rows = settings(self.cfg), self.index.holdout, self.rows[cls]
+    k, n = (0 if self.normals_only else made["synthetic_per_image"]), len(holdout)
+    samples = [holdout[r] for r in rows]
+    parts = [eval_maps.collect_maps(self.predictor, samples, self.index, self.cfg,
+                                    seed_positions=rows)]
+    if k:
+      parts.append(eval_maps.collect_maps(
+          self.predictor, samples * k, self.index, self.cfg,
+          seed_positions=np.concatenate([j * n + rows for j in range(k)]),
+          synthesis_seed=made["synthesis_seed"]))
+    source = np.tile(_image_ids(samples), k + 1)
+    if self.normals_only:
+      return {"rec": parts[0]["rec"], "ref": parts[0]["ref"], "source": source}
+    maps = {key: np.concatenate([p[key] for p in parts]) for key in ("rec", "ref", "mask")}
+    del parts
+    mask = maps["mask"]
+    return dict(maps, label=mask.reshape(len(mask), -1).any(axis=1).astype(np.int32),
+                normal=np.arange(len(mask)) < len(rows), source=source)
+
+
+def validation_groups(cfg, predictor, index, normals_only: bool = False) -> ValidationMaps:
+  """The validation maps of `index.holdout` with `predictor`'s prompts, one class at a time
+  (`ValidationMaps`; `dict(...)` of it holds them all)."""
+  return ValidationMaps(cfg, predictor, index, normals_only)
 
 
 def calibrate_predictor(cfg, predictor, index, frozen_c: float = float("nan")) -> dict | None:
-  """Calibration on `validation_groups`; with a finite `frozen_c` it also records the reference
-  fusion's validation figures."""
-  holdout = index.holdout
-  groups = validation_groups(cfg, predictor, index)
-  result = calib.calibrate(groups, cfg.calibration, int(cfg.eval.pool_size))
+  """Calibration on the validation maps of `predictor` (per class, with `eval.prompt_mode`'s
+  prompts) and of its pool-prompt twin (global); with a finite `frozen_c` it also records the
+  reference fusion's validation figures."""
+  holdout, mode = index.holdout, cfg.eval.prompt_mode
+  pool_predictor = predictor if predictor.pool is not None else dataclasses.replace(
+      predictor, pool=inference.build_prompt_pool(predictor, index, cfg))
+  if mode == "pool":
+    predictor = pool_predictor
+  elif predictor.pool is not None:
+    predictor = dataclasses.replace(predictor, pool=None)
+  separate = pool_predictor is not predictor
+  reference = ((frozen_c, float(cfg.eval.alpha), int(cfg.eval.pool_size))
+               if np.isfinite(frozen_c) else None)
+  result = calib.calibrate(
+      validation_groups(cfg, predictor, index), cfg.calibration, int(cfg.eval.pool_size),
+      normals=validation_groups(cfg, predictor, index, normals_only=True),
+      global_groups=validation_groups(cfg, pool_predictor, index) if separate else None,
+      global_normals=(validation_groups(cfg, pool_predictor, index, normals_only=True)
+                      if separate else None),
+      reference=reference, prompt_mode=mode, global_prompt_mode="pool")
   if result is None:
     return None
-  if np.isfinite(frozen_c):
-    calib.add_reference_figures(result, groups, frozen_c, float(cfg.eval.alpha),
-                                int(cfg.eval.pool_size))
   result.update(settings(cfg), holdout_fraction=float(cfg.calibration.holdout_fraction),
-                holdout={c: [s.path for s in holdout if s.cls == c] for c in groups})
+                holdout={c: [s.path for s in holdout if s.cls == c] for c in result["per_class"]})
   log.info("calibration on %d held-out normal images (+%d synthetic each):\n%s", len(holdout),
            result["synthetic_per_image"], calib.summary(result))
   return result

@@ -1,4 +1,5 @@
-"""Calibration on held-out normals (issue 13): the split, no test image read, determinism, choice."""
+"""Calibration on held-out normals: the split, no test image read, determinism, choice, prompts."""
+import dataclasses
 import json
 import os
 
@@ -10,8 +11,8 @@ from PIL import Image
 
 from onenip_jax import base_config as common
 from data_pipelines import indexing, input_pipeline
-from onenip_jax import (calibration, config_loading, evaluate, inference, scoring, sharding, train,
-                        train_state, validation)
+from onenip_jax import (calibration, config_loading, evaluate, inference, scoring, scoring_modes,
+                        sharding, train, train_state, validation)
 
 RES = 64
 
@@ -62,6 +63,47 @@ def test_holdout_split_is_seeded_disjoint_and_excluded(tmp_path):
   assert indexing.index_config(cfg).train == full.train
   with pytest.raises(ValueError, match="calibration.holdout_fraction"):
     indexing.split_holdout(full, 1.0, 0)
+
+
+def test_holdout_split_of_a_list_without_repeats_is_by_position_as_before(tmp_path):
+  _write_dataset(tmp_path, n_train=20)
+  full = indexing.index_dataset(_cfg(tmp_path).data)
+  index = indexing.split_holdout(full, 0.25, 7)
+  for c_id, cls in enumerate(full.classes):
+    rows = full.normal_train_indices(cls)
+    perm = np.random.default_rng([7, c_id]).permutation(len(rows))
+    assert [s for s in index.holdout if s.cls == cls] == [full.train[i] for i in sorted(
+        rows[j] for j in perm[:5])]
+
+
+def test_repeated_images_stay_on_one_side_of_the_split_and_in_one_fold(tmp_path):
+  _write_dataset(tmp_path, n_train=12)
+  rows = [{"filename": f"{c}/train/good/{i:03d}.png", "label": 0, "clsname": c}
+          for c in ("a", "b") for i in range(12)]
+  rows += [rows[0]] * 5 + [rows[3], rows[13]] * 3 + rows[5:8] * 2  # a meta file's repeats
+  train = tmp_path / "train.json"
+  train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  test = tmp_path / "test.json"
+  test.write_text(json.dumps({"filename": "a/test/good/000.png", "label": 0, "clsname": "a"}))
+  cfg = _cfg(tmp_path, holdout_fraction=0.5)
+  cfg.data.update(layout="meta", meta_train=str(train), meta_test=str(test))
+  full = indexing.index_dataset(cfg.data)
+  assert len(full.train) == len(rows)
+  held_paths = set()
+  for seed in range(6):
+    cfg.seed = seed
+    index = indexing.index_config(cfg)
+    held = [s.path for s in index.holdout]
+    assert not set(held) & {s.path for s in index.train}  # no copy trained on and held out
+    assert len(held) == len(set(held)) == 12  # each held-out image once: half of 12 per class
+    assert len(index.train) == sum(s.path not in held for s in full.train)  # every copy out
+    assert sorted({s.path for s in index.train + index.holdout}) == sorted(
+        {s.path for s in full.train})
+    held_paths |= set(held)
+  assert full.train[0].path in held_paths  # the repeated image was held out by some seed
+  # Copies of one image in a sample list get one source (fold) in the validation set.
+  samples = [full.train[i] for i in (0, 1, 0, 3, 1, 0)]
+  np.testing.assert_array_equal(validation._image_ids(samples), [0, 1, 0, 2, 1, 0])  # pylint: disable=protected-access
 
 
 def test_training_stream_and_cache_never_read_held_out_images(tmp_path):
@@ -126,6 +168,7 @@ def test_calibration_reads_no_test_image_is_deterministic_and_is_reported(tmp_pa
   assert len(g["candidates"]) == 8 and g["weight"] in (0.0, 0.5, 1.0) and g["pool_size"] in (8, 16)
   assert "reference_validation" in g and first["holdout"]["a"] == [
       s.path for s in index.holdout if s.cls == "a"]
+  assert g["prompt_mode"] == "pool" and first["per_class"]["a"]["prompt_mode"] == "class"
 
   for p, data in saved.items():  # the evaluation (after calibration) reads the test set
     with open(p, "wb") as f:
@@ -143,6 +186,10 @@ def test_calibration_reads_no_test_image_is_deterministic_and_is_reported(tmp_pa
   fallback = evaluate.evaluate_predictor(cfg, predictor, index, str(tmp_path / "e2"), 0.5)
   assert fallback["fusion"] == "reference" and "calibrated" not in fallback["scorings"]
   assert fallback["scorings"]["refiner"] == m["scorings"]["refiner"]
+  pooled = dataclasses.replace(predictor, pool=inference.build_prompt_pool(predictor, index, cfg))
+  stale = dict(first, **{"global": dict(g, prompt_mode="class")})
+  with pytest.raises(calibration.PromptModeError, match="prompt_mode=pool"):
+    evaluate.evaluate_predictor(cfg, pooled, index, str(tmp_path / "e3"), 0.5, calibration=stale)
 
 
 def _groups(informative: str, n=12, seed=0):
@@ -227,7 +274,9 @@ def test_box_max_equals_the_scoring_image_score():
 def test_a_calibration_made_with_other_settings_is_out_of_date():
   cfg = common.get_base_config()
   cfg.calibration.weights, cfg.calibration.pool_sizes = (0.0, 0.5, 1.0), (8,)
-  stored = calibration.calibrate({"x": _groups("ref")}, cfg.calibration, 8)
+  stored = calibration.calibrate({"x": _groups("ref")}, cfg.calibration, 8,
+                                 global_groups={"x": _groups("ref", seed=1)},
+                                 global_prompt_mode="pool")
   stored.update(prompt_mode=cfg.eval.prompt_mode,
                 synthetic_per_image=cfg.calibration.synthetic_per_image,
                 synthesis_seed=cfg.seed + cfg.calibration.seed_offset)
@@ -241,6 +290,37 @@ def test_a_calibration_made_with_other_settings_is_out_of_date():
     changed[section][name] = value
     assert name.split("_")[0] in validation.out_of_date(stored, changed), key
   assert "another method" in validation.out_of_date(dict(stored, method="old"), cfg)
+  old_global = dict(stored, **{"global": dict(stored["global"], prompt_mode="class")})
+  assert "global_prompt_mode class -> pool" in validation.out_of_date(old_global, cfg)
+
+
+def test_parameters_are_applied_only_with_the_prompts_they_were_fitted_with():
+  cfg = common.get_base_config()
+  cfg.calibration.weights, cfg.calibration.pool_sizes = (0.0, 1.0), (8,)
+  made = calibration.calibrate({"x": _groups("ref")}, cfg.calibration, 8,
+                               global_groups={"x": _groups("ref", seed=1)},
+                               global_prompt_mode="pool")
+  assert made["per_class"]["x"]["prompt_mode"] == "class"
+  assert made["global"]["prompt_mode"] == "pool"
+  assert calibration.params_for(made, "x") is made["per_class"]["x"]
+  assert calibration.params_for(made, None) is made["global"]
+  assert scoring_modes.make_scoring(cfg, 1.0, made)["calibration_scope"] == "global"
+  with pytest.raises(calibration.PromptModeError, match="class 'y'.*fitted with pool"):
+    calibration.params_for(made, "y")  # no parameters of its own: the pool-fitted global ones
+  # Before this check, the global parameters were fitted on the run's eval.prompt_mode maps.
+  old = dict(made, method="z-scores ...", prompt_mode="class")
+  old["global"] = {k: v for k, v in made["global"].items() if k != "prompt_mode"}
+  old["per_class"] = {"x": {k: v for k, v in made["per_class"]["x"].items()
+                            if k != "prompt_mode"}}
+  assert calibration.params_for(old, "x") is old["per_class"]["x"]
+  refit = r"rerun `onenip-train` with the same --workdir and --config.eval.prompt_mode=pool"
+  with pytest.raises(calibration.PromptModeError, match=refit):
+    calibration.params_for(old, None)
+  with pytest.raises(calibration.PromptModeError, match=refit):
+    scoring_modes.make_scoring(cfg, 1.0, old)  # an export scores pool prompts
+  old["prompt_mode"] = "pool"
+  with pytest.raises(calibration.PromptModeError, match="prompt_mode=class"):
+    calibration.params_for(old, "x")
 
 
 def test_stability_script_keeps_the_normals_and_the_chosen_copies():
@@ -254,3 +334,18 @@ def test_stability_script_keeps_the_normals_and_the_chosen_copies():
   np.testing.assert_array_equal(kept["rec"], [0, 1, 2, 6, 7, 8, 12, 13, 14])
   np.testing.assert_array_equal(kept["source"], [0, 1, 2] * 3)
   assert kept["normal"].sum() == n
+
+
+@pytest.mark.parametrize("name", ["mvtec", "visa", "btad", "mvtec_btad_visa"])
+def test_protocol_argument_of_the_paper_configs(name):
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py")
+  default = config_loading.load_config(path)
+  assert (default.calibration.holdout_fraction, default.eval.fusion) == (0.1, "calibrated")
+  paper = config_loading.load_config(f"{path}:protocol=paper,res=256")
+  assert paper.input_size == 256 and paper.calibration.holdout_fraction == 0.0
+  assert (paper.eval.fusion, paper.eval.fusion_constant) == ("reference", "test")
+  frozen = config_loading.load_config(f"{path}:protocol=frozen_c")
+  assert frozen.calibration.holdout_fraction == 0.0
+  assert (frozen.eval.fusion, frozen.eval.fusion_constant) == ("reference", "frozen")
+  with pytest.raises(ValueError, match="protocol='published'"):
+    config_loading.load_config(f"{path}:protocol=published")

@@ -1,0 +1,173 @@
+r"""Time and memory of the calibration on a synthetic validation set of VisA's size.
+
+  python -m launch.bench_calibration [--res 224 320] [--classes 12] [--normals 866] \
+      [--per-image 8] [--impl new|old] [--old-rev 6a76fd3]
+
+Makes, one class at a time on access, the validation maps `calibration.calibrate` reads:
+`--normals` held-out normal images spread over `--classes` classes and `--per-image` synthetic
+anomalies (a random rectangle seen by both maps) made from each, at each `--res`; the time
+includes making them (once per class for old, the normals twice for new, as in training). Each
+(impl, res) runs in a fresh process and prints one markdown row: the wall time of the
+calibration (the first class's compilation included), the process's peak resident host memory
+(ru_maxrss) and that above the process after imports, and the device's peak memory where it
+reports one (`jax.devices()[0].memory_stats()`; on the CPU backend device arrays are host memory,
+counted in ru_maxrss).
+
+`--impl old` runs the in-memory numpy calibration of commit `--old-rev` (its
+onenip_jax/calibration.py read with `git show`, so the repository's history is needed) on the
+same maps, all classes held at once as its `validation.validation_groups` held them; both add
+the reference fusion's figures, as a run with a fusion constant does. Scale down with e.g.
+`--classes 3 --normals 12 --per-image 2 --res 64`.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Mapping
+
+import numpy as np
+
+REFERENCE = (1.0, 0.5, 16)  # c, alpha, box of the reference fusion's figures
+
+
+class SyntheticGroups(Mapping):
+  """{class: validation maps} of `n` held-out normals per class and `k` synthetic copies each,
+  made on access (deterministic per class); with `normals_only` just the normals' 'rec', 'ref'
+  and 'source' (as `validation.ValidationMaps`)."""
+
+  def __init__(self, counts, k: int, res: int, normals_only: bool = False):
+    self.counts, self.k, self.res, self.normals_only = dict(counts), k, res, normals_only
+
+  def __iter__(self):
+    return iter(self.counts)
+
+  def __len__(self):
+    return len(self.counts)
+
+  def _maps(self, rows: int, seed, anomalous: bool):
+    res, rng = self.res, np.random.default_rng(seed)
+    mask = np.zeros((rows, res, res), bool)
+    for r in range(rows if anomalous else 0):
+      h, w = rng.integers(res // 16, res // 3, 2)
+      y, x = rng.integers(0, res - h), rng.integers(0, res - w)
+      mask[r, y:y + h, x:x + w] = True
+    rec = rng.standard_normal((rows, res, res), np.float32)
+    rec += mask * rng.uniform(0.0, 2.0, (rows, 1, 1)).astype(np.float32)
+    ref = rng.standard_normal((rows, res, res), np.float32)
+    ref *= 3.0
+    ref += 5.0 * mask - 8.0
+    np.negative(ref, out=ref)
+    np.exp(ref, out=ref)
+    ref += 1.0
+    np.reciprocal(ref, out=ref)  # sigmoid: nearly binary, as the refiner's
+    return rec, ref, mask
+
+  def __getitem__(self, cls):
+    n, k, i = self.counts[cls], self.k, int(cls[1:])
+    rec, ref, mask = self._maps(n, (i, 0), False)
+    if self.normals_only:
+      return {"rec": rec, "ref": ref, "source": np.arange(n)}
+    parts = [(rec, ref, mask), self._maps(n * k, (i, 1), True)]
+    rec, ref, mask = (np.concatenate(p) for p in zip(*parts))
+    del parts
+    rows = n * (k + 1)
+    return {"rec": rec, "ref": ref, "mask": mask,
+            "label": mask.reshape(rows, -1).any(axis=1).astype(np.int32),
+            "normal": np.arange(rows) < n, "source": np.arange(rows) % n}
+
+
+def class_counts(classes: int, normals: int) -> dict:
+  """`normals` split over `classes` as evenly as possible: {"c0": n0, ...}."""
+  return {f"c{i}": normals // classes + (i < normals % classes) for i in range(classes)}
+
+
+def old_module(rev: str):
+  """onenip_jax/calibration.py of git revision `rev` as a module."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    src = subprocess.run(["git", "show", f"{rev}:onenip_jax/calibration.py"], cwd=root,
+                         capture_output=True, text=True, check=True).stdout
+  except (OSError, subprocess.CalledProcessError) as e:
+    sys.exit(f"--impl old needs the git history with {rev} in {root}: {e}")
+  module = types.ModuleType(f"calibration_{rev}")
+  exec(compile(src, f"{rev}:onenip_jax/calibration.py", "exec"), module.__dict__)  # pylint: disable=exec-used
+  return module
+
+
+def _rss_gib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run_one(args) -> dict:
+  """One (impl, res) in this process: {impl, res, maps, seconds, host_gib, host_above_gib,
+  device_gib, global}."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from onenip_jax import base_config, calibration  # pylint: disable=g-import-not-at-top
+  cfg = base_config.get_base_config().calibration
+  counts = class_counts(args.classes, args.normals)
+  groups = SyntheticGroups(counts, args.per_image, args.res)
+  jax.numpy.zeros(1).block_until_ready()
+  base = _rss_gib()
+  start = time.perf_counter()
+  if args.impl == "old":
+    old = old_module(args.old_rev)
+    held = dict(groups)  # every class at once, as its validation_groups returned them
+    result = old.calibrate(held, cfg, 16)
+    old.add_reference_figures(result, held, *REFERENCE)
+    del held
+  else:
+    result = calibration.calibrate(
+        groups, cfg, 16, reference=REFERENCE,
+        normals=SyntheticGroups(counts, args.per_image, args.res, normals_only=True))
+  seconds = time.perf_counter() - start
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  g = result["global"]
+  return {"impl": args.impl, "res": args.res, "maps": args.normals * (args.per_image + 1),
+          "seconds": seconds, "host_gib": _rss_gib(), "host_above_gib": _rss_gib() - base,
+          "device_gib": None if peak is None else peak / 2**30,
+          "global": f"{g['ref_space']} w={g['weight']:g} box {g['pool_size']} "
+                    f"obj {100 * g['objective']:.3f}"}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--res", type=int, nargs="+", default=[224, 320])
+  parser.add_argument("--classes", type=int, default=12)
+  parser.add_argument("--normals", type=int, default=866)
+  parser.add_argument("--per-image", type=int, default=8)
+  parser.add_argument("--impl", choices=("new", "old"), nargs="+", default=["new"])
+  parser.add_argument("--old-rev", default="6a76fd3")
+  parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.one:
+    args.res, args.impl = args.res[0], args.impl[0]
+    print(json.dumps(run_one(args)))
+    return
+  print(f"# {args.classes} classes, {args.normals} held-out normals, {args.per_image} synthetic "
+        f"each; device {os.environ.get('JAX_PLATFORMS') or 'default'}")
+  print("| impl | res | maps | time (s) | peak host (GiB) | above imports (GiB) | "
+        "peak device (GiB) | global choice |")
+  print("|---|---|---|---|---|---|---|---|")
+  for res in args.res:
+    for impl in args.impl:
+      cmd = [sys.executable, "-m", "launch.bench_calibration", "--one", "--res", str(res),
+             "--classes", str(args.classes), "--normals", str(args.normals), "--per-image",
+             str(args.per_image), "--impl", impl, "--old-rev", args.old_rev]
+      out = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+      if out.returncode:
+        print(f"| {impl} | {res} | failed: {out.stderr.strip().splitlines()[-1:]} |||||||")
+        continue
+      r = json.loads(out.stdout.strip().splitlines()[-1])
+      device = "n/a" if r["device_gib"] is None else f"{r['device_gib']:.2f}"
+      print(f"| {impl} | {res} | {r['maps']} | {r['seconds']:.1f} | {r['host_gib']:.2f} | "
+            f"{r['host_above_gib']:.2f} | {device} | {r['global']} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()

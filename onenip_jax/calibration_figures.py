@@ -1,0 +1,308 @@
+"""The figures of calibration candidates on one class (`onenip_jax.calibration`): each candidate's
+fused map, image scores, and pixel AUROC and AP on all rows and on each fold from ONE sort.
+
+On a GPU or TPU this runs in jnp on the default device, candidates mapped over in batches of about
+`_PIXEL_BUDGET` pixels (float32 sums in blocks); on the CPU backend in numpy (XLA:CPU's sort is
+~50x slower than numpy's), candidates on threads within `_HOST_BUDGET`, the sorted pixels read
+`_CHUNK` at a time. Pixel AUROC and AP are exact as `metrics.pixel_auroc_ap` (ties as one
+threshold); image AUROC and AP come from `metrics` on the host. Also the numpy `fuse` and
+`box_max` that evaluation applies.
+"""
+import concurrent.futures
+import functools
+import math
+import os
+from typing import Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from onenip_jax import metrics, scoring
+
+FIGURE_KEYS = ("i_auroc", "i_ap", "p_auroc", "p_ap")
+_PIXEL_BUDGET = 1 << 24  # accelerator: candidates scored at once, about this many pixels in all
+_SUM_BLOCK = 4096        # float32 sums in blocks of this many terms
+_CHUNK = 1 << 20         # CPU: sorted pixels processed this many at a time (~80 bytes each)
+_HOST_BUDGET = 3 << 28   # CPU: bytes of sort keys of the candidates scored at once (threads)
+
+
+def ref_values(ref: np.ndarray, space: str) -> np.ndarray:
+  """The refiner map (N, H, W) float32 in `space`: "logodds" (`scoring.logodds`) or
+  "probability"."""
+  if space == "logodds":
+    return scoring.logodds_np(ref)
+  if space == "probability":
+    return np.asarray(ref, np.float32)
+  raise ValueError(f"unknown calibration ref_space {space!r}")
+
+
+def fuse(rec: np.ndarray, ref: np.ndarray, stats: Mapping, weight: float) -> np.ndarray:
+  """(N, H, W) float32 map (1 - w) (rec - m_rec) / s_rec + w (g(ref) - m_ref) / s_ref, g the
+  `stats["ref_space"]` transform (`ref_values`)."""
+  z_rec = (np.asarray(rec, np.float32) - np.float32(stats["rec_mean"])) / np.float32(stats["rec_std"])
+  if weight == 0.0:
+    return z_rec
+  z_ref = ((ref_values(ref, stats.get("ref_space", "probability")) - np.float32(stats["ref_mean"]))
+           / np.float32(stats["ref_std"]))
+  if weight == 1.0:
+    return z_ref
+  return np.float32(1.0 - weight) * z_rec + np.float32(weight) * z_ref
+
+
+def box_max(maps: np.ndarray, pool_size: int) -> np.ndarray:
+  """(N, H, W) -> (N,) max of the stride-1 VALID `pool_size`-box mean (as `scoring.image_scores`)."""
+  n, h, w = maps.shape
+  if pool_size > h or pool_size > w:
+    raise ValueError(f"calibration.pool_sizes: {pool_size} exceeds the map size {(h, w)}")
+  k, out = int(pool_size), np.zeros(n, np.float32)
+  for i in range(0, n, 32):  # float64 integral images, 32 maps at a time
+    c = np.zeros((len(maps[i:i + 32]), h + 1, w + 1))
+    c[:, 1:, 1:] = np.asarray(maps[i:i + 32], np.float64).cumsum(1).cumsum(2)
+    box = c[:, k:, k:] - c[:, :-k, k:] - c[:, k:, :-k] + c[:, :-k, :-k]
+    out[i:i + 32] = box.reshape(len(c), -1).max(axis=1) / (k * k)
+  return out
+
+
+def _candidate_rows(stats: Mapping, grid: Sequence[tuple[str, float]]) -> np.ndarray:
+  """(C, 6) float32 [m_rec, s_rec, m_ref, s_ref, w, 1 - w] of each (ref_space, w) of `grid`,
+  `stats` {ref_space: stats dict}; the last column in the float32 rounding of `fuse`."""
+  return np.asarray([[stats[s]["rec_mean"], stats[s]["rec_std"], stats[s]["ref_mean"],
+                      stats[s]["ref_std"], w, np.float32(1.0 - w)] for s, w in grid], np.float32)
+
+
+def _fuse_jnp(rec, ref_lo, ref_p, row, logodds):
+  """`calibration.fuse` in jnp: (N, H, W) maps and one `_candidate_rows` row; `logodds` a bool scalar."""
+  z_rec = (rec - row[0]) / row[1]
+  z_ref = (jnp.where(logodds, ref_lo, ref_p) - row[2]) / row[3]
+  mix = row[5] * z_rec + row[4] * z_ref
+  return jnp.where(row[4] == 0.0, z_rec, jnp.where(row[4] == 1.0, z_ref, mix))
+
+
+def _block_sum(x):
+  """float32 sum of (n,) `x`, in blocks (round-off ~ eps, not n eps)."""
+  pad = (-x.shape[0]) % _SUM_BLOCK
+  return jnp.sum(jnp.sum(jnp.pad(x, (0, pad)).reshape(-1, _SUM_BLOCK), axis=1))
+
+
+def _sorted_auroc_ap(desc, label, member):
+  """(AUROC, AP) of the `member` pixels of scores sorted in descending order `desc` (n,),
+  `label` (n,) bool, exactly as `metrics.pixel_auroc_ap` on those pixels (ties as one
+  threshold); NaN where one class is missing.
+
+  A negative at a tie run adds (TP before the run + TP at its end) / 2 to the AUROC's trapezoid,
+  a positive adds TP / (TP + FP) at the end of its run to the AP."""
+  n = desc.shape[0]
+  pos = (label & member).astype(jnp.int32)
+  neg = (~label & member)
+  tp = jnp.cumsum(pos)
+  seen = jnp.cumsum(member.astype(jnp.int32))
+  diff = desc[1:] != desc[:-1]
+  start = jnp.concatenate([jnp.ones(1, bool), diff])
+  end = jnp.concatenate([diff, jnp.ones(1, bool)])
+  big = jnp.iinfo(jnp.int32).max
+  tp_before = jax.lax.cummax(jnp.where(start, tp - pos, 0))  # non-decreasing in the order
+  tp_end = jax.lax.cummin(jnp.where(end, tp, big), reverse=True)
+  seen_end = jax.lax.cummin(jnp.where(end, seen, big), reverse=True)
+  n_pos, n_neg = tp[n - 1], seen[n - 1] - tp[n - 1]
+  p, q = jnp.maximum(n_pos, 1).astype(jnp.float32), jnp.maximum(n_neg, 1).astype(jnp.float32)
+  auroc = _block_sum(jnp.where(neg, (tp_before.astype(jnp.float32) + tp_end.astype(jnp.float32))
+                               / (2.0 * p), 0.0)) / q
+  ap = _block_sum(jnp.where(pos > 0, tp_end.astype(jnp.float32)
+                            / jnp.maximum(seen_end, 1).astype(jnp.float32), 0.0)) / p
+  ok = (n_pos > 0) & (n_neg > 0)
+  return jnp.where(ok, auroc, jnp.nan), jnp.where(ok, ap, jnp.nan)
+
+
+@functools.partial(jax.jit, static_argnames=("n_folds", "pool_sizes", "batch"))
+def _score(rec, ref, mask, fold, rows, logodds, n_folds: int, pool_sizes: tuple, batch: int):
+  """Figures of every candidate on one class.
+
+  Args:
+    rec, ref: (N, H, W) float32 maps; mask: (N, H, W) bool; fold: (N,) int32 fold of each row,
+      max(n_folds, 1) for padding rows (left out of every figure).
+    rows: (C, 6) `_candidate_rows`; logodds: (C,) bool, the candidate's ref_space is log-odds.
+  Returns:
+    pixel (C, 1 + n_folds, 2) [P-AUROC, P-AP] on all rows then on each fold (NaN: undefined),
+    image (C, len(pool_sizes), N) image scores (`box_max`).
+  """
+  ref_lo = scoring.logodds(ref)
+  fold_px = jnp.broadcast_to(fold[:, None, None], rec.shape).reshape(-1)
+  label_px = mask.reshape(-1)
+
+  def one(args):
+    row, lo = args
+    s = _fuse_jnp(rec, ref_lo, ref, row, lo)
+    boxes = []
+    for k in pool_sizes:  # separable box sums in float32, no cancellation
+      b = jax.lax.reduce_window(s, 0.0, jax.lax.add, (1, k, 1), (1, 1, 1), "VALID")
+      b = jax.lax.reduce_window(b, 0.0, jax.lax.add, (1, 1, k), (1, 1, 1), "VALID")
+      boxes.append(jnp.max(b.reshape(b.shape[0], -1), axis=1) / float(k * k))
+    neg_sorted, payload = jax.lax.sort((-s.reshape(-1), fold_px * 2 + label_px.astype(jnp.int32)),
+                                             num_keys=1)
+    desc, label, fold_sorted = -neg_sorted, (payload % 2) == 1, payload // 2
+    figs = [_sorted_auroc_ap(desc, label, fold_sorted < max(n_folds, 1))]
+    figs += [_sorted_auroc_ap(desc, label, fold_sorted == k) for k in range(n_folds)]
+    return jnp.asarray(figs), jnp.stack(boxes)
+
+  return jax.lax.map(one, (rows, logodds), batch_size=batch)
+
+
+def _bucket(n: int) -> int:
+  """The smallest 8 ceil(2 ** (k / 4) / 8) >= n: row counts padded to at most ~19 % more."""
+  k = 0
+  while 8 * math.ceil(2 ** (k / 4) / 8) < n:
+    k += 1
+  return 8 * math.ceil(2 ** (k / 4) / 8)
+
+
+def _image_figures(scores: np.ndarray, labels: np.ndarray) -> dict:
+  return {"i_auroc": metrics.auroc(scores, labels), "i_ap": metrics.average_precision(scores, labels)}
+
+
+def on_accelerator() -> bool:
+  """Whether candidates are scored in jnp (a GPU or TPU); on the CPU backend they are scored in
+  numpy (XLA:CPU sorts ~50x slower than numpy), with the same figures."""
+  return jax.default_backend() != "cpu"
+
+
+class ClassMaps:
+  """One class's validation maps as `class_figures` scores them: on the accelerator, rows padded
+  to `_bucket` (few shapes, few compilations); else the host arrays.
+
+  Attributes:
+    rec, ref: (M, H, W) float32; mask: (M, H, W) bool (M = n on the host, _bucket(n) on the
+      accelerator); ref_lo: on the host, `ref_values(ref, "logodds")`, else None; source,
+      label: (n,) host arrays; n: the class's rows; device: which.
+  """
+
+  def __init__(self, g: Mapping, name: str = "", device: Optional[bool] = None):
+    for key in ("rec", "ref"):
+      if not np.all(np.isfinite(g[key])):
+        raise ValueError(f"calibration: the validation {key} maps of class {name!r} hold NaN or "
+                         "inf (a diverged model?)")
+    self.n, h, w = np.shape(g["rec"])
+    self.shape = (h, w)
+    self.source, self.label = np.asarray(g["source"]), np.asarray(g["label"])
+    self.device = on_accelerator() if device is None else device
+    padded = _bucket(self.n) if self.device else self.n
+
+    def put(x, dtype):
+      if not self.device:
+        return np.asarray(x, dtype)
+      buf = np.zeros((padded, h, w), dtype)
+      buf[:self.n] = x
+      return jax.device_put(buf)
+
+    self.rec, self.ref = put(g["rec"], np.float32), put(g["ref"], np.float32)
+    self.mask = put(g["mask"], bool)
+    self.ref_lo = None if self.device else ref_values(self.ref, "logodds")
+
+
+def _sorted_figures_np(packed: np.ndarray, n_folds: int) -> np.ndarray:
+  """(1 + n_folds, 2) [AUROC, AP] of all pixels and of each fold from (n,) uint64 keys sorted
+  ascending: (~order-preserving uint32 of the score) << 32 | fold << 1 | label. Exact as
+  `metrics.pixel_auroc_ap` (a curve point per run of equal scores, float64 sums), read `_CHUNK`
+  pixels at a time (each chunk ends with a run), a fold's pixels picked out in sorted order."""
+  subsets = 1 + n_folds
+  tp0, seen0 = np.zeros(subsets, np.int64), np.zeros(subsets, np.int64)
+  auc, ap = np.zeros(subsets), np.zeros(subsets)
+  n, a = len(packed), 0
+  while a < n:
+    b = min(a + _CHUNK, n)
+    if b < n:  # end the chunk at the end of a run of equal scores
+      top = int(packed[b - 1] >> np.uint64(32))
+      b = n if top == 0xFFFFFFFF else int(np.searchsorted(packed, np.uint64((top + 1) << 32)))
+    chunk = packed[a:b]
+    keys = (chunk >> np.uint64(32)).astype(np.uint32)
+    low = (chunk & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    label, fold = (low & np.uint32(1)).astype(bool), low >> np.uint32(1)
+    for k in range(subsets):
+      if k == 0:
+        kk, lab = keys, label
+      else:
+        pick = fold == k - 1
+        kk, lab = keys[pick], label[pick]
+      if not len(kk):
+        continue
+      ends = np.flatnonzero(np.r_[kk[1:] != kk[:-1], True])
+      tp = np.cumsum(lab, dtype=np.int64)[ends] + tp0[k]
+      seen = ends + 1 + seen0[k]
+      tp_before = np.r_[tp0[k], tp[:-1]]
+      fp_step = (seen - np.r_[seen0[k], seen[:-1]]) - (tp - tp_before)
+      auc[k] += float(np.dot(fp_step.astype(np.float64), (tp_before + tp).astype(np.float64)))
+      ap[k] += float(np.dot((tp - tp_before).astype(np.float64), tp / seen))
+      tp0[k], seen0[k] = tp[-1], seen[-1]
+    a = b
+  n_pos, n_neg = tp0, seen0 - tp0
+  ok = (n_pos > 0) & (n_neg > 0)
+  out = np.full((subsets, 2), np.nan)
+  out[ok, 0] = auc[ok] / (2.0 * n_pos[ok] * n_neg[ok])
+  out[ok, 1] = ap[ok] / n_pos[ok]
+  return out
+
+
+def _candidate_np(d: ClassMaps, stats: Mapping, space: str, weight: float, fold: np.ndarray,
+                  n_folds: int, pool_sizes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  """(pixel (1 + n_folds, 2), image (len(pool_sizes), n)) figures of one candidate on the host:
+  `fuse` and `box_max` 32 maps at a time, packed into one uint64 array, one sort."""
+  per_map, st = int(np.prod(d.shape)), stats[space]
+  image = np.zeros((len(pool_sizes), d.n), np.float32)
+  packed = np.empty(d.n * per_map, np.uint64)
+  probability = dict(st, ref_space="probability")  # d.ref_lo already holds the log-odds
+  for i in range(0, d.n, 32):
+    ref = d.ref_lo[i:i + 32] if space == "logodds" else d.ref[i:i + 32]
+    s = fuse(d.rec[i:i + 32], ref, probability, weight)
+    for j, p in enumerate(pool_sizes):
+      image[j, i:i + 32] = box_max(s, p)
+    u = (s + np.float32(0.0)).view(np.uint32).reshape(-1)  # -0.0 as +0.0
+    u = np.where(u >> np.uint32(31), u, ~(u | np.uint32(0x80000000)))  # descending order
+    low = ((fold[i:i + 32, None, None] << 1) | d.mask[i:i + 32]).reshape(-1).astype(np.uint64)
+    packed[i * per_map:i * per_map + u.size] = (u.astype(np.uint64) << np.uint64(32)) | low
+  packed.sort()
+  return _sorted_figures_np(packed, n_folds), image
+
+
+def class_figures(d: ClassMaps, stats: Mapping, grid: Sequence[tuple[str, float]],
+                  pool_sizes: Sequence[int], n_folds: int) -> np.ndarray:
+  """Figures of every candidate of `grid` on one class with statistics `stats`.
+
+  Args:
+    d: the class's maps ('rec', 'ref' (N, H, W) float32, 'mask' (N, H, W) bool, 'label' (N,),
+      'source' (N,) int).
+    stats: {ref_space: `calibration.normal_stats` dict}; grid: [(ref_space, w)].
+    n_folds: folds (rows with `source` % n_folds == k), 0 for none.
+  Returns:
+    (len(grid), len(pool_sizes), 1 + n_folds, 4) float64 figures in FIGURE_KEYS order on all
+    rows, then on each fold; NaN where undefined.
+  """
+  n, (h, w) = d.n, d.shape
+  for p in pool_sizes:
+    if p > h or p > w:
+      raise ValueError(f"calibration.pool_sizes: {p} exceeds the map size {(h, w)}")
+  fold = (d.source % n_folds if n_folds else np.zeros(n, np.int64)).astype(np.int64)
+  if d.device:
+    padded = d.rec.shape[0]
+    batch = max(1, min(len(grid), _PIXEL_BUDGET // max(padded * h * w, 1)))
+    pixel, image = _score(d.rec, d.ref, d.mask,
+                          jnp.asarray(np.pad(fold, (0, padded - n),
+                                             constant_values=max(n_folds, 1)).astype(np.int32)),
+                          jnp.asarray(_candidate_rows(stats, grid)),
+                          jnp.asarray([s == "logodds" for s, _ in grid]), n_folds=n_folds,
+                          pool_sizes=tuple(int(p) for p in pool_sizes), batch=batch)
+    pixel, image = np.asarray(pixel, np.float64), np.asarray(image)[:, :, :n]
+  else:
+    threads = max(1, min(os.cpu_count() or 1, len(grid), _HOST_BUDGET // max(8 * d.rec.size, 1)))
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # numpy drops the GIL
+      done = list(pool.map(lambda c: _candidate_np(d, stats, c[0], c[1], fold, n_folds,
+                                                   pool_sizes), grid))
+    pixel, image = np.stack([p for p, _ in done]), np.stack([i for _, i in done])
+  out = np.full((len(grid), len(pool_sizes), 1 + n_folds, 4), np.nan)
+  subsets = [np.ones(n, bool)] + [fold == k for k in range(n_folds)]
+  for c in range(len(grid)):
+    for j in range(len(pool_sizes)):
+      for f, rows in enumerate(subsets):
+        im = _image_figures(image[c, j, rows], d.label[rows])
+        out[c, j, f] = [np.nan if im[k] is None else im[k] for k in ("i_auroc", "i_ap")] + list(
+            pixel[c, f])
+  return out
