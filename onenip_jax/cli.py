@@ -23,7 +23,12 @@ built on them (config_loading, config_checks, data_pipelines.errors), so `--help
 command imports its implementation (JAX, TensorFlow, ...) after its flags are parsed. Path flags
 (`_PATH_FLAGS`), predict's inputs and the --config file have `~` and `$VAR` expanded like the
 config's paths (`config_loading` module doc).
+
+The plain install (`pip install onenip-jax`) runs `onenip-predict --exported` and `onenip-eval
+--exported` only; a command that needs the training stack (flax, TensorFlow, Orbax, ...) then ends
+in one line naming `TRAIN_INSTALL`.
 """
+import importlib.util
 import logging
 import os
 import sys
@@ -42,6 +47,9 @@ _PATH_FLAGS = ("workdir", "exported", "out", "threshold-dir", "input", "output")
 _CONFIG_HELP = ("config file and its argument, configs/X.py[:args]; any key of it is overridden "
                 "with --config.KEY=VALUE (or --config.KEY VALUE; --config.KEY / --noconfig.KEY "
                 "for booleans)")
+# The top-level modules of setup.py's `train` extra, which the plain install lacks.
+TRAIN_MODULES = ("flax", "optax", "orbax", "tensorflow", "clu", "skimage")
+TRAIN_INSTALL = 'pip install "onenip-jax[train]"'
 
 
 def _train_flags(fv):
@@ -187,6 +195,18 @@ def _fail(prog: str, message: str):
   sys.exit(2)
 
 
+def _train_stack_error(prog: str, missing) -> None:
+  _fail(prog, f"this needs the training stack ({', '.join(missing)} not installed): "
+        f"{TRAIN_INSTALL}")
+
+
+def _need_train_stack(prog: str) -> None:
+  """Fails in one line, before any work, when a module of the `train` extra is not installed."""
+  missing = [m for m in TRAIN_MODULES if importlib.util.find_spec(m) is None]
+  if missing:
+    _train_stack_error(prog, missing)
+
+
 def _run(prog: str, fn, args, *, hard_exit: bool = False):
   """fn(args); a usage, config or other user error (`data_pipelines.errors.UserError`: bad data, a
   missing file, a damaged export, a full disk, ...) ends the process in one line with exit code 2
@@ -197,6 +217,11 @@ def _run(prog: str, fn, args, *, hard_exit: bool = False):
   """
   try:
     return fn(args)
+  except ModuleNotFoundError as e:  # e.g. an export without a serialised predictor, offline
+    top = (e.name or "").split(".")[0]
+    if top not in TRAIN_MODULES:
+      raise
+    _train_stack_error(prog, [top])
   except (app.UsageError, config_loading.ConfigKeyError, errors.UserError) as e:
     if getattr(args, "verbose", False):
       traceback.print_exc()
@@ -246,6 +271,7 @@ def train(argv=None) -> None:
   prog = "onenip-train"
   args = _parse(prog, "Trains (resuming from the latest checkpoint in --workdir), then evaluates.",
                 _train_flags, argv, overrides=True)
+  _need_train_stack(prog)  # the config files import the model definitions (flax)
   try:
     args.config = config_loading.load_config(args.config, args.overrides)
     config_checks.check_config(args.config)
@@ -263,6 +289,8 @@ def evaluate(argv=None) -> None:
   args = _parse(prog, "Evaluates a training run's checkpoint or an export; writes metrics.json, "
                 "metrics.md, metrics.csv, scores.csv (and heatmaps).", _eval_flags, argv,
                 overrides=True)
+  if args.workdir or args.flax:
+    _need_train_stack(prog)
   _check_stored(prog, args)
   _logging(args.verbose)
   from onenip_jax import evaluate as impl  # pylint: disable=g-import-not-at-top
@@ -280,6 +308,7 @@ def export(argv=None) -> None:
                 _export_flags, argv, overrides=True)
   if not args.target_fpr < 1.0:
     _fail(prog, "--target-fpr must be in [0, 1)")
+  _need_train_stack(prog)
   _check_stored(prog, args)
   _logging(args.verbose)
   from onenip_jax import export as impl  # pylint: disable=g-import-not-at-top
@@ -292,6 +321,8 @@ def predict(argv=None) -> None:
   args = _parse(prog, "Scores images or folders of images with an export; writes predictions.csv "
                 "and predictions.json.", _predict_flags, argv,
                 positional=" IMAGE_OR_FOLDER [...]")
+  if args.flax:
+    _need_train_stack(prog)
   _logging(args.verbose)
   from onenip_jax import predict as impl  # pylint: disable=g-import-not-at-top
   return _run(prog, impl.main, args)
@@ -303,6 +334,7 @@ def convert_weights(argv=None) -> int:
   args = _parse(prog, "Converts an EfficientNet PyTorch state dict (lukemelas efficientnet_pytorch "
                 "/ efficientnet_lite_pytorch naming) into flax msgpack variables, without torch.",
                 _convert_flags, argv)
+  _need_train_stack(prog)
   from onenip_jax.models import convert as impl  # pylint: disable=g-import-not-at-top
   return _run(prog, impl.main, args)
 
@@ -313,6 +345,7 @@ def build_tfds(argv=None) -> None:
   args = _parse(prog, "Writes the train and test samples of a config's dataset as TFDS TFRecord "
                 "shards plus their index, read back with --config.data.layout=tfds.",
                 _build_tfds_flags, argv, overrides=True)
+  _need_train_stack(prog)
   try:
     args.config = config_loading.load_config(args.config, args.overrides)
   except (FileNotFoundError, config_loading.ConfigKeyError) as e:

@@ -1,6 +1,8 @@
 """Installs (issue 11 item 7): setup.py declares every package the code imports, torch only in the
 `dev` extra; TensorFlow is imported in one place, which hides every GPU from it. Exactly two
-top-level packages are installed (issue 14); configs/ and launch/ are files run by path."""
+top-level packages are installed (issue 14); configs/ and launch/ are files run by path. The plain
+install is the export consumer, the `train` extra the rest; the declared minimum versions are the
+tested ones (constraints-min.txt)."""
 import ast
 import importlib.metadata
 import re
@@ -13,11 +15,17 @@ import pytest
 import setuptools
 
 from conftest import REPO
+from onenip_jax import cli
 
 INSTALLED = {"onenip_jax", "data_pipelines"}  # the top-level packages setup.py installs
 FIRST_PARTY = INSTALLED | {"configs", "launch"}   # folders of the repository's own code
 EXTRA_ONLY = {"tensorflow_datasets": "tfds"}  # module -> the extra that declares it
 SOURCES = [p for d in sorted(FIRST_PARTY) for p in sorted((REPO / d).rglob("*.py"))]
+# Packages whose minimum version setup.py declares: the versions the suite was run with.
+TESTED_MINIMUMS = ("jax", "flax", "optax", "orbax-checkpoint", "tensorflow-cpu",
+                   "tensorflow-datasets")
+TRAINING_STACK = {"flax", "optax", "orbax-checkpoint", "tensorflow", "tensorflow-cpu", "clu",
+                  "tensorboard", "scikit-image", "etils", "tensorflow-datasets", "torch"}
 
 
 def _setup_kwargs(monkeypatch) -> dict:
@@ -43,7 +51,7 @@ def _imports(path) -> set:
 
 def test_every_imported_package_is_declared(monkeypatch):
   kw = _setup_kwargs(monkeypatch)
-  required = {_name(r) for r in kw["install_requires"]}
+  required = {_name(r) for r in kw["install_requires"] + kw["extras_require"]["train"]}
   dists = importlib.metadata.packages_distributions()
   missing = []
   for path in SOURCES:
@@ -53,6 +61,49 @@ def test_every_imported_package_is_declared(monkeypatch):
       if not {_name(d) for d in dists.get(module, [module])} & declared:
         missing.append(f"{path.relative_to(REPO)}: {module}")
   assert not missing
+
+
+def test_plain_install_is_the_offline_set_and_the_full_extras_hold_train(monkeypatch):
+  """install_requires has none of the training stack; `test`, `dev` and `tfds` include `train`."""
+  kw = _setup_kwargs(monkeypatch)
+  plain = {_name(r) for r in kw["install_requires"]}
+  assert {"jax", "numpy", "pillow", "simplejpeg"} <= plain and not plain & TRAINING_STACK
+  extras = kw["extras_require"]
+  assert {"flax", "optax", "orbax-checkpoint", "tensorflow-cpu"} <= {_name(r) for r in extras["train"]}
+  for extra in ("test", "dev", "tfds"):
+    assert set(extras["train"]) <= set(extras[extra]), extra
+  assert cli.TRAIN_INSTALL == 'pip install "onenip-jax[train]"'
+
+
+def _declared_minimums(kw) -> dict:
+  reqs = kw["install_requires"] + [r for rs in kw["extras_require"].values() for r in rs]
+  found = {}
+  for req in reqs:
+    m = re.fullmatch(r"([A-Za-z0-9_.\-]+)(\[[^\]]*\])?>=([0-9][0-9a-z.]*)", req.replace(" ", ""))
+    if m:
+      assert found.setdefault(_name(m.group(1)), m.group(3)) == m.group(3), req
+  return found
+
+
+def test_declared_minimums_are_the_tested_versions(monkeypatch):
+  """Each of TESTED_MINIMUMS has a minimum in setup.py equal to its pin in constraints-min.txt
+  (`pip install -c constraints-min.txt` tests exactly the minimums) and not above the installed
+  version; no other package declares a minimum that constraints-min.txt does not pin."""
+  minimums = _declared_minimums(_setup_kwargs(monkeypatch))
+  pins = {}
+  for line in (REPO / "constraints-min.txt").read_text().splitlines():
+    line = line.split("#")[0].strip()
+    if line:
+      name, version = line.split("==")
+      pins[_name(name)] = version.strip()
+  assert set(TESTED_MINIMUMS) <= set(pins) and pins == minimums
+  for name, version in minimums.items():
+    installed = importlib.metadata.version(name)
+    assert _version(installed) >= _version(version), (name, installed, version)
+
+
+def _version(text: str) -> tuple:
+  return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
 
 
 def test_code_imports_only_installed_first_party_packages():
