@@ -241,7 +241,8 @@ def test_predict_outputs_of_colliding_names_are_distinct(tmp_path, monkeypatch):
       "in%2Fimg1.jpg.npy", "in%2Fimg1.png.npy", "in%2Fsub%2Fx.png.npy", "in%2Fsub_x.png.npy"]
 
 
-def test_a_failed_predict_run_leaves_the_previous_outputs_as_they_were(tmp_path, monkeypatch):
+def test_a_failed_predict_run_leaves_the_previous_outputs_as_they_were(tmp_path, monkeypatch,
+                                                                       capsys):
   monkeypatch.chdir(tmp_path)
   for i in range(3):
     _img(tmp_path / "in" / f"{i}.png", seed=i)
@@ -250,8 +251,9 @@ def test_a_failed_predict_run_leaves_the_previous_outputs_as_they_were(tmp_path,
   for i in range(3):  # new pixels, so new scores and maps
     _img(tmp_path / "in" / f"{i}.png", seed=10 + i)
   monkeypatch.setattr(_FakeScorer, "fail_on", "2.png")
-  with pytest.raises(ValueError, match="2.png"):
+  with pytest.raises(SystemExit) as stop:  # an error naming the file: one line, exit code 2
     _predict(monkeypatch, "out", "in")
+  assert stop.value.code == 2 and "2.png" in capsys.readouterr().err
   after = {p: pathlib.Path(p).read_bytes() for p in _files_under(tmp_path / "out")}
   assert after == before and len(before) == 2 + 3 + 3
   assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".")]
