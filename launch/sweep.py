@@ -31,6 +31,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -44,6 +45,8 @@ INTERRUPTED = (128 + 2, 128 + 15)  # a run stopped by SIGINT / SIGTERM (saved): 
 SBATCH_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slurm.sbatch")
 JOB_FILE = "slurm_job"  # in a run's workdir: the id of the Slurm job last submitted for it
 _CLOSE = {"(": ")", "[": "]", "{": "}"}
+LAUNCH_KEYS = ("distributed",)  # how a run was started (launch/slurm.sbatch sets it), not compared
+_UNNAMED = re.compile(r"[\s'\"]")  # characters of values left out of run names
 _ENDED = ("BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
           "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT")
 
@@ -96,8 +99,7 @@ def run_spec(config: str, run: list[tuple[str, str]]) -> str:
 
 def run_name(run: list[tuple[str, str]]) -> str:
   """'seed=1,data.classes=(bottle,)': keys and values, without quotes and spaces."""
-  clean = lambda v: "".join(ch for ch in v if ch not in "'\" \t")  # pylint: disable=unnecessary-lambda-assignment
-  return ",".join(f"{k}={clean(v)}" for k, v in run) or "default"
+  return ",".join(f"{k}={_UNNAMED.sub('', v)}" for k, v in run) or "default"
 
 
 def command(config: str, workdir: str, run: list[tuple[str, str]], extra: list[str],
@@ -144,11 +146,11 @@ def _job_status(job_id: str) -> tuple[bool, str]:
   """(still pending or running, status for the table) of a run's Slurm job."""
   got = job_state(job_id)
   if got is None:
-    return False, f"no marker (job {job_id})"
+    return False, f"ended without marker (job {job_id})"
   state, code = got
   if state not in _ENDED:
     return True, f"{state.lower()} (job {job_id})"
-  return False, f"{state.lower()} (job {job_id}, exit {code.split(':')[0]})"
+  return False, f"{state.lower()} (job {job_id}, exit {code})"
 
 
 def submit(row: dict) -> None:
@@ -201,7 +203,8 @@ def config_changes(config: str, run, extra: list[str], done: dict) -> list[str] 
   """Keys whose value in the finished run's config differs from what this sweep asks for.
 
   None when the requested config cannot be loaded here (then the marker alone decides). Keys the
-  sweep leaves empty ("", e.g. the demo's data root, which training fills in) are not compared.
+  sweep leaves empty ("", e.g. the demo's data root, which training fills in) and
+  `LAUNCH_KEYS` are not compared.
   """
   tokens = overrides(run) + [a for a in extra if config_loading.is_override(a)]
   try:
@@ -210,7 +213,8 @@ def config_changes(config: str, run, extra: list[str], done: dict) -> list[str] 
     return None
   want = _flat(json.loads(cfg.to_json_best_effort()))
   have = _flat(done["metrics"].get("config") or {})
-  return sorted(k for k, v in want.items() if v not in ("", None) and have.get(k) != v)
+  return sorted(k for k, v in want.items()
+                if v not in ("", None) and k not in LAUNCH_KEYS and have.get(k) != v)
 
 
 def _pct(v) -> str:
@@ -328,6 +332,7 @@ def _submit_all(rows: list[dict], wait: bool, poll: float) -> int:
       return 128 + 2
   print("\n" + summary_table(rows))
   return 0 if (all(r["done"] for r in rows) if wait else submitted) else 1
+
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -66,6 +66,9 @@ def test_sweep_skips_finished_runs_and_goes_on_after_a_failure(tmp_path, capsys)
   assert shlex.split(out[0])[-3:] == [f"--workdir={tmp_path / 'runs' / 'seed=666'}",
                                       "--config.seed=666", "--config.total_steps=5"]
 
+  rc, ran = _sweep(tmp_path, "--config.distributed=True")  # launched otherwise: still finished
+  assert ran == ["seed=666"]
+
   rc, ran = _sweep(tmp_path, "--config.total_steps=7")  # longer runs: finished ones run again
   assert ran == ["seed=1", "seed=666", "seed=2"]
 
