@@ -115,7 +115,7 @@ def overrides(run: list[tuple[str, str]]) -> list[str]:
 
 def sbatch_command(config: str, workdir: str, run: list[tuple[str, str]], extra: list[str],
                    sbatch_args: list[str], script: str = SBATCH_SCRIPT) -> list[str]:
-  """`sbatch ... script CONFIG RUN_WORKDIR OVERRIDES` for one run, its output in the run's folder."""
+  """`sbatch ... SCRIPT CONFIG RUN_WORKDIR OVERRIDES` of one run; the job's output in its folder."""
   run_dir = os.path.join(workdir, run_name(run))
   return (["sbatch", "--parsable", f"--output={os.path.join(run_dir, 'slurm-%j.out')}",
            *sbatch_args, script, run_spec(config, run), run_dir] + overrides(run) + extra)
@@ -238,15 +238,15 @@ def main(argv=None) -> int:
   parser.add_argument("--config", required=True, help="configs/X.py[:args] of every run")
   parser.add_argument("--workdir", required=True, help="parent of the runs' work directories")
   parser.add_argument("--grid", action="append", default=[],
-                      help="KEY=V1,V2,... (repeatable; commas inside brackets or quotes do not split)")
+                      help="KEY=V1,V2,... (repeatable; commas in brackets or quotes do not split)")
   parser.add_argument("--print", action="store_true", help="print the commands instead of running")
   parser.add_argument("--train-cmd", default="onenip-train",
                       help="the training command (e.g. 'python -m onenip_jax.cli train')")
   parser.add_argument("--slurm", action="store_true",
-                      help="submit each unfinished run as a Slurm job (sbatch) instead of running it")
+                      help="submit each unfinished run as a Slurm job instead of running it")
   parser.add_argument("--sbatch-args", action="append", default=[],
-                      help="with --slurm: sbatch options, one string, e.g. --sbatch-args='--nodes=2 "
-                      "--partition=gpu' (repeatable)")
+                      help="with --slurm: sbatch options, one string, e.g. "
+                      "--sbatch-args='--nodes=2 --partition=gpu' (repeatable)")
   parser.add_argument("--sbatch-script", default=SBATCH_SCRIPT,
                       help="with --slurm: the batch script, called with CONFIG WORKDIR OVERRIDES")
   parser.add_argument("--wait", action="store_true",

@@ -148,6 +148,7 @@ MpiDefault=none
 ReturnToService=2
 MinJobAge=600
 KillWait=5
+MailProg=/bin/true
 NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """

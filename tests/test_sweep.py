@@ -87,15 +87,17 @@ def test_evaluation_without_marker_is_not_finished(tmp_path):
 
 def test_grid_values_split_at_top_level_commas_only():
   runs = sweep.expand(["data.classes=('bottle','magnetic_tile'),('bottle',)", "seed=1,2"])
-  assert [dict(r)["data.classes"] for r in runs] == ["('bottle','magnetic_tile')"] * 2 + ["('bottle',)"] * 2
+  assert [dict(r)["data.classes"] for r in runs] == (["('bottle','magnetic_tile')"] * 2
+                                                     + ["('bottle',)"] * 2)
   assert [sweep.run_name(r) for r in runs[::2]] == ["data.classes=(bottle,magnetic_tile),seed=1",
                                                     "data.classes=(bottle,),seed=1"]
   assert sweep.split_values("""'a,b',"c,d",[1,(2,3)],{'k': 1}""") == [
       "'a,b'", '"c,d"', "[1,(2,3)]", "{'k': 1}"]
   assert sweep.command("configs/demo.py", "runs", runs[0], [])[-2:] == [
       "--config.data.classes=('bottle','magnetic_tile')", "--config.seed=1"]
-  for bad, why in (("k=(1,2", "unclosed '('"), ("k=1),2", "unmatched ')'"), ("k=[1,2)", "unmatched ')'"),
-                   ("k='a,b", "unclosed \"'\""), ("k=1,,2", "empty value"),
+  for bad, why in (("k=(1,2", "unclosed '('"), ("k=1),2", "unmatched ')'"),
+                   ("k=[1,2)", "unmatched ')'"), ("k='a,b", "unclosed \"'\""),
+                   ("k=1,,2", "empty value"),
                    ("arg.variant=(a,b)", "config file argument")):
     with pytest.raises(ValueError, match=re.escape(why)):
       sweep.expand([bad])
