@@ -3,6 +3,7 @@
 One mesh axis, `data`: batches are split over it and the (small) trainable state is replicated.
 The same code runs on 1 CPU, 8 fake CPU devices, a multi-GPU host and a TPU pod slice.
 """
+import logging
 import os
 
 import jax
@@ -11,6 +12,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 
+log = logging.getLogger("onenip")
+
 
 def maybe_initialize_distributed(requested: bool) -> None:
   """Calls `jax.distributed.initialize()` when the config or the launch environment asks for it.
@@ -18,6 +21,7 @@ def maybe_initialize_distributed(requested: bool) -> None:
   The environment asks when `JAX_COORDINATOR_ADDRESS` is set (our local launcher, which also sets
   `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`) or on a multi-host TPU slice (`TPU_WORKER_HOSTNAMES`
   lists several hosts). SLURM and TPU pods are auto-detected by `jax.distributed.initialize()`.
+  Under SLURM each task is one process with one GPU (`slurm_local_device_ids`).
   """
   tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
   env = bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or "," in tpu_hosts
@@ -29,7 +33,53 @@ def maybe_initialize_distributed(requested: bool) -> None:
   if os.environ.get("JAX_NUM_PROCESSES"):  # set by launch/local_multiprocess.py
     kwargs = dict(num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
                   process_id=int(os.environ["JAX_PROCESS_ID"]))
+  elif (ids := slurm_local_device_ids(os.environ)) is not None:
+    kwargs = dict(local_device_ids=ids)
   jax.distributed.initialize(**kwargs)
+  log.info("process %d of %d: local devices %s", jax.process_index(), jax.process_count(),
+           [str(d) for d in jax.local_devices()])
+
+
+def _tasks_per_node(spec: str) -> list[int]:
+  """SLURM's '8(x2),4' -> [8, 8, 4]."""
+  out = []
+  for part in filter(None, spec.split(",")):
+    n, _, times = part.partition("(x")
+    out += [int(n)] * int(times.rstrip(")") or 1)
+  return out
+
+
+def slurm_local_device_ids(environ) -> list[int] | None:
+  """The GPU (CUDA ordinal) of this SLURM task: one process per GPU, JAX's convention.
+
+  None outside a SLURM job step, or when the task sees no GPU list (`CUDA_VISIBLE_DEVICES` unset
+  or empty, e.g. CPU): then `jax.distributed.initialize()` decides (GPU `SLURM_LOCALID`).
+  A task that sees one GPU (`--gpus-per-task=1`) trains on it; tasks that share their node's GPUs
+  (`--gpus-per-node=G --ntasks-per-node=G`, launch/slurm.sbatch) train on GPU `SLURM_LOCALID`
+  each. Any other count fails: a process per node would otherwise train on one of its GPUs.
+  """
+  if "SLURM_STEP_NODELIST" not in environ or "SLURM_LOCALID" not in environ:
+    return None
+  platforms = environ.get("JAX_PLATFORMS", "")
+  if platforms and not {"cuda", "gpu"} & set(platforms.split(",")):
+    return None
+  gpus = [g for g in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+  if not gpus:
+    return None
+  if len(gpus) == 1:
+    return [0]
+  node = int(environ.get("SLURM_NODEID", 0))
+  tasks = _tasks_per_node(environ.get("SLURM_STEP_TASKS_PER_NODE")
+                          or environ.get("SLURM_TASKS_PER_NODE", ""))
+  here = tasks[node] if node < len(tasks) else None
+  if here == len(gpus):
+    return [int(environ["SLURM_LOCALID"])]
+  raise ValueError(
+      f"SLURM task {environ.get('SLURM_PROCID')} sees {len(gpus)} GPUs (CUDA_VISIBLE_DEVICES="
+      f"{environ.get('CUDA_VISIBLE_DEVICES')}) on a node running {here} tasks of the step: "
+      "training runs one process per GPU, so give each node as many tasks as GPUs "
+      "(launch/slurm.sbatch: --ntasks-per-node equal to --gpus-per-node) or one GPU per task "
+      "(--gpus-per-task=1)")
 
 
 def make_mesh() -> Mesh:

@@ -2,8 +2,11 @@
 does not stop the sweep, the summary table, --print. Fast: nothing trains."""
 import json
 import os
+import re
 import shlex
 import sys
+
+import pytest
 
 from conftest import REPO
 from launch import sweep
@@ -63,6 +66,9 @@ def test_sweep_skips_finished_runs_and_goes_on_after_a_failure(tmp_path, capsys)
   assert shlex.split(out[0])[-3:] == [f"--workdir={tmp_path / 'runs' / 'seed=666'}",
                                       "--config.seed=666", "--config.total_steps=5"]
 
+  rc, ran = _sweep(tmp_path, "--config.distributed=True")  # launched otherwise: still finished
+  assert ran == ["seed=666"]
+
   rc, ran = _sweep(tmp_path, "--config.total_steps=7")  # longer runs: finished ones run again
   assert ran == ["seed=1", "seed=666", "seed=2"]
 
@@ -77,3 +83,36 @@ def test_evaluation_without_marker_is_not_finished(tmp_path):
   assert run_status.finished(str(workdir)) == {"step": 4, "metrics": {"mean": {}}}
   os.remove(workdir / "eval" / "step_4" / "metrics.json")  # the metrics it names must exist
   assert run_status.finished(str(workdir)) is None
+
+
+def test_grid_values_split_at_top_level_commas_only():
+  runs = sweep.expand(["data.classes=('bottle','magnetic_tile'),('bottle',)", "seed=1,2"])
+  assert [dict(r)["data.classes"] for r in runs] == (["('bottle','magnetic_tile')"] * 2
+                                                     + ["('bottle',)"] * 2)
+  assert [sweep.run_name(r) for r in runs[::2]] == ["data.classes=(bottle,magnetic_tile),seed=1",
+                                                    "data.classes=(bottle,),seed=1"]
+  assert sweep.split_values("""'a,b',"c,d",[1,(2,3)],{'k': 1}""") == [
+      "'a,b'", '"c,d"', "[1,(2,3)]", "{'k': 1}"]
+  assert sweep.command("configs/demo.py", "runs", runs[0], [])[-2:] == [
+      "--config.data.classes=('bottle','magnetic_tile')", "--config.seed=1"]
+  for bad, why in (("k=(1,2", "unclosed '('"), ("k=1),2", "unmatched ')'"),
+                   ("k=[1,2)", "unmatched ')'"), ("k='a,b", "unclosed \"'\""),
+                   ("k=1,,2", "empty value"),
+                   ("arg.variant=(a,b)", "config file argument")):
+    with pytest.raises(ValueError, match=re.escape(why)):
+      sweep.expand([bad])
+
+
+def test_a_tuple_value_reaches_the_run_config(tmp_path, capsys):
+  """The demo config's classes swept as tuples: each run's stored config has its tuple."""
+  fake = tmp_path / "fake_train.py"
+  fake.write_text(FAKE_TRAIN.format(repo=str(REPO), calls=str(tmp_path / "calls.txt")))
+  argv = ["--config", str(REPO / "configs" / "demo.py"), "--workdir", str(tmp_path / "runs"),
+          "--grid", "data.classes=('a','b'),('c',)", "--train-cmd",
+          f"{shlex.quote(sys.executable)} {fake}", "--config.total_steps=5"]
+  assert sweep.main(argv) == 0
+  for name, classes in (("data.classes=(a,b)", ["a", "b"]), ("data.classes=(c,)", ["c"])):
+    assert run_status.finished(str(tmp_path / "runs" / name))["metrics"]["config"]["data"][
+        "classes"] == classes
+  assert sweep.main(argv + ["--status"]) == 0
+  assert capsys.readouterr().out.count("| finished before | 5 |") == 2
