@@ -359,3 +359,21 @@ def restore_config(workdir: str, step: int | None = None) -> ml_collections.Conf
       return ml_collections.ConfigDict(found[1])
     restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   return ml_collections.ConfigDict(config_loading.upgrade_stored_config(dict(restored.config)))
+
+
+def stored_config(workdir: str):
+  """(step, config dict) of `<workdir>/checkpoints`' newest readable config, None if it has none.
+
+  Read-only: nothing in `workdir` is created, moved or written (a step half-way through `replace`
+  is not recovered, so its older copy is not seen).
+  """
+  directory = storage.join(workdir, "checkpoints")
+  if not storage.isdir(directory):
+    return None
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  if storage.scheme(directory) in ORBAX_SCHEMES:
+    manager = ocp.CheckpointManager(directory, options=options)
+  else:
+    manager = _StagedManager(directory, options)
+  with manager:
+    return latest_config(manager)

@@ -1,6 +1,6 @@
 r"""The six commands' one grammar: absl flags, `--config FILE[:args]`, `--config.KEY=VALUE`.
 
-  onenip-train   --config configs/X.py[:args] --workdir DIR [--config.KEY=VALUE ...]
+  onenip-train   --config configs/X.py[:args] --workdir DIR [--dry_run] [--config.KEY=VALUE ...]
   onenip-eval    --workdir DIR | --exported DIR  [--config FILE[:args]] [--config.KEY=VALUE ...]
   onenip-export  --workdir DIR --out DIR         [--config FILE[:args]] [--config.KEY=VALUE ...]
   onenip-predict --exported DIR [--out DIR] IMAGE_OR_FOLDER ...
@@ -56,6 +56,9 @@ def _train_flags(fv):
   flags.DEFINE_string("config", None, _CONFIG_HELP, flag_values=fv, required=True)
   flags.DEFINE_string("workdir", None, "work directory (checkpoints, logs, evaluations)",
                       flag_values=fv, required=True)
+  flags.DEFINE_boolean("dry_run", False, "check the config, data, weights, devices and work "
+                       "directory, print what the run would be, and exit (nothing is trained or "
+                       "written; exit code 2 lists every problem found)", flag_values=fv)
 
 
 def _eval_flags(fv):
@@ -274,11 +277,15 @@ def train(argv=None) -> None:
   _need_train_stack(prog)  # the config files import the model definitions (flax)
   try:
     args.config = config_loading.load_config(args.config, args.overrides)
-    config_checks.check_config(args.config)
+    if not args.dry_run:  # the dry run lists this with its other problems
+      config_checks.check_config(args.config)
   except (FileNotFoundError, config_loading.ConfigKeyError, errors.UserError) as e:
     _fail(prog, str(e))
   args.config.lock()
   _logging(args.verbose)
+  if args.dry_run:
+    from onenip_jax import dry_run, run_control  # pylint: disable=g-import-not-at-top
+    run_control.exit_now(_run(prog, dry_run.main, args, hard_exit=True))
   from onenip_jax import train as impl  # pylint: disable=g-import-not-at-top
   return _run(prog, impl.main, args, hard_exit=True)
 

@@ -23,7 +23,7 @@ print("HEAVY", heavy)
 """
 
 FLAGS = {
-    "onenip-train": ["--config", "--workdir", "--[no]verbose"],
+    "onenip-train": ["--config", "--workdir", "--[no]dry_run", "--[no]verbose"],
     "onenip-eval": ["--workdir", "--exported", "--config", "--out", "--step", "--[no]heatmaps",
                     "--[no]flax", "--batch-size", "--[no]verbose"],
     "onenip-export": ["--workdir", "--out", "--config", "--step", "--[no]overwrite",
