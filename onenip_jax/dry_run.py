@@ -77,8 +77,7 @@ def main(args) -> int:
   except UserError as e:
     rep.problem("config", e)
     config_ok = False
-  demo_root = cfg.data.layout == "demo" and not cfg.data.root
-  if demo_root:  # as training sets it, so that a stored run's config compares equal
+  if cfg.data.layout == "demo" and not cfg.data.root:  # as training sets it, so that a stored run's config compares equal
     cfg.data.root = storage.join(storage.abspath(workdir), "demo_data")
   rep.say("config (resolved, as --config.KEY=VALUE would set it):")
   for key, value in _flat(cfg):
@@ -89,7 +88,11 @@ def main(args) -> int:
   index = _data(rep, cfg)
   num_steps = _steps(rep, cfg, index, mesh, config_ok)
   _weights(rep, cfg)
-  if _workdir(rep, workdir):
+  found = len(rep.problems)
+  exists = _workdir(rep, workdir)
+  if len(rep.problems) > found:
+    rep.say(f"workdir: {workdir}: see the problems below")
+  if exists:
     _lock(rep, workdir)
     _existing_run(rep, cfg, workdir, num_steps)
   if jax.process_count() > 1:
