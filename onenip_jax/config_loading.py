@@ -161,12 +161,17 @@ def upgrade_stored_config(stored: dict) -> dict:
   sets `backbone.dtype` (it was the dtype of both); `model.restoration` becomes
   `loss.restoration`. Before `config.calibration`, nothing was held out: such a config gets
   `calibration.holdout_fraction = 0` (so its run indexes, evaluates and resumes with the training
-  set it had). A config already in the current layout is returned unchanged (a copy).
+  set it had). Before `model.matmul_dtype`, the matmuls ran in `model.dtype`, with the attention
+  now called 'head_major' (same results). A config already in the current layout is returned
+  unchanged (a copy).
   """
   out = {k: dict(v) if isinstance(v, dict) else v for k, v in stored.items()}
   if "calibration" not in out:
     out["calibration"] = {"holdout_fraction": 0.0}
   model = out.get("model")
+  if isinstance(model, dict) and "matmul_dtype" not in model:
+    model["matmul_dtype"] = model.get("dtype", "float32")
+    model.setdefault("attention", "head_major")
   if "backbone" in out or not isinstance(model, dict) or "backbone" not in model:
     return out
   out["backbone"] = {"dtype": model.get("dtype", "float32")}
