@@ -192,3 +192,25 @@ def test_profile_step_hlo_accounting():
                                            2 * (2 * 6 * 6 * 5) * (3 * 3 * 4)])
   assert {"dot / convolution", "reduce"} <= kinds
   assert prof.part_of("jit(train_step)/transpose(jvp(OneNIP))/encoder_layer0/x") == ("encoder", "backward")
+
+
+def test_bfloat16_dots_run_in_the_library_on_cpu():
+  """compiler_options(library_dots=True): the forward and input-gradient bfloat16 dots of a
+  Dense-form mixed.einsum compile to YNNPACK fusions on bfloat16 operands (XLA's own CPU dots
+  convert them to float32; the weight gradient, contracted over the rows, still is), with the
+  same results as XLA's dots."""
+  a = jax.random.normal(jax.random.key(0), (64, 48))
+  b = jax.random.normal(jax.random.key(1), (48, 40))
+  f = jax.value_and_grad(lambda a, b: jnp.tanh(mixed.einsum("nk,km->nm", a, b, jnp.bfloat16)).sum(),
+                         (0, 1))
+  prof = config_loading.load_python_file(str(REPO / "launch" / "profile_step.py"))
+  for library_dots, expected in ((True, 2), (False, 0)):
+    jitted = jax.jit(f, compiler_options=compiler_options("cpu", library_dots=library_dots))
+    instrs, _ = prof.parse_hlo(jitted.lower(a, b).compile().as_text())
+    bf16_library = [i for i in instrs.values() if i["opcode"] == "fusion" and "ynn" in i["attrs"]
+                    and all(instrs[o]["shape"].startswith("bf16") for o in i["operands"])]
+    assert len(bf16_library) == expected
+  library = jax.jit(f, compiler_options=compiler_options("cpu", library_dots=True))
+  # float32 accumulation in another order; the bfloat16 cotangent may round the other way
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-3),
+               library(a, b), jitted(a, b))

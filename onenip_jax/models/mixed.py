@@ -6,6 +6,10 @@ backward pass (the float32 cotangent is rounded to bfloat16 too). JAX's own tran
 multiplies a float32 cotangent by a bfloat16 operand, which XLA runs as a float32 dot; the custom VJP
 here keeps all three dots at bfloat16 speed. Everything outside the dots (activations, softmax,
 LayerNorm, losses) stays in the caller's dtype.
+
+On CPU, XLA's own dots compute bfloat16 operands in float32 (converts plus a float32 matmul): the
+bfloat16 dots pay only in YNNPACK (`compile_options.compiler_options(library_dots=True)`, which
+`train.jit_train_step` sets with bfloat16 matmuls). GPUs and TPUs run them natively.
 """
 import functools
 from typing import Any
