@@ -1,18 +1,21 @@
 r"""Train-step throughput (images/s) of the jitted, sharded step on this machine's devices.
 
-  python -m launch.bench_train [--backbones lite2,b4] [--batch 8] [--res 224] [--steps 5]
+  python -m launch.bench_train [--backbones lite2,b4] [--batch 8] [--res 224] [--steps 5] \
+      [--model attention=einsum,matmul_dtype=bfloat16]
 
 Times the full step (backbone, network, losses, AdamW update) on random batches, for each backbone,
 with and without the frozen-feature cache, in float32 and bfloat16; prints the median over
 `--steps` timed steps after one compiling step. Backbone weights are random (speed does not depend
 on them), so B4 needs no checkpoint. An image counts once per training sample (its synthetic twin and
-its prompt are part of the step's work).
+its prompt are part of the step's work). `--model KEY=VALUE,...` overrides `config.model` keys
+(e.g. `attention`, `matmul_dtype`) to time the switches of the step against each other.
 """
 import argparse
 import platform
 import statistics
 import subprocess
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,14 +27,33 @@ from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
 
 
-def build(backbone: str, dtype: str, cached: bool, batch: int, res: int):
-  """The jitted train step of `train.py` and its arguments, on random data and random weights.
+def parse_overrides(text: str) -> dict:
+  """'attention=einsum,matmul_dtype=bfloat16' -> {'attention': 'einsum', ...}; values are typed
+  like the base config's; unknown keys raise."""
+  model = base_config.get_base_config().model
+  out = {}
+  for item in filter(None, text.split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in model:
+      raise ValueError(f"--model {item!r}: expected KEY=VALUE with KEY one of {sorted(model)}")
+    kind = type(model[key])
+    out[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
+  return out
+
+
+def build(backbone: str, dtype: str, cached: bool, batch: int, res: int,
+          overrides: Optional[dict] = None):
+  """The jitted train step of `train.py` and its arguments, on random data and random weights;
+  `dtype` sets the backbone's and the network's dtype and matmul_dtype (no 'auto': the same on
+  every backend), then `overrides` set `config.model` keys.
 
   Returns (step, (state, batch, backbone_vars, cache)); `step(*args)` -> (state, metrics).
   """
   cfg = base_config.get_base_config()
   base_config.set_backbone(cfg, backbone)
-  cfg.model.dtype = cfg.backbone.dtype = dtype
+  cfg.model.dtype = cfg.model.matmul_dtype = cfg.backbone.dtype = dtype
+  for key, value in (overrides or {}).items():
+    cfg.model[key] = value
   cfg.input_size, cfg.batch_size, cfg.cache_features = res, batch, cached
   mesh = sharding.make_mesh()
   features = FrozenFeatures.from_config(cfg.backbone)
@@ -57,9 +79,10 @@ def build(backbone: str, dtype: str, cached: bool, batch: int, res: int):
   return step, (state, sharding.to_global(host, mesh), bb, cache)
 
 
-def bench(backbone: str, dtype: str, cached: bool, batch: int, res: int, steps: int) -> float:
+def bench(backbone: str, dtype: str, cached: bool, batch: int, res: int, steps: int,
+          overrides: Optional[dict] = None) -> float:
   """Images/s: `batch` over the median time of `steps` steps after one compiling step."""
-  step, (state, batch_arrays, bb, cache) = build(backbone, dtype, cached, batch, res)
+  step, (state, batch_arrays, bb, cache) = build(backbone, dtype, cached, batch, res, overrides)
   state, m = step(state, batch_arrays, bb, cache)
   jax.block_until_ready(m)
   times = []
@@ -78,16 +101,20 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--res", type=int, default=224)
   p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--model", default="", help="config.model overrides KEY=VALUE,...")
+  p.add_argument("--cache", default="off,on", help="feature cache settings timed: off,on")
   a = p.parse_args()
+  overrides = parse_overrides(a.model)
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
   print(f"# train step, batch {a.batch} at {a.res}px, {jax.device_count()} x {jax.devices()[0].device_kind}"
-        f" ({platform.processor() or platform.machine()}), jax {jax.__version__}, commit {commit or '?'}")
+        f" ({platform.processor() or platform.machine()}), jax {jax.__version__}, commit {commit or '?'}"
+        + (f", model {a.model}" if a.model else ""))
   print("| backbone | feature cache | dtype | images/s | s/step |")
   print("|---|---|---|---|---|")
   for backbone in a.backbones.split(","):
-    for cached in (False, True):
+    for cached in [c == "on" for c in a.cache.split(",")]:
       for dtype in a.dtypes.split(","):
-        ips = bench(backbone, dtype, cached, a.batch, a.res, a.steps)
+        ips = bench(backbone, dtype, cached, a.batch, a.res, a.steps, overrides)
         print(f"| {backbone} | {'on' if cached else 'off'} | {dtype} | {ips:.1f} | {a.batch / ips:.2f} |",
               flush=True)
 

@@ -69,7 +69,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.backbone.name = "b4"       # b0-b7 | lite0-lite4 (set with `set_backbone`, which also sets data.mean/std)
   c.backbone.weights = ""      # converted .msgpack; "" = the cached ImageNet weights (lite0-2 offline)
   c.backbone.padding = "static"   # "static" (reference, computed for the nominal resolution) | "same"
-  c.backbone.dtype = "float32"    # compute dtype of the frozen backbone (features are float32): float32 | bfloat16
+  c.backbone.dtype = "auto"       # compute dtype of the frozen backbone (features are float32):
+                                  # float32 | bfloat16 | auto (bfloat16 on GPU/TPU, float32 on CPU)
 
   # The trainable network: exactly the fields of OneNIP (onenip_jax/models/onenip.py).
   c.model = ml_collections.ConfigDict()
@@ -87,7 +88,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.refiner = True
   c.model.refiner_channels = 128
   c.model.bn_group_size = 16   # refiner BN statistics over groups of this many maps (reference per-GPU 2x8)
-  c.model.dtype = "float32"    # compute dtype of the trainable network: float32 | bfloat16
+  c.model.dtype = "auto"       # compute dtype of the trainable network's activations: float32 |
+                               # bfloat16 | auto (bfloat16 on GPU/TPU, float32 on CPU); statistics,
+                               # softmax and losses stay float32, parameters and optimiser float32
+  c.model.matmul_dtype = "auto"   # its matmuls: bfloat16 (bfloat16 operands, float32 accumulation and
+                                  # results; with dtype float32 only the dots change) | float32
+                                  # (operands in `dtype`) | auto (bfloat16 on GPU/TPU)
+  c.model.attention = "einsum"  # | "head_major" (q/k/v projected into per-head layout) | "fused"
+                                # (jax.nn.dot_product_attention; the explicit path under dropout):
+                                # the same results to float32 round-off
 
   c.loss = ml_collections.ConfigDict()
   c.loss.restoration = True    # the restoration stream: synthetic anomalies reconstructed to normal

@@ -162,7 +162,8 @@ def upgrade_stored_config(stored: dict) -> dict:
   `loss.restoration`. Before `config.calibration`, nothing was held out: such a config gets
   `calibration.holdout_fraction = 0` (so its run indexes, evaluates and resumes with the training
   set it had). Before layout "tfds", `data` had no `tfds_name` / `tfds_data_dir`: they get their
-  defaults (""). A config already in the current layout is returned unchanged (a copy).
+  defaults (""). Before `model.matmul_dtype`, the matmuls ran in `model.dtype`, with the attention
+  layout now called 'einsum'. A config already in the current layout is returned unchanged (a copy).
   """
   out = {k: dict(v) if isinstance(v, dict) else v for k, v in stored.items()}
   if "calibration" not in out:
@@ -170,6 +171,9 @@ def upgrade_stored_config(stored: dict) -> dict:
   if isinstance(out.get("data"), dict) and "tfds_name" not in out["data"]:
     out["data"].update(tfds_name="", tfds_data_dir="")
   model = out.get("model")
+  if isinstance(model, dict) and "matmul_dtype" not in model:
+    model["matmul_dtype"] = model.get("dtype", "float32")
+    model.setdefault("attention", "einsum")
   if "backbone" in out or not isinstance(model, dict) or "backbone" not in model:
     return out
   out["backbone"] = {"dtype": model.get("dtype", "float32")}

@@ -14,7 +14,8 @@ the same step and exit with the same code.
 
 Config check. A resumed run must train the same model on the same data stream: `check_resume`
 compares the config stored with the checkpoint with the new one, key by key. Differences in
-`HARMLESS_KEYS` (run length, logging, evaluation, checkpointing) are logged; any other difference
+`HARMLESS_KEYS` (run length, logging, evaluation, checkpointing, compute precision and
+attention implementation: the parameters stay float32) are logged; any other difference
 raises `ConfigMismatch` listing the keys.
 """
 import contextlib
@@ -37,7 +38,8 @@ HARMLESS_KEYS = ("total_steps", "num_epochs", "log_every_steps", "distributed", 
                  "eval.", "ckpt.", "data.num_parallel_calls", "data.skip_bad",
                  "data.max_pixels",
                  "calibration.synthetic_per_image", "calibration.seed_offset", "calibration.weights",
-                 "calibration.pool_sizes")
+                 "calibration.pool_sizes", "model.dtype", "model.matmul_dtype", "model.attention",
+                 "backbone.dtype")
 
 
 class Interrupted(BaseException):

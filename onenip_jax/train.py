@@ -32,6 +32,7 @@ from data_pipelines.errors import UserError
 from onenip_jax import (checkpoints, config_checks, evaluate, losses, metric_logging, run_control,
                         run_status, sharding, train_state, workdir_lock)
 from onenip_jax.compile_options import compiler_options
+from onenip_jax.models import mixed
 from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
 from onenip_jax.train_state import TrainState
@@ -84,11 +85,13 @@ def make_train_step(cfg, model: OneNIP, features: FrozenFeatures, tx):
 
 def jit_train_step(cfg, model: OneNIP, features: FrozenFeatures, tx, mesh):
   """The jitted, sharded train step: state, backbone variables and cache replicated, the batch
-  split over `data`, the state donated (updated in place), XLA options from `compiler_options`."""
+  split over `data`, the state donated (updated in place), XLA options from `compiler_options`
+  (library dots with bfloat16 matmul operands)."""
   repl, split = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  bf16_dots = mixed.resolve_dtype(cfg.model.matmul_dtype) == jnp.bfloat16
   return jax.jit(make_train_step(cfg, model, features, tx),
                  in_shardings=(repl, split, repl, repl), out_shardings=(repl, repl),
-                 donate_argnums=(0,), compiler_options=compiler_options())
+                 donate_argnums=(0,), compiler_options=compiler_options(library_dots=bf16_dots))
 
 
 def compute_feature_cache(cfg, index, features, backbone_vars, mesh) -> jax.Array:

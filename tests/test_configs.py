@@ -68,7 +68,9 @@ _OLD_MODEL = {
 
 
 def _old_layout(cfg: ml_collections.ConfigDict) -> dict:
-  """`cfg` as a run of the old layout stored it (JSON)."""
+  """`cfg` as a run of the old layout stored it (JSON); sets `cfg`'s dtypes to the float32 such a
+  run had (it knew no 'auto')."""
+  cfg.model.dtype = cfg.model.matmul_dtype = cfg.backbone.dtype = "float32"
   old = json.loads(cfg.to_json_best_effort())
   assert old.pop("backbone") == {"name": "lite0", "weights": "", "padding": "same",
                                  "dtype": "float32"}

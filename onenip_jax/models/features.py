@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from onenip_jax.models import convert
+from onenip_jax.models import convert, mixed
 from onenip_jax.models.efficientnet import EfficientNet, tap_channels
 from onenip_jax.models.resize import resize_align_corners
 
@@ -43,9 +43,9 @@ class FrozenFeatures:
 
   @classmethod
   def from_config(cls, backbone_cfg: ml_collections.ConfigDict) -> "FrozenFeatures":
-    """From `config.backbone` (name, padding, dtype)."""
+    """From `config.backbone` (name, padding, dtype; 'auto' is bfloat16 on GPU/TPU)."""
     backbone = EfficientNet(variant=backbone_cfg.name, padding=backbone_cfg.padding,
-                            dtype=jnp.dtype(backbone_cfg.dtype))
+                            dtype=mixed.resolve_dtype(backbone_cfg.dtype))
     return cls(backbone, sum(tap_channels(backbone_cfg.name)))
 
   def load_variables(self, backbone_cfg: ml_collections.ConfigDict) -> dict:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from onenip_jax.models import dropout as dropout_lib
+from onenip_jax.models import mixed
 from onenip_jax.models.refiner import Refiner
 from onenip_jax.models.resize import resize_align_corners
 from onenip_jax.models.transformer import (Array, Dtype, EncoderLayer, MultiheadAttention,
@@ -28,6 +29,9 @@ class OneNIP(nn.Module):
   """OneNIP: prompt-guided feature reconstruction plus a supervised refiner (docs/algorithm.md §5, §8).
 
   Fields mirror `config.model`. `neighbor_size` 0 means (h // 2, w // 2) as in the reference.
+  `dtype` is the compute dtype of activations; `matmul_dtype` the operand dtype of the
+  transformer's matmuls and the refiner's transposed convolutions (float32 results, `mixed.py`);
+  `attention` the attention implementation (`transformer.MultiheadAttention`).
   """
   hidden_dim: int = 256
   num_heads: int = 8
@@ -44,6 +48,8 @@ class OneNIP(nn.Module):
   refiner_channels: int = 128
   bn_group_size: int = 16
   dtype: Dtype = jnp.float32
+  matmul_dtype: Dtype = jnp.float32
+  attention: str = "einsum"
 
   @classmethod
   def from_config(cls, model_cfg: Any, **overrides: Any) -> "OneNIP":
@@ -55,8 +61,9 @@ class OneNIP(nn.Module):
     if set(kwargs) - fields:
       raise ValueError(f"config.model has keys that are no OneNIP field: {sorted(set(kwargs) - fields)}"
                        f" (fields: {sorted(fields)})")
-    if isinstance(kwargs.get("dtype"), str):
-      kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+    for key in ("dtype", "matmul_dtype"):
+      if isinstance(kwargs.get(key), str):
+        kwargs[key] = mixed.resolve_dtype(kwargs[key])   # 'auto': bfloat16 on GPU/TPU
     if isinstance(kwargs.get("neighbor_size"), (list, tuple)):
       kwargs["neighbor_size"] = tuple(int(v) for v in kwargs["neighbor_size"])
     return cls(**kwargs)
@@ -98,7 +105,7 @@ class OneNIP(nn.Module):
       raise ValueError(f"query batch {bq} must equal the prompt batch {bp} or twice it")
     paired_with = bp if bq == 2 * bp else None
     d, n_tok, det = self.hidden_dim, h * w, not train
-    dt = self.dtype
+    dt, mm, att = mixed.resolve_dtype(self.dtype), mixed.resolve_dtype(self.matmul_dtype), self.attention
 
     mask = None
     if self.neighbor_mask:
@@ -114,12 +121,12 @@ class OneNIP(nn.Module):
     if train:
       with jax.named_scope("jitter"):
         x = self._jitter(x)
-    x = dense(d, dt, "input_proj")(x.astype(dt))
+    x = dense(d, dt, "input_proj", mm)(x.astype(dt))
     pos = PositionEmbedding(h, w, d, name="pos_embed")().astype(dt)
 
     for i in range(self.enc_layers):
-      x = EncoderLayer(d, self.num_heads, self.ffn_dim, self.dropout, dt, name=f"encoder_layer{i}")(
-          x, pos, mask, deterministic=det)
+      x = EncoderLayer(d, self.num_heads, self.ffn_dim, self.dropout, dt, att, mm,
+                       name=f"encoder_layer{i}")(x, pos, mask, deterministic=det)
     tgt = x[:bq]
 
     if use_prompt:
@@ -128,26 +135,27 @@ class OneNIP(nn.Module):
         p = jnp.concatenate([p, p])
       for i in range(self.dec_layers):
         p, tgt = PromptDecoderLayer(d, self.num_heads, self.ffn_dim, self.dropout,
-                                    self.decoder == "bidirectional", dt, name=f"decoder_layer{i}")(
+                                    self.decoder == "bidirectional", dt, att, mm,
+                                    name=f"decoder_layer{i}")(
             p, tgt, pos, mask, deterministic=det)
     else:
       p = tgt
       for i in range(self.dec_layers):
-        p = UniADDecoderLayer(n_tok, d, self.num_heads, self.ffn_dim, self.dropout, dt,
+        p = UniADDecoderLayer(n_tok, d, self.num_heads, self.ffn_dim, self.dropout, dt, att, mm,
                               name=f"decoder_layer{i}")(p, tgt, pos, mask, deterministic=det)
 
-    f = MultiheadAttention(d, self.num_heads, self.dropout, dt, name="final_attn")(
+    f = MultiheadAttention(d, self.num_heads, self.dropout, dt, att, mm, name="final_attn")(
         p + pos, tgt + pos, tgt, None, deterministic=det)
     p = p + dropout_lib.Dropout(self.dropout)(f, deterministic=det)
     p = layer_norm(dt, "decoder_norm")(p)
-    recon = dense(c, dt, "output_proj")(p).astype(jnp.float32).reshape(bq, h, w, c)
+    recon = dense(c, dt, "output_proj", mm)(p).astype(jnp.float32).reshape(bq, h, w, c)
 
     diff = recon - query
     out_hw = (16 * h, 16 * w)
     rec = jnp.sqrt(jnp.sum(jnp.square(diff), axis=-1, keepdims=True))
     outputs = {"recon": recon, "rec": resize_align_corners(rec, out_hw), "ref_logit": None}
     if self.refiner:
-      logit = Refiner(self.refiner_channels, self.bn_group_size, dt, name="refiner")(
+      logit = Refiner(self.refiner_channels, self.bn_group_size, dt, mm, name="refiner")(
           jnp.abs(diff), train=train, paired_with=paired_with)
       outputs["ref_logit"] = resize_align_corners(logit.astype(jnp.float32), out_hw)
     return outputs

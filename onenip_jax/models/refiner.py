@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from onenip_jax.models import mixed
 from onenip_jax.models.transformer import Array, Dtype, xavier_uniform, zeros
 
 
@@ -91,6 +92,7 @@ class Deconv2x2(nn.Module):
   """
   features: int
   dtype: Dtype = jnp.float32
+  matmul_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -98,7 +100,8 @@ class Deconv2x2(nn.Module):
     b, h, w, c = x.shape
     kernel = self.param("kernel", xavier_uniform, (2, 2, c, self.features), jnp.float32)
     bias = self.param("bias", zeros, (self.features,), jnp.float32)
-    y = jnp.einsum("nhwc,abco->nhawbo", x, kernel.astype(self.dtype))
+    y = mixed.einsum("nhwc,abco->nhawbo", x, kernel.astype(self.dtype),
+                     self.matmul_dtype).astype(self.dtype)
     return y.reshape(b, 2 * h, 2 * w, self.features) + bias.astype(self.dtype)
 
 
@@ -107,6 +110,7 @@ class Refiner(nn.Module):
   channels: int = 128
   bn_group_size: int = 16
   dtype: Dtype = jnp.float32
+  matmul_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, e: Array, *, train: bool, paired_with: Optional[int] = None) -> Array:
@@ -118,6 +122,6 @@ class Refiner(nn.Module):
       x = GroupedBatchNorm(self.bn_group_size, dtype=self.dtype, name=f"bn{i}")(
           x, use_running_average=not train, paired_with=paired_with)
       x = nn.relu(x)
-      x = Deconv2x2(self.channels, self.dtype, name=f"deconv{i}")(x)
+      x = Deconv2x2(self.channels, self.dtype, self.matmul_dtype, name=f"deconv{i}")(x)
     return nn.Conv(1, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, kernel_init=xavier_uniform,
                    bias_init=zeros, name="predictor")(x)
