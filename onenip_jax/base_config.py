@@ -133,7 +133,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.calibration = ml_collections.ConfigDict()
   c.calibration.holdout_fraction = 0.1   # of each class's train/good images, kept out of training; 0 = off (reference)
   c.calibration.synthetic_per_image = 8  # synthetic anomalies made from each held-out image (2 made
-                                         # the choice change from draw to draw: README, issue 13)
+                                         # the choice change from draw to draw: docs/results.md)
   c.calibration.seed_offset = 1000       # synthesis seed = seed + seed_offset (training uses seed)
   c.calibration.weights = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # refiner weight grid
   c.calibration.pool_sizes = (16,)       # image-score box sizes tried (eval.pool_size preferred on ties)

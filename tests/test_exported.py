@@ -1,4 +1,4 @@
-"""The serialised predictor and its flax/TF-free consumer (issues 12, 13): preprocessing parity
+"""The serialised predictor and its flax/TF-free consumer: preprocessing parity
 with tf.data, `onenip-predict` and `onenip-eval` on a calibrated export in a subprocess that cannot
 import flax, TensorFlow or Orbax, VisA-style masks, maskless anomalies, thresholds from held-out
 normals, the reference fallback without calibration, and reading format 2 exports.

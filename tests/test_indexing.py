@@ -330,7 +330,7 @@ def test_unreadable_mask(tmp_path, caplog):
 
 
 # ------------------------------------------------------------------------------------------------
-# Full decode, every damaged file named, verification cache (issue 10, case 5)
+# Full decode, every damaged file named, verification cache
 
 
 def _damage_middle(path: pathlib.Path, n: int = 48, seed: int = 1):

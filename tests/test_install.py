@@ -1,6 +1,6 @@
-"""Installs (issue 11 item 7): setup.py declares every package the code imports, torch only in the
+"""Installs: setup.py declares every package the code imports, torch only in the
 `dev` extra; TensorFlow is imported in one place, which hides every GPU from it. Exactly two
-top-level packages are installed (issue 14); configs/ and launch/ are files run by path. The plain
+top-level packages are installed; configs/ and launch/ are files run by path. The plain
 install is the export consumer, the `train` extra the rest; the declared minimum versions are the
 tested ones (constraints-min.txt)."""
 import ast

@@ -1,4 +1,4 @@
-"""Collective preemption (issue 11): a signal that reaches one process stops every process at the
+"""Collective preemption: a signal that reaches one process stops every process at the
 same point. Two CPU processes through launch/local_multiprocess.py on ../shared/data (bottle,
 64 px, Lite0), and the collective rules of run_control.SignalGuard with a fake reduction."""
 import os

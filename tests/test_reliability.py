@@ -1,4 +1,4 @@
-"""Never lose a run (issue 10): signals at any moment, extended runs, config-checked resume,
+"""Never lose a run: signals at any moment, extended runs, config-checked resume,
 damaged checkpoints, safe export, no silent wrong answers. Training runs are real subprocesses
 on ../shared/data (bottle, 64 px, Lite0), as in test_end_to_end.py."""
 import json
