@@ -89,6 +89,16 @@ def test_the_readme_blocks_parse():
   assert _split_comment("a 'b # c' \"#d\" # e # f") == ("a 'b # c' \"#d\"", "e # f")
 
 
+def user_env() -> dict:
+  """This environment without the 8 fake CPU devices of tests/conftest.py: a user's shell has one
+  CPU device, and the demo's figures depend on how its batches are split over devices."""
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags)
+  return env
+
+
 class Workspace:
   """The README's commands run in order; `through(i)` runs the runnable ones up to command i."""
 
@@ -140,8 +150,8 @@ class Workspace:
       if i in self.results or self.skip_reason(COMMANDS[i]):
         continue
       argv = self.argv(COMMANDS[i])
-      self.results[i] = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
-                                       timeout=2400)
+      self.results[i] = subprocess.run(argv, cwd=REPO, env=user_env(), capture_output=True,
+                                       text=True, timeout=2400)
       if COMMANDS[i].argv == DEMO and self.results[i].returncode == 0:
         path = self.demo / "eval" / f"step_{DEMO_STEP}" / "metrics.json"
         self.demo_metrics = json.loads(path.read_text())
