@@ -32,6 +32,7 @@ SMALL = ["--config.total_steps=2", "--config.input_size=64", "--config.data.clas
 PROGRAMS = ("onenip-train", "onenip-eval", "onenip-export", "onenip-predict", "onenip-build-tfds",
             "onenip-convert-weights", "python", "python3", "pip", "sbatch", "scancel")
 METRICS = ("i_auroc", "i_ap", "p_auroc", "p_ap", "aupro")
+TOLERANCE = 1.0  # points, per figure of the demo's table (see the demo figures' test)
 
 
 @dataclasses.dataclass
@@ -191,14 +192,20 @@ def readme_demo_table(text: str) -> dict:
 
 
 def test_readme_demo_figures_are_the_demos(workspace):
-  """The demo is deterministic on one machine; its README figures are those of a run of it."""
+  """The README's demo figures are those of a run of it, within `TOLERANCE` points: the run is
+  deterministic on one machine, and another CPU kind may swap a ranking (on the README's machine,
+  AVX2-only code moved grass's I-AUROC by 0.84 and the mean P-AP by 0.05)."""
   index = next(i for i, c in enumerate(COMMANDS) if c.argv == DEMO)
   out = workspace.through(index)
   assert out.returncode == 0, out.stderr[-3000:]
   got = workspace.demo_metrics
   ran = {name: {m: f"{100 * v[m]:.2f}" for m in METRICS} for name, v in got["classes"].items()}
   ran["mean"] = {m: f"{100 * got['mean'][m]:.2f}" for m in METRICS}
-  assert readme_demo_table(README.read_text(encoding="utf-8")) == ran
+  readme = readme_demo_table(README.read_text(encoding="utf-8"))
+  assert sorted(readme) == sorted(ran), (readme, ran)
+  off = {(name, m): (readme[name][m], ran[name][m]) for name in ran for m in METRICS
+         if abs(float(readme[name][m]) - float(ran[name][m])) > TOLERANCE}
+  assert not off, f"README figure -> this run's, beyond {TOLERANCE} points: {off}"
   assert got["fusion"] == "calibrated" and got["step"] == DEMO_STEP
 
 
