@@ -1,31 +1,29 @@
-"""Self-contained export of a trained model: `onenip-export` (read back by `onenip_jax.restore`).
+"""Self-contained export of a trained model: `onenip-export` (run by `onenip_jax.exported`).
 
   onenip-export --workdir DIR --out EXPORT_DIR [--step N] [--threshold-fraction F] [--target-fpr P]
                 [--threshold-dir DIR | --calibrate-on-test] [--config FILE] [--config.KEY=VALUE]
 
 EXPORT_DIR holds everything inference needs and nothing of training (no optimiser state):
   export.json              format and package version, classes, input size, preprocessing (resize
-                           method, mean, std), fusion constant, `scoring` (the map the predictors
-                           compute), `calibration` (the run's, or null), thresholds (each with how
+                           method, mean, std), fusion constant, `scoring` (the map the program
+                           computes), `calibration` (the run's, or null), thresholds (each with how
                            it was made), checkpoint step, the serialised program's platforms, the
                            config
   predictor.jaxexport      `jax.export` serialisation of the whole pool-mode predictor and
   predictor_weights.npz    its weights (see `onenip_jax.exported`, which runs them with jax,
                            numpy and Pillow only)
-  model.msgpack            the network's params and batch statistics (Flax path)
-  backbone.msgpack         the frozen backbone's variables (Flax path)
   prompt_pool.npz          per-class prompt features for class-agnostic (pool) prompts
 The directory is written under a temporary name and renamed, so it is complete or absent.
 
 Scoring: `eval.fusion` of the (overridable) config, as `onenip-eval` scores: "calibrated" (the
 default: the calibration stored with the checkpoint, `onenip_jax.calibration`, made at the end of
 training on held-out normals), falling back to "reference" with a note in export.json when the run
-has none; `--config.eval.fusion=reference` for the published protocol's fusion. Both export
-predictors (Flax, `load_export`, and serialised) score with pool prompts, so they use the GLOBAL
-calibration, which is what it was fitted for (on pool-prompt maps; one fitted with other prompts
-is an error naming the refit; one set of statistics and weight over all classes, chosen on the
-mean objective of the classes): an image's map and score then do not depend on which
-class its prompt matched (a wrong match changes the prompt, not the normalisation), pool-mode
+has none; `--config.eval.fusion=reference` for the published protocol's fusion. The serialised
+predictor scores with pool prompts, so it uses the GLOBAL calibration, which is what it was
+fitted for (on pool-prompt maps; one fitted with other prompts is an error naming the refit; one
+set of statistics and weight over all classes, chosen on the mean objective of the classes): an
+image's map and score then do not depend on which class its prompt matched (a wrong match changes
+the prompt, not the normalisation), pool-mode
 `onenip-eval --workdir` reports the same numbers, and the program has one box size. export.json
 keeps the whole calibration (per class and global: the choice, its validation figures, every
 candidate, the held-out images, the synthesis seed).
@@ -54,7 +52,6 @@ import logging
 import os
 import shutil
 
-import flax.serialization
 import jax
 import numpy as np
 from absl import app
@@ -177,9 +174,6 @@ def write_export(out_dir: str, cfg, predictor: inference.Predictor, classes, fus
   tmp = storage.staging_dir(out_dir)
   try:
     write = lambda name, data: storage.atomic_write(os.path.join(tmp, name), data)
-    write("model.msgpack", flax.serialization.msgpack_serialize(_host_tree(predictor.variables)))
-    write("backbone.msgpack",
-          flax.serialization.msgpack_serialize(_host_tree(predictor.backbone_vars)))
     pool = predictor.pool
     write(exported.POOL_FILE, _npz_bytes(features=pool.features, class_ids=pool.class_ids,
                                          descriptors=pool.descriptors))

@@ -48,7 +48,6 @@ class Predictor:
     variables: {'params', 'batch_stats'} of the network; backbone_vars: of the backbone.
     mesh: where to run; batches are split over its `data` axis.
     pool: the prompt pool for class-agnostic prompts (`pool` mode), or None.
-    classes: the class names the pool's class ids refer to (set by exports).
   """
   model: OneNIP
   features: FrozenFeatures
@@ -56,7 +55,6 @@ class Predictor:
   backbone_vars: dict
   mesh: jax.sharding.Mesh
   pool: PromptPool | None = None
-  classes: tuple[str, ...] | None = None
 
   @functools.cached_property
   def _features_fn(self):
