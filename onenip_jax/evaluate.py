@@ -18,8 +18,9 @@ against an all-ones mask as the official code does (`"full"`); metrics.json repo
 were. Memory: the test set is evaluated one class at a time, so host memory grows with the largest
 class, not with the dataset.
 
-The maps come from `onenip_jax.eval_maps`, the scorings from `onenip_jax.scoring_modes`, the
-per-class protocol and the report files from `onenip_jax.report_builder`.
+The maps come from `onenip_jax.eval_maps`, the scorings from `onenip_jax.scoring_modes` (each a
+vector for `scoring.score`), the per-class protocol and the report files from
+`onenip_jax.report_builder`.
 """
 import logging
 import os

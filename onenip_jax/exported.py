@@ -1,10 +1,11 @@
 """The serialised predictor of an export, run with jax, numpy and Pillow only.
 
 This module imports nothing of flax, TensorFlow, Orbax or `onenip_jax.models` (only
-`data_pipelines.pil_decode`, the pipeline's numpy/PIL decoder, and `data_pipelines.storage`, which
-imports TensorFlow only for a non-local path such as `gs://`): it scores images on any machine
-with jax, numpy and Pillow. What it reads (written by `onenip-export`, format version
-FORMAT_VERSION; an export of an older format is refused with the command that re-exports it):
+`data_pipelines.pil_decode`, the pipeline's numpy/PIL decoder, `data_pipelines.storage`, which
+imports TensorFlow only for a non-local path such as `gs://`, and `onenip_jax.scoring`, jax and
+numpy): it scores images on any machine with jax, numpy and Pillow. What it reads (written by
+`onenip-export`, format version FORMAT_VERSION; an export of an older format is refused with the
+command that re-exports it):
 
   export.json                 format and package version, classes, input size, preprocessing
                               (resize method, mean, std), fusion constant, `scoring` (the anomaly
@@ -20,9 +21,9 @@ FORMAT_VERSION; an export of an older format is refused with the command that re
   predictor_weights.npz       the weights, leaves `w00000`, `w00001`, ... in the program's order
   prompt_pool.npz             features, descriptors and class_ids of the prompt pool
 
-The map is S = rec_weight (rec - rec_mean) / rec_std + ref_weight (g(ref) - ref_mean) / ref_std
-(`scoring` argument, SCORING_KEYS order), g the refiner's log-odds (`scoring.logodds`) where
-ref_logodds is 1 and the identity where it is 0, and the image score the max of its stride-1
+The map and image score are `onenip_jax.scoring.score` of the `scoring` argument (the vector of
+`scoring.SCORING_KEYS`): S = rec_weight (rec - rec_mean) / rec_std + ref_weight (g(ref) -
+ref_mean) / ref_std, g the refiner's log-odds or the identity, and the max of its stride-1
 `scoring.pool_size` box mean. This one form holds every scoring of `onenip-eval`: the calibrated
 one (normal-data statistics, w; `onenip_jax.calibration`), the reference fusion (means 0, stds 1,
 weights 1 - alpha and alpha c), refiner or reconstruction only.
@@ -54,10 +55,9 @@ import numpy as np
 from data_pipelines import storage
 from data_pipelines.errors import UserError, UserFileNotFoundError
 from data_pipelines.pil_decode import pil_decode
+from onenip_jax import scoring
 
 FORMAT_VERSION = 5
-SCORING_KEYS = ("rec_mean", "rec_std", "ref_mean", "ref_std", "rec_weight", "ref_weight",
-                "ref_logodds")
 REEXPORT = "onenip-export --workdir RUN --out DIR"
 PROGRAM_FILE = "predictor.jaxexport"
 WEIGHTS_FILE = "predictor_weights.npz"
@@ -240,7 +240,7 @@ class ExportedPredictor:
 
   @property
   def scoring(self) -> dict:
-    """export.json's `scoring`: {"fusion", "params": {SCORING_KEYS}, "pool_size", ...}."""
+    """export.json's `scoring`: {"fusion", "params": {scoring.SCORING_KEYS}, "pool_size", ...}."""
     return self.meta["scoring"]
 
   @property
@@ -260,7 +260,7 @@ class ExportedPredictor:
   def __call__(self, images: np.ndarray) -> dict:
     """Normalised float32 (B, H, W, 3) -> {'map' (B, H, W) f32, 'score' (B,) f32, 'class_id' (B,)}
     of the export's scoring."""
-    vector = np.asarray([self.scoring["params"][k] for k in SCORING_KEYS], np.float32)
+    vector = scoring.vector(self.scoring["params"])
     images = np.asarray(images, np.float32)
     outs = []
     for i in range(0, len(images), self.batch_size):

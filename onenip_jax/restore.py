@@ -4,39 +4,11 @@
 keeps only what inference needs, as an `inference.Predictor`. An export is run by
 `onenip_jax.exported`.
 """
-import dataclasses
-
 import jax
-import ml_collections
 import numpy as np
 
-from onenip_jax import (checkpoints, config_checks, exported, inference, scoring_modes, sharding,
-                        train_state)
+from onenip_jax import checkpoints, config_checks, inference, sharding, train_state
 from onenip_jax.config_loading import load_config
-
-
-@dataclasses.dataclass
-class LoadedModel:
-  """A checkpoint's model ready for inference with the scoring of its export."""
-  predictor: inference.Predictor
-  config: ml_collections.ConfigDict
-  classes: tuple[str, ...]
-  fusion_c: float
-  step: int
-  thresholds: dict | None
-  scoring: dict | None = None      # export.json's `scoring` (`scoring_modes.make_scoring`)
-  calibration: dict | None = None  # the run's calibration, or None
-
-  @property
-  def threshold(self) -> float | None:
-    """The global threshold (None without one)."""
-    return exported.threshold_value(self.thresholds, None)
-
-  def score(self, rec: np.ndarray, ref: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """(N, H, W) maps of pool prompts -> (anomaly maps (N, H, W) f32, image scores (N,)) of the
-    export's scoring."""
-    return scoring_modes.score_maps(self.scoring, rec, ref, self.config, self.fusion_c,
-                                    self.calibration)
 
 
 def load_checkpoint(workdir: str, mesh, step=None, *, config=None, overrides=()):

@@ -86,7 +86,7 @@ def tiny(tmp_path_factory):
   Lite0 at 64 px; the index holds out 1 of the 6 training normals of each class."""
   import jax  # pylint: disable=g-import-not-at-top
   from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
-  from onenip_jax import (export, export_thresholds, inference, restore,  # pylint: disable=g-import-not-at-top
+  from onenip_jax import (export, export_thresholds, inference,  # pylint: disable=g-import-not-at-top
                           scoring_modes, sharding, train_state)
   from onenip_jax.config_loading import load_config  # pylint: disable=g-import-not-at-top
   base = tmp_path_factory.mktemp("exported")
@@ -110,15 +110,14 @@ def tiny(tmp_path_factory):
   predictor.pool = inference.build_prompt_pool(predictor, index, cfg)
   fusion_c = 0.37
   cal = _calibration(cfg, index, predictor)
-  scoring = scoring_modes.make_scoring(cfg, fusion_c, cal)
-  loaded = restore.LoadedModel(predictor, cfg, CLASSES, fusion_c, 0, None, scoring, cal)
+  entry = scoring_modes.make_scoring(cfg, fusion_c, cal)
   samples, sources = export_thresholds.default_threshold_samples(index, predictor.pool, 0.5,
                                                                  cfg.seed)
-  thresholds = export_thresholds.make_thresholds(loaded, samples, index, "holdout-normals", 0.25,
-                                                 class_sources=sources)
+  thresholds = export_thresholds.make_thresholds(predictor, cfg, entry, samples, index,
+                                                 "holdout-normals", 0.25, class_sources=sources)
   out = str(base / "export")
   export.write_export(out, cfg, predictor, index.classes, fusion_c, 0, thresholds,
-                      calibration=cal, scoring=scoring)
+                      calibration=cal, scoring_entry=entry)
   return cfg, index, predictor, out, cal
 
 
@@ -287,13 +286,13 @@ def test_an_older_export_format_fails_in_one_line_naming_the_re_export(tiny, tmp
 
 
 def test_maskless_protocol_and_float32_maps(tiny, tmp_path):
-  from onenip_jax import eval_maps, report_builder, scoring  # pylint: disable=g-import-not-at-top
+  from onenip_jax import eval_maps, report_builder, scoring_modes  # pylint: disable=g-import-not-at-top
   cfg, index, predictor, _, _ = tiny
   samples = [s for s in index.test if s.cls == "alpha"]
   maps = eval_maps.collect_maps(predictor, samples, index, cfg)
   assert maps["rec"].dtype == np.float32 and maps["ref"].dtype == np.float32
-  s = scoring.fused_maps(maps, np.arange(len(samples)), 0.37, cfg.eval.alpha)
-  scores = scoring.image_scores_np(s, cfg.eval.pool_size)
+  s, scores = scoring_modes.scored_maps("reference", maps["rec"], maps["ref"], c=0.37, cfg=cfg)
+  assert s.dtype == np.float32
   labels = [x.label for x in samples]
   protocol = report_builder.class_protocol
   skip, lab, n = protocol(scores, s, maps["mask"], maps["has_mask"], labels, "skip")
