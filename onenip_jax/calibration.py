@@ -1,5 +1,6 @@
-"""Scoring calibrated on normal training data only. Maps are (N, H, W); candidates are scored one
-class at a time by `onenip_jax.calibration_figures` (jnp on a GPU or TPU, numpy on the CPU).
+"""Scoring calibrated on normal training data only. Maps are (N, H, W); candidates are scoring
+vectors (`onenip_jax.scoring`), scored one class at a time by `onenip_jax.calibration_figures`
+(jnp on a GPU or TPU, the sort in numpy on the CPU).
 
 The validation set of a class is its held-out normal training images (`index.holdout`, label 0,
 empty masks) and K synthetic anomalies made from each by the training synthesis with another seed
@@ -45,8 +46,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from onenip_jax import calibration_figures
-from onenip_jax.calibration_figures import ClassMaps, box_max, class_figures, fuse, ref_values
+from onenip_jax import calibration_figures, scoring
+from onenip_jax.calibration_figures import ClassMaps, candidate_vectors, class_figures
 
 METHOD = "zlogodds-1se5-v2"
 OBJECTIVE_KEYS = calibration_figures.FIGURE_KEYS
@@ -76,6 +77,16 @@ def _combine(parts: Sequence[tuple[int, float, float]]) -> tuple[int, float, flo
       delta = mb - mean
       mean, m2, n = mean + delta * nb / total, m2 + m2b + delta * delta * n * nb / total, total
   return n, mean, m2
+
+
+def ref_values(ref: np.ndarray, space: str) -> np.ndarray:
+  """The refiner map (N, H, W) float32 in `space`: "logodds" (`scoring.logodds`) or
+  "probability"."""
+  if space == "logodds":
+    return np.asarray(scoring.logodds(ref))
+  if space == "probability":
+    return np.asarray(ref, np.float32)
+  raise ValueError(f"unknown calibration ref_space {space!r}")
 
 
 def _class_moments(rec: np.ndarray, ref: np.ndarray) -> dict:
@@ -225,15 +236,15 @@ def calibrate(groups: Mapping[str, Mapping], calib_cfg, default_pool_size: int, 
   global_stats = _stats({k: _combine([v["moments"][k] for v in shared.values()])
                          for k in ("rec",) + _SPACES})
   global_folds = min(FOLDS, min(v["images"] for v in shared.values()))
-  ref_grid, ref_stats = None, None
+  global_vectors = candidate_vectors(global_stats, grid)
+  ref_vector, ref_pool = None, None
   if reference is not None:
     c, alpha, ref_pool = reference
-    ref_grid, ref_pool = [("probability", float(alpha))], (int(ref_pool),)
-    ref_stats = {"probability": {"rec_mean": 0.0, "rec_std": 1.0, "ref_mean": 0.0,
-                                 "ref_std": 1.0 / c, "ref_space": "probability"}}
+    ref_vector = scoring.vector(scoring.scoring_params("reference", alpha=alpha, c=c))[None]
+    ref_pool = (int(ref_pool),)
 
   def reference_figures(g):
-    return class_figures(g, ref_stats, ref_grid, ref_pool, 0)
+    return class_figures(g, ref_vector, ref_pool, 0)
 
   per_class, global_figs, global_ref, global_rows = {}, [], [], 0
   for c in groups:
@@ -241,14 +252,13 @@ def calibrate(groups: Mapping[str, Mapping], calib_cfg, default_pool_size: int, 
       continue
     g = ClassMaps(groups[c], c)  # the host maps are dropped here
     stats, n_rows = _stats(own[c]["moments"]), g.n
-    figs = class_figures(g, stats, grid, pools, min(FOLDS, own[c]["images"]))
+    figs = class_figures(g, candidate_vectors(stats, grid), pools, min(FOLDS, own[c]["images"]))
     per_class[c] = _params(stats, figs, grid, pools, default_pool_size, own[c]["n"], n_rows)
     per_class[c]["prompt_mode"] = prompt_mode
     if reference is not None:
-      per_class[c]["reference_validation"] = _reference_row(reference_figures(g), ref_grid,
-                                                            ref_pool)
+      per_class[c]["reference_validation"] = _reference_row(reference_figures(g), alpha, ref_pool)
     if not separate and c in shared:
-      global_figs.append(class_figures(g, global_stats, grid, pools, global_folds))
+      global_figs.append(class_figures(g, global_vectors, pools, global_folds))
       global_rows += n_rows
       if reference is not None:
         global_ref.append(reference_figures(g))
@@ -258,7 +268,7 @@ def calibrate(groups: Mapping[str, Mapping], calib_cfg, default_pool_size: int, 
       if c not in shared:
         continue
       g = ClassMaps(global_groups[c], c)
-      global_figs.append(class_figures(g, global_stats, grid, pools, global_folds))
+      global_figs.append(class_figures(g, global_vectors, pools, global_folds))
       global_rows += g.n
       if reference is not None:
         global_ref.append(reference_figures(g))
@@ -268,13 +278,13 @@ def calibrate(groups: Mapping[str, Mapping], calib_cfg, default_pool_size: int, 
                    n_normal, global_rows)
   fitted["prompt_mode"] = global_prompt_mode or prompt_mode
   if reference is not None:
-    fitted["reference_validation"] = _reference_row(_mean_figures(global_ref), ref_grid, ref_pool)
+    fitted["reference_validation"] = _reference_row(_mean_figures(global_ref), alpha, ref_pool)
   return {"method": METHOD, "per_class": per_class, "global": fitted}
 
 
-def _reference_row(figures: np.ndarray, grid, pool_sizes) -> dict:
+def _reference_row(figures: np.ndarray, alpha: float, pool_sizes) -> dict:
   """The candidate row of the reference fusion's (class-averaged) `class_figures`."""
-  return _candidates(figures, grid, pool_sizes)[0][0]
+  return _candidates(figures, [("probability", float(alpha))], pool_sizes)[0][0]
 
 
 def fitted_prompt_mode(calibration: Mapping, params: Mapping) -> Optional[str]:
@@ -312,12 +322,6 @@ def params_for(calibration: Mapping, cls: Optional[str]) -> dict:
   if why:
     raise PromptModeError(why)
   return _params_and_name(calibration, cls)[0]
-
-
-def apply(rec: np.ndarray, ref: np.ndarray, params: Mapping) -> tuple[np.ndarray, np.ndarray]:
-  """Calibrated (N, H, W) float32 anomaly maps and (N,) image scores."""
-  s = fuse(rec, ref, params, params["weight"])
-  return s, box_max(s, int(params["pool_size"]))
 
 
 def summary(calibration: Optional[Mapping]) -> str:

@@ -2,11 +2,12 @@
 fused map, image scores, and pixel AUROC and AP on all rows and on each fold from ONE sort.
 
 On a GPU or TPU this runs in jnp on the default device, candidates mapped over in batches of about
-`_PIXEL_BUDGET` pixels (float32 sums in blocks); on the CPU backend in numpy (XLA:CPU's sort is
-~50x slower than numpy's), candidates on threads within `_HOST_BUDGET`, the sorted pixels read
-`_CHUNK` at a time. Pixel AUROC and AP are exact as `metrics.pixel_auroc_ap` (ties as one
-threshold); image AUROC and AP come from `metrics` on the host. Also the numpy `fuse` and
-`box_max` that evaluation applies.
+`_PIXEL_BUDGET` pixels (float32 sums in blocks); on the CPU backend the sort and the pixel figures
+in numpy (XLA:CPU's sort is ~50x slower than numpy's), candidates on threads within
+`_HOST_BUDGET`, the sorted pixels read `_CHUNK` at a time. A candidate is a scoring vector: its map
+and image scores are `scoring.score`'s on both paths. Pixel AUROC and AP are exact as
+`metrics.pixel_auroc_ap` (ties as one threshold); image AUROC and AP come from `metrics` on the
+host.
 """
 import concurrent.futures
 import functools
@@ -27,56 +28,12 @@ _CHUNK = 1 << 20         # CPU: sorted pixels processed this many at a time (~80
 _HOST_BUDGET = 3 << 28   # CPU: bytes of sort keys of the candidates scored at once (threads)
 
 
-def ref_values(ref: np.ndarray, space: str) -> np.ndarray:
-  """The refiner map (N, H, W) float32 in `space`: "logodds" (`scoring.logodds`) or
-  "probability"."""
-  if space == "logodds":
-    return scoring.logodds_np(ref)
-  if space == "probability":
-    return np.asarray(ref, np.float32)
-  raise ValueError(f"unknown calibration ref_space {space!r}")
-
-
-def fuse(rec: np.ndarray, ref: np.ndarray, stats: Mapping, weight: float) -> np.ndarray:
-  """(N, H, W) float32 map (1 - w) (rec - m_rec) / s_rec + w (g(ref) - m_ref) / s_ref, g the
-  `stats["ref_space"]` transform (`ref_values`)."""
-  z_rec = (np.asarray(rec, np.float32) - np.float32(stats["rec_mean"])) / np.float32(stats["rec_std"])
-  if weight == 0.0:
-    return z_rec
-  z_ref = ((ref_values(ref, stats.get("ref_space", "probability")) - np.float32(stats["ref_mean"]))
-           / np.float32(stats["ref_std"]))
-  if weight == 1.0:
-    return z_ref
-  return np.float32(1.0 - weight) * z_rec + np.float32(weight) * z_ref
-
-
-def box_max(maps: np.ndarray, pool_size: int) -> np.ndarray:
-  """(N, H, W) -> (N,) max of the stride-1 VALID `pool_size`-box mean (as `scoring.image_scores`)."""
-  n, h, w = maps.shape
-  if pool_size > h or pool_size > w:
-    raise ValueError(f"calibration.pool_sizes: {pool_size} exceeds the map size {(h, w)}")
-  k, out = int(pool_size), np.zeros(n, np.float32)
-  for i in range(0, n, 32):  # float64 integral images, 32 maps at a time
-    c = np.zeros((len(maps[i:i + 32]), h + 1, w + 1))
-    c[:, 1:, 1:] = np.asarray(maps[i:i + 32], np.float64).cumsum(1).cumsum(2)
-    box = c[:, k:, k:] - c[:, :-k, k:] - c[:, k:, :-k] + c[:, :-k, :-k]
-    out[i:i + 32] = box.reshape(len(c), -1).max(axis=1) / (k * k)
-  return out
-
-
-def _candidate_rows(stats: Mapping, grid: Sequence[tuple[str, float]]) -> np.ndarray:
-  """(C, 6) float32 [m_rec, s_rec, m_ref, s_ref, w, 1 - w] of each (ref_space, w) of `grid`,
-  `stats` {ref_space: stats dict}; the last column in the float32 rounding of `fuse`."""
-  return np.asarray([[stats[s]["rec_mean"], stats[s]["rec_std"], stats[s]["ref_mean"],
-                      stats[s]["ref_std"], w, np.float32(1.0 - w)] for s, w in grid], np.float32)
-
-
-def _fuse_jnp(rec, ref_lo, ref_p, row, logodds):
-  """`calibration.fuse` in jnp: (N, H, W) maps and one `_candidate_rows` row; `logodds` a bool scalar."""
-  z_rec = (rec - row[0]) / row[1]
-  z_ref = (jnp.where(logodds, ref_lo, ref_p) - row[2]) / row[3]
-  mix = row[5] * z_rec + row[4] * z_ref
-  return jnp.where(row[4] == 0.0, z_rec, jnp.where(row[4] == 1.0, z_ref, mix))
+def candidate_vectors(stats: Mapping, grid: Sequence[tuple[str, float]]) -> np.ndarray:
+  """(C, 7) float32 scoring vectors (`scoring.SCORING_KEYS`) of the calibrated scoring of each
+  (ref_space, w) of `grid`, `stats` {ref_space: `calibration.normal_stats`-like dict}."""
+  return np.stack([scoring.vector(scoring.scoring_params("calibrated",
+                                                         calibrated=dict(stats[s], weight=w)))
+                   for s, w in grid])
 
 
 def _block_sum(x):
@@ -115,37 +72,33 @@ def _sorted_auroc_ap(desc, label, member):
 
 
 @functools.partial(jax.jit, static_argnames=("n_folds", "pool_sizes", "batch"))
-def _score(rec, ref, mask, fold, rows, logodds, n_folds: int, pool_sizes: tuple, batch: int):
+def _score(rec, ref, mask, fold, vectors, n_folds: int, pool_sizes: tuple, batch: int):
   """Figures of every candidate on one class.
 
   Args:
     rec, ref: (N, H, W) float32 maps; mask: (N, H, W) bool; fold: (N,) int32 fold of each row,
       max(n_folds, 1) for padding rows (left out of every figure).
-    rows: (C, 6) `_candidate_rows`; logodds: (C,) bool, the candidate's ref_space is log-odds.
+    vectors: (C, 7) scoring vectors (`candidate_vectors`).
   Returns:
     pixel (C, 1 + n_folds, 2) [P-AUROC, P-AP] on all rows then on each fold (NaN: undefined),
-    image (C, len(pool_sizes), N) image scores (`box_max`).
+    image (C, len(pool_sizes), N) image scores.
   """
-  ref_lo = scoring.logodds(ref)
   fold_px = jnp.broadcast_to(fold[:, None, None], rec.shape).reshape(-1)
   label_px = mask.reshape(-1)
 
-  def one(args):
-    row, lo = args
-    s = _fuse_jnp(rec, ref_lo, ref, row, lo)
+  def one(v):
     boxes = []
-    for k in pool_sizes:  # separable box sums in float32, no cancellation
-      b = jax.lax.reduce_window(s, 0.0, jax.lax.add, (1, k, 1), (1, 1, 1), "VALID")
-      b = jax.lax.reduce_window(b, 0.0, jax.lax.add, (1, 1, k), (1, 1, 1), "VALID")
-      boxes.append(jnp.max(b.reshape(b.shape[0], -1), axis=1) / float(k * k))
+    for k in pool_sizes:  # the same map for every box size
+      s, image = scoring.score(rec, ref, v, k)
+      boxes.append(image)
     neg_sorted, payload = jax.lax.sort((-s.reshape(-1), fold_px * 2 + label_px.astype(jnp.int32)),
-                                             num_keys=1)
+                                       num_keys=1)
     desc, label, fold_sorted = -neg_sorted, (payload % 2) == 1, payload // 2
     figs = [_sorted_auroc_ap(desc, label, fold_sorted < max(n_folds, 1))]
     figs += [_sorted_auroc_ap(desc, label, fold_sorted == k) for k in range(n_folds)]
     return jnp.asarray(figs), jnp.stack(boxes)
 
-  return jax.lax.map(one, (rows, logodds), batch_size=batch)
+  return jax.lax.map(one, vectors, batch_size=batch)
 
 
 def _bucket(n: int) -> int:
@@ -172,8 +125,7 @@ class ClassMaps:
 
   Attributes:
     rec, ref: (M, H, W) float32; mask: (M, H, W) bool (M = n on the host, _bucket(n) on the
-      accelerator); ref_lo: on the host, `ref_values(ref, "logodds")`, else None; source,
-      label: (n,) host arrays; n: the class's rows; device: which.
+      accelerator); source, label: (n,) host arrays; n: the class's rows; device: which.
   """
 
   def __init__(self, g: Mapping, name: str = "", device: Optional[bool] = None):
@@ -196,7 +148,6 @@ class ClassMaps:
 
     self.rec, self.ref = put(g["rec"], np.float32), put(g["ref"], np.float32)
     self.mask = put(g["mask"], bool)
-    self.ref_lo = None if self.device else ref_values(self.ref, "logodds")
 
 
 def _sorted_figures_np(packed: np.ndarray, n_folds: int) -> np.ndarray:
@@ -242,19 +193,16 @@ def _sorted_figures_np(packed: np.ndarray, n_folds: int) -> np.ndarray:
   return out
 
 
-def _candidate_np(d: ClassMaps, stats: Mapping, space: str, weight: float, fold: np.ndarray,
-                  n_folds: int, pool_sizes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-  """(pixel (1 + n_folds, 2), image (len(pool_sizes), n)) figures of one candidate on the host:
-  `fuse` and `box_max` 32 maps at a time, packed into one uint64 array, one sort."""
-  per_map, st = int(np.prod(d.shape)), stats[space]
+def _candidate_np(d: ClassMaps, v: np.ndarray, fold: np.ndarray, n_folds: int,
+                  pool_sizes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  """(pixel (1 + n_folds, 2), image (len(pool_sizes), n)) figures of the scoring vector `v` on the
+  host: `scoring.score_host` 32 maps at a time, packed into one uint64 array, one sort."""
+  per_map = int(np.prod(d.shape))
   image = np.zeros((len(pool_sizes), d.n), np.float32)
   packed = np.empty(d.n * per_map, np.uint64)
-  probability = dict(st, ref_space="probability")  # d.ref_lo already holds the log-odds
   for i in range(0, d.n, 32):
-    ref = d.ref_lo[i:i + 32] if space == "logodds" else d.ref[i:i + 32]
-    s = fuse(d.rec[i:i + 32], ref, probability, weight)
-    for j, p in enumerate(pool_sizes):
-      image[j, i:i + 32] = box_max(s, p)
+    for j, p in enumerate(pool_sizes):  # the same map for every box size
+      s, image[j, i:i + 32] = scoring.score_host(d.rec[i:i + 32], d.ref[i:i + 32], v, p, chunk=32)
     u = (s + np.float32(0.0)).view(np.uint32).reshape(-1)  # -0.0 as +0.0
     u = np.where(u >> np.uint32(31), u, ~(u | np.uint32(0x80000000)))  # descending order
     low = ((fold[i:i + 32, None, None] << 1) | d.mask[i:i + 32]).reshape(-1).astype(np.uint64)
@@ -263,17 +211,17 @@ def _candidate_np(d: ClassMaps, stats: Mapping, space: str, weight: float, fold:
   return _sorted_figures_np(packed, n_folds), image
 
 
-def class_figures(d: ClassMaps, stats: Mapping, grid: Sequence[tuple[str, float]],
-                  pool_sizes: Sequence[int], n_folds: int) -> np.ndarray:
-  """Figures of every candidate of `grid` on one class with statistics `stats`.
+def class_figures(d: ClassMaps, vectors: np.ndarray, pool_sizes: Sequence[int],
+                  n_folds: int) -> np.ndarray:
+  """Figures of every candidate scoring vector on one class.
 
   Args:
     d: the class's maps ('rec', 'ref' (N, H, W) float32, 'mask' (N, H, W) bool, 'label' (N,),
       'source' (N,) int).
-    stats: {ref_space: `calibration.normal_stats` dict}; grid: [(ref_space, w)].
+    vectors: (C, 7) scoring vectors (`candidate_vectors`, or a named scoring's).
     n_folds: folds (rows with `source` % n_folds == k), 0 for none.
   Returns:
-    (len(grid), len(pool_sizes), 1 + n_folds, 4) float64 figures in FIGURE_KEYS order on all
+    (C, len(pool_sizes), 1 + n_folds, 4) float64 figures in FIGURE_KEYS order on all
     rows, then on each fold; NaN where undefined.
   """
   n, (h, w) = d.n, d.shape
@@ -283,23 +231,22 @@ def class_figures(d: ClassMaps, stats: Mapping, grid: Sequence[tuple[str, float]
   fold = (d.source % n_folds if n_folds else np.zeros(n, np.int64)).astype(np.int64)
   if d.device:
     padded = d.rec.shape[0]
-    batch = max(1, min(len(grid), _PIXEL_BUDGET // max(padded * h * w, 1)))
+    batch = max(1, min(len(vectors), _PIXEL_BUDGET // max(padded * h * w, 1)))
     pixel, image = _score(d.rec, d.ref, d.mask,
                           jnp.asarray(np.pad(fold, (0, padded - n),
                                              constant_values=max(n_folds, 1)).astype(np.int32)),
-                          jnp.asarray(_candidate_rows(stats, grid)),
-                          jnp.asarray([s == "logodds" for s, _ in grid]), n_folds=n_folds,
+                          jnp.asarray(vectors, jnp.float32), n_folds=n_folds,
                           pool_sizes=tuple(int(p) for p in pool_sizes), batch=batch)
     pixel, image = np.asarray(pixel, np.float64), np.asarray(image)[:, :, :n]
   else:
-    threads = max(1, min(os.cpu_count() or 1, len(grid), _HOST_BUDGET // max(8 * d.rec.size, 1)))
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # numpy drops the GIL
-      done = list(pool.map(lambda c: _candidate_np(d, stats, c[0], c[1], fold, n_folds,
-                                                   pool_sizes), grid))
+    threads = max(1, min(os.cpu_count() or 1, len(vectors),
+                         _HOST_BUDGET // max(8 * d.rec.size, 1)))
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # numpy and XLA drop the GIL
+      done = list(pool.map(lambda v: _candidate_np(d, v, fold, n_folds, pool_sizes), vectors))
     pixel, image = np.stack([p for p, _ in done]), np.stack([i for _, i in done])
-  out = np.full((len(grid), len(pool_sizes), 1 + n_folds, 4), np.nan)
+  out = np.full((len(vectors), len(pool_sizes), 1 + n_folds, 4), np.nan)
   subsets = [np.ones(n, bool)] + [fold == k for k in range(n_folds)]
-  for c in range(len(grid)):
+  for c in range(len(vectors)):
     for j in range(len(pool_sizes)):
       for f, rows in enumerate(subsets):
         im = _image_figures(image[c, j, rows], d.label[rows])

@@ -72,8 +72,6 @@ def _eval_flags(fv):
                       "exported>/eval)", flag_values=fv)
   flags.DEFINE_integer("step", None, "checkpoint step (default: latest)", flag_values=fv)
   flags.DEFINE_boolean("heatmaps", False, "write heatmap PNGs per class", flag_values=fv)
-  flags.DEFINE_boolean("flax", False, "with --exported: use the Flax predictor and tf.data, not "
-                       "the serialised predictor", flag_values=fv)
   flags.DEFINE_integer("batch-size", 8, "images per call of the serialised predictor",
                        flag_values=fv)
 
@@ -110,8 +108,6 @@ def _predict_flags(fv):
   flags.DEFINE_boolean("save-maps", False, "write each raw float32 (H, W) anomaly map as "
                        "maps/<name>.npy", flag_values=fv)
   flags.DEFINE_boolean("skip-bad", False, "skip unreadable images (warned)", flag_values=fv)
-  flags.DEFINE_boolean("flax", False, "use the Flax predictor and tf.data even if the export is "
-                       "serialised", flag_values=fv)
   flags.DEFINE_integer("batch-size", 8, "images per call", lower_bound=1, flag_values=fv)
 
 
@@ -296,7 +292,7 @@ def evaluate(argv=None) -> None:
   args = _parse(prog, "Evaluates a training run's checkpoint or an export; writes metrics.json, "
                 "metrics.md, metrics.csv, scores.csv (and heatmaps).", _eval_flags, argv,
                 overrides=True)
-  if args.workdir or args.flax:
+  if args.workdir:
     _need_train_stack(prog)
   _check_stored(prog, args)
   _logging(args.verbose)
@@ -328,8 +324,6 @@ def predict(argv=None) -> None:
   args = _parse(prog, "Scores images or folders of images with an export; writes predictions.csv "
                 "and predictions.json.", _predict_flags, argv,
                 positional=" IMAGE_OR_FOLDER [...]")
-  if args.flax:
-    _need_train_stack(prog)
   _logging(args.verbose)
   from onenip_jax import predict as impl  # pylint: disable=g-import-not-at-top
   return _run(prog, impl.main, args)

@@ -1,16 +1,15 @@
 """Evaluation (docs/algorithm.md §11, §12) and the `onenip-eval` command.
 
   onenip-eval --workdir DIR                              # latest checkpoint of a training run
-  onenip-eval --exported EXPORT_DIR [--config configs/real.py] [--out DIR] [--flax]
+  onenip-eval --exported EXPORT_DIR [--config configs/real.py] [--out DIR]
   onenip-eval --workdir DIR --config.eval.prompt_mode=pool   # the stored config, overridden
 
 Writes metrics.json / metrics.md / metrics.csv, per-image scores.csv (and heatmaps with --heatmaps) to
 `<workdir>/eval/` (or `<exported>/eval/`) unless --out says otherwise.
 
-With --exported and a serialised predictor in the export (format 2), the evaluation runs through
-`onenip_jax.exported` (jax, numpy and Pillow; no flax, TensorFlow or Orbax is imported) with
-class-agnostic pool prompts; --flax uses the Flax predictor and the tf.data pipeline instead (needed
-for `eval.prompt_mode=class`).
+With --exported the evaluation runs the export's serialised predictor (`onenip_jax.exported`: jax,
+numpy and Pillow; no flax, TensorFlow or Orbax is imported) with class-agnostic pool prompts and
+the export's scoring; class prompts and the other scorings need the run (--workdir).
 
 Protocol: maps are float32 from the network to the metrics. A mask pixel is a defect iff non-zero;
 an image's label is that of its resized mask (its own label without a mask). Anomalous test images
@@ -19,8 +18,9 @@ against an all-ones mask as the official code does (`"full"`); metrics.json repo
 were. Memory: the test set is evaluated one class at a time, so host memory grows with the largest
 class, not with the dataset.
 
-The maps come from `onenip_jax.eval_maps`, the scorings from `onenip_jax.scoring_modes`, the
-per-class protocol and the report files from `onenip_jax.report_builder`.
+The maps come from `onenip_jax.eval_maps`, the scorings from `onenip_jax.scoring_modes` (each a
+vector for `scoring.score`), the per-class protocol and the report files from
+`onenip_jax.report_builder`.
 """
 import logging
 import os
@@ -183,22 +183,22 @@ def main(args) -> None:
   export (args.exported), the stored config with args.config / args.overrides applied."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from onenip_jax.config_loading import load_config  # pylint: disable=g-import-not-at-top
-  if args.exported and not args.flax and exported.has_program(args.exported):
+  if args.exported:
     model = exported.ExportedPredictor.load(args.exported, args.batch_size)
     cfg = load_config(args.config, args.overrides,
                       base=ml_collections.ConfigDict(model.meta["config"]))
     config_checks.check_config(cfg)
     cfg.eval.heatmaps = cfg.eval.heatmaps or args.heatmaps
     if cfg.eval.prompt_mode != "pool":
-      log.info("the serialised predictor uses pool prompts (eval.prompt_mode=%r needs --flax)",
-               cfg.eval.prompt_mode)
+      log.info("the serialised predictor uses pool prompts (eval.prompt_mode=%r needs the run: "
+               "onenip-eval --workdir RUN)", cfg.eval.prompt_mode)
       cfg.eval.prompt_mode = "pool"
     wanted = scoring_modes.default_scoring(cfg, model.meta.get("calibration"),
                                            bool(cfg.model.refiner))
     if wanted != model.scoring["fusion"]:
       log.warning("eval.fusion asks for the %r scoring; the serialised predictor computes the "
-                  "export's %r (pass --flax, or re-export with --config.eval.fusion=%s)", wanted,
-                  model.scoring["fusion"], wanted)
+                  "export's %r (evaluate the run with --workdir, or re-export with "
+                  "--config.eval.fusion=%s)", wanted, model.scoring["fusion"], wanted)
     out = args.out or os.path.join(args.exported, "eval")
     result = evaluate_exported(cfg, model, indexing.index_config(cfg), out)
     print(f"step {model.meta.get('step')}, pool prompts, serialised predictor -> {out}/metrics.json"
@@ -206,23 +206,14 @@ def main(args) -> None:
     return
   from onenip_jax import inference, restore, sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
-  if args.exported:
-    loaded = restore.load_export(args.exported, mesh)
-    cfg = load_config(args.config, args.overrides, base=loaded.config)
-    config_checks.check_config(cfg)
-    predictor, frozen_c, step = loaded.predictor, loaded.fusion_c, loaded.step
-    calibration = loaded.calibration
-    out = args.out or os.path.join(args.exported, "eval")
-  else:
-    cfg, predictor, frozen_c, step = restore.load_checkpoint(
-        args.workdir, mesh, args.step, config=args.config, overrides=args.overrides)
-    out = args.out or os.path.join(args.workdir, "eval")
-    from onenip_jax import checkpoints  # pylint: disable=g-import-not-at-top
-    calibration = checkpoints.read_calibration(args.workdir, step)
+  cfg, predictor, frozen_c, step = restore.load_checkpoint(
+      args.workdir, mesh, args.step, config=args.config, overrides=args.overrides)
+  out = args.out or os.path.join(args.workdir, "eval")
+  from onenip_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  calibration = checkpoints.read_calibration(args.workdir, step)
   cfg.unlock()
   cfg.eval.heatmaps = cfg.eval.heatmaps or args.heatmaps
   index = indexing.index_config(cfg)
-  restore.check_classes(predictor, index)
   if cfg.eval.prompt_mode == "pool" and predictor.pool is None:
     predictor.pool = inference.build_prompt_pool(predictor, index, cfg)
   elif cfg.eval.prompt_mode == "class":

@@ -1,31 +1,29 @@
-"""Self-contained export of a trained model: `onenip-export` (read back by `onenip_jax.restore`).
+"""Self-contained export of a trained model: `onenip-export` (run by `onenip_jax.exported`).
 
   onenip-export --workdir DIR --out EXPORT_DIR [--step N] [--threshold-fraction F] [--target-fpr P]
                 [--threshold-dir DIR | --calibrate-on-test] [--config FILE] [--config.KEY=VALUE]
 
 EXPORT_DIR holds everything inference needs and nothing of training (no optimiser state):
   export.json              format and package version, classes, input size, preprocessing (resize
-                           method, mean, std), fusion constant, `scoring` (the map the predictors
-                           compute), `calibration` (the run's, or null), thresholds (each with how
+                           method, mean, std), fusion constant, `scoring` (the map the program
+                           computes), `calibration` (the run's, or null), thresholds (each with how
                            it was made), checkpoint step, the serialised program's platforms, the
                            config
   predictor.jaxexport      `jax.export` serialisation of the whole pool-mode predictor and
   predictor_weights.npz    its weights (see `onenip_jax.exported`, which runs them with jax,
                            numpy and Pillow only)
-  model.msgpack            the network's params and batch statistics (Flax path)
-  backbone.msgpack         the frozen backbone's variables (Flax path)
   prompt_pool.npz          per-class prompt features for class-agnostic (pool) prompts
 The directory is written under a temporary name and renamed, so it is complete or absent.
 
 Scoring: `eval.fusion` of the (overridable) config, as `onenip-eval` scores: "calibrated" (the
 default: the calibration stored with the checkpoint, `onenip_jax.calibration`, made at the end of
 training on held-out normals), falling back to "reference" with a note in export.json when the run
-has none; `--config.eval.fusion=reference` for the published protocol's fusion. Both export
-predictors (Flax, `load_export`, and serialised) score with pool prompts, so they use the GLOBAL
-calibration, which is what it was fitted for (on pool-prompt maps; one fitted with other prompts
-is an error naming the refit; one set of statistics and weight over all classes, chosen on the
-mean objective of the classes): an image's map and score then do not depend on which
-class its prompt matched (a wrong match changes the prompt, not the normalisation), pool-mode
+has none; `--config.eval.fusion=reference` for the published protocol's fusion. The serialised
+predictor scores with pool prompts, so it uses the GLOBAL calibration, which is what it was
+fitted for (on pool-prompt maps; one fitted with other prompts is an error naming the refit; one
+set of statistics and weight over all classes, chosen on the mean objective of the classes): an
+image's map and score then do not depend on which class its prompt matched (a wrong match changes
+the prompt, not the normalisation), pool-mode
 `onenip-eval --workdir` reports the same numbers, and the program has one box size. export.json
 keeps the whole calibration (per class and global: the choice, its validation figures, every
 candidate, the held-out images, the synthesis seed).
@@ -54,15 +52,14 @@ import logging
 import os
 import shutil
 
-import flax.serialization
 import jax
 import numpy as np
 from absl import app
 
-from data_pipelines import storage
+from data_pipelines import indexing, storage
 from data_pipelines.errors import UserError
-from onenip_jax import (checkpoints, export_thresholds, exported, inference, restore, scoring_modes,
-                        sharding)
+from onenip_jax import (checkpoints, export_thresholds, exported, inference, restore, scoring,
+                        scoring_modes, sharding)
 
 FORMAT_VERSION = exported.FORMAT_VERSION
 log = logging.getLogger("onenip")
@@ -83,20 +80,21 @@ def _host_tree(tree):
                       else np.asarray(x), tree)
 
 
-def serialize_predictor(predictor: inference.Predictor, cfg, scoring: dict,
+def serialize_predictor(predictor: inference.Predictor, cfg, entry: dict,
                         platforms=("cpu", "cuda", "tpu")) -> tuple[bytes, list, tuple]:
   """`jax.export` of `Predictor.fused` (pool prompts, scoring, image score) with symbolic B and K.
 
-  The weights are the program's first argument (a flat list) and the six `scoring` numbers its
-  last, not embedded constants: see `onenip_jax.exported` for why. Only `scoring["pool_size"]` is
-  compiled in. Platforms the installed jax cannot lower for are left out.
+  The weights are the program's first argument (a flat list) and the scoring vector
+  (`scoring.SCORING_KEYS`) its last, not embedded constants: see `onenip_jax.exported` for why.
+  Only the box size of the scoring `entry` (`scoring_modes.make_scoring`) is compiled in.
+  Platforms the installed jax cannot lower for are left out.
 
   Returns:
     (serialised program, weight leaves in the program's order, platforms lowered for).
   """
   leaves, treedef = jax.tree.flatten({"model": _host_tree(predictor.variables),
                                       "backbone": _host_tree(predictor.backbone_vars)})
-  pool_size = int(scoring["pool_size"])
+  pool_size = int(entry["pool_size"])
 
   def predict(weights, images, pool_feats, pool_desc, pool_class_ids, scoring_params):
     w = jax.tree.unflatten(treedef, weights)
@@ -110,7 +108,7 @@ def serialize_predictor(predictor: inference.Predictor, cfg, scoring: dict,
            jax.ShapeDtypeStruct((k,) + pool.features.shape[1:], np.float32),
            jax.ShapeDtypeStruct((k, pool.descriptors.shape[1]), np.float32),
            jax.ShapeDtypeStruct((k,), np.int32),
-           jax.ShapeDtypeStruct((len(exported.SCORING_KEYS),), np.float32))
+           jax.ShapeDtypeStruct((len(scoring.SCORING_KEYS),), np.float32))
 
   def lower(plats):
     return jax.export.export(jax.jit(predict), platforms=plats)(*specs)
@@ -166,24 +164,21 @@ def check_out_dir(out_dir: str, overwrite: bool, workdir: str | None = None) -> 
 def write_export(out_dir: str, cfg, predictor: inference.Predictor, classes, fusion_c: float,
                  step: int, thresholds: dict | None = None, overwrite: bool = False,
                  workdir: str | None = None, *, calibration: dict | None = None,
-                 scoring: dict | None = None) -> None:
+                 scoring_entry: dict | None = None) -> None:
   """Writes the export directory: built in a local staging folder, then `storage.move_dir`d (a
   rename beside a local `out_dir`; a copy to `gs://` or `ram://`, see `data_pipelines.storage`).
 
-  `scoring` defaults to `scoring_modes.make_scoring(cfg, fusion_c, calibration)`; `thresholds`
-  must have been made on it (`export_thresholds.make_thresholds`)."""
+  `scoring_entry` defaults to `scoring_modes.make_scoring(cfg, fusion_c, calibration)`;
+  `thresholds` must have been made on it (`export_thresholds.make_thresholds`)."""
   check_out_dir(out_dir, overwrite, workdir)
-  scoring = scoring or scoring_modes.make_scoring(cfg, fusion_c, calibration)
+  entry = scoring_entry or scoring_modes.make_scoring(cfg, fusion_c, calibration)
   tmp = storage.staging_dir(out_dir)
   try:
     write = lambda name, data: storage.atomic_write(os.path.join(tmp, name), data)
-    write("model.msgpack", flax.serialization.msgpack_serialize(_host_tree(predictor.variables)))
-    write("backbone.msgpack",
-          flax.serialization.msgpack_serialize(_host_tree(predictor.backbone_vars)))
     pool = predictor.pool
     write(exported.POOL_FILE, _npz_bytes(features=pool.features, class_ids=pool.class_ids,
                                          descriptors=pool.descriptors))
-    program, leaves, platforms = serialize_predictor(predictor, cfg, scoring)
+    program, leaves, platforms = serialize_predictor(predictor, cfg, entry)
     write(exported.PROGRAM_FILE, program)
     write(exported.WEIGHTS_FILE, _npz_bytes(**{f"w{i:05d}": x for i, x in enumerate(leaves)}))
     meta = {"format_version": FORMAT_VERSION, "package_version": package_version(),
@@ -193,13 +188,13 @@ def write_export(out_dir: str, cfg, predictor: inference.Predictor, classes, fus
                               "mean": list(cfg.data.mean), "std": list(cfg.data.std)},
             "mean": list(cfg.data.mean), "std": list(cfg.data.std),
             "fusion_c": fusion_c, "alpha": cfg.eval.alpha, "pool_size": cfg.eval.pool_size,
-            "scoring": scoring, "calibration": calibration,
+            "scoring": entry, "calibration": calibration,
             "thresholds": thresholds, "backbone": cfg.backbone.name,
             "program": {"file": exported.PROGRAM_FILE, "weights": exported.WEIGHTS_FILE,
                         "n_weights": len(leaves), "platforms": list(platforms),
                         "arguments": ["weights", "images", "pool_features", "pool_descriptors",
                                       "pool_class_ids", "scoring"],
-                        "scoring_layout": list(exported.SCORING_KEYS),
+                        "scoring_layout": list(scoring.SCORING_KEYS),
                         "jax_version": jax.__version__, "prompts": "pool"},
             "config": json.loads(cfg.to_json_best_effort())}
     write("export.json", json.dumps(meta, indent=1))
@@ -215,7 +210,6 @@ def main(args) -> None:
     check_out_dir(args.out, args.overwrite, args.workdir)
   except (FileExistsError, ValueError) as e:
     raise app.UsageError(str(e)) from e
-  from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
   cfg, predictor, fusion_c, step = restore.load_checkpoint(
       args.workdir, mesh, args.step, config=args.config, overrides=args.overrides)
@@ -226,28 +220,26 @@ def main(args) -> None:
                                                                "verified_images.json"))
   predictor.pool = inference.build_prompt_pool(predictor, index, cfg)
   calibration = checkpoints.read_calibration(args.workdir, step)
-  scoring = scoring_modes.make_scoring(cfg, fusion_c, calibration)
-  log.info("export scoring: %s %s", scoring["fusion"], scoring["note"])
-  model = restore.LoadedModel(predictor, cfg, tuple(index.classes), fusion_c, step, None, scoring,
-                              calibration)
+  entry = scoring_modes.make_scoring(cfg, fusion_c, calibration)
+  log.info("export scoring: %s %s", entry["fusion"], entry["note"])
   thresholds, make = None, export_thresholds.make_thresholds
   if args.calibrate_on_test:
-    thresholds = make(model, index.test, index, "test-set", args.target_fpr,
+    thresholds = make(predictor, cfg, entry, index.test, index, "test-set", args.target_fpr,
                       "fitted on the test set: optimistic")
   elif args.threshold_dir:
     samples = export_thresholds.validation_samples(args.threshold_dir, index.classes)
-    thresholds = make(model, samples, index, f"validation-folder:{args.threshold_dir}",
-                      args.target_fpr)
+    thresholds = make(predictor, cfg, entry, samples, index,
+                      f"validation-folder:{args.threshold_dir}", args.target_fpr)
   elif args.threshold_fraction > 0:
     samples, sources = export_thresholds.default_threshold_samples(
         index, predictor.pool, args.threshold_fraction, cfg.seed)
-    thresholds = make(model, samples, index, "holdout-normals", args.target_fpr,
-                      class_sources=sources)
+    thresholds = make(predictor, cfg, entry, samples, index, "holdout-normals",
+                      args.target_fpr, class_sources=sources)
   if thresholds:
     log.info("thresholds (%s): global %.5f; %s", thresholds["global"]["source"],
              thresholds["global"]["value"],
              ", ".join(f"{c} {e['value']:.5f}" for c, e in thresholds["per_class"].items()))
   write_export(args.out, cfg, predictor, index.classes, fusion_c, step, thresholds,
-               args.overwrite, args.workdir, calibration=calibration, scoring=scoring)
+               args.overwrite, args.workdir, calibration=calibration, scoring_entry=entry)
   log.info("exported step %d to %s", step, args.out)
 

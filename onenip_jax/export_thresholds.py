@@ -2,13 +2,14 @@
 
 Where their images come from (held-out normals by default, a labelled validation folder, or the
 test set) is the module doc of `onenip_jax.export`. A threshold is set on the export's scoring
-(`scoring_modes.make_scoring`) with pool prompts; an image is anomalous iff score > threshold.
+(`scoring_modes.make_scoring`, computed by `scoring.score` as the exported program does) with pool
+prompts; an image is anomalous iff score > threshold.
 """
 import numpy as np
 
 from data_pipelines import storage
 from data_pipelines.errors import UserError, UserFileNotFoundError
-from onenip_jax import eval_maps, inference, restore
+from onenip_jax import eval_maps, inference, metrics, scoring
 
 
 def normal_quantile(scores: np.ndarray, target_fpr: float) -> float:
@@ -22,7 +23,6 @@ def _threshold_entry(scores, labels, source: str, target_fpr: float, note: str =
   scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0
   normal = scores[~labels]
   if labels.any() and normal.size:
-    from onenip_jax import metrics  # pylint: disable=g-import-not-at-top
     f1, t = metrics.f1_max(scores, labels)
     # f1_max predicts anomalous iff score >= t; the export's rule is score > threshold.
     entry = {"value": float(np.nextafter(t, -np.inf)), "method": "f1-max", "f1": f1}
@@ -39,26 +39,28 @@ def _threshold_entry(scores, labels, source: str, target_fpr: float, note: str =
   return entry
 
 
-def _class_scores(model: restore.LoadedModel, samples, index) -> dict:
-  """{class: (pool-mode image scores of the export's scoring (n,), labels (n,))}, one class at a
+def _class_scores(predictor: inference.Predictor, cfg, entry: dict, samples, index) -> dict:
+  """{class: (pool-mode image scores of the scoring `entry` (n,), labels (n,))}, one class at a
   time."""
   out = {}
   for cls, rows in eval_maps.class_rows(samples, index.classes):
     subset = [samples[i] for i in rows]
-    maps = eval_maps.collect_maps(model.predictor, subset, index, model.config)
-    _, scores = model.score(maps["rec"], maps["ref"])
+    maps = eval_maps.collect_maps(predictor, subset, index, cfg)
+    _, scores = scoring.score_host(maps["rec"], maps["ref"], scoring.vector(entry["params"]),
+                                   entry["pool_size"])
     labels = np.where(maps["has_mask"], maps["mask"].any(axis=(1, 2)), maps["label"] > 0)
     out[cls] = (scores, labels.astype(np.int32))
   return out
 
 
-def make_thresholds(model: restore.LoadedModel, samples, index, source: str, target_fpr: float,
-                    note: str = "", class_sources: dict | None = None) -> dict:
+def make_thresholds(predictor: inference.Predictor, cfg, entry: dict, samples, index, source: str,
+                    target_fpr: float, note: str = "", class_sources: dict | None = None) -> dict:
   """{'global': entry, 'per_class': {class: entry}, 'scoring': name} from `samples` (module doc),
-  on `model`'s scoring. `class_sources`: {class: (source, note)} for classes whose samples come
-  from elsewhere than `source`."""
+  on the export's scoring `entry` (`scoring_modes.make_scoring`) with `predictor`'s pool prompts.
+  `class_sources`: {class: (source, note)} for classes whose samples come from elsewhere than
+  `source`."""
   class_sources = class_sources or {}
-  by_class = _class_scores(model, samples, index)
+  by_class = _class_scores(predictor, cfg, entry, samples, index)
   per_class = {}
   for c, (s, l) in by_class.items():
     src, why = class_sources.get(c, (source, note))
@@ -68,7 +70,7 @@ def make_thresholds(model: restore.LoadedModel, samples, index, source: str, tar
   labels = np.concatenate([l for _, l in by_class.values()])
   glob = _threshold_entry(scores, labels, "+".join(used), target_fpr,
                           note if used == [source] else "pooled over the per-class sources")
-  return {"global": glob, "per_class": per_class, "scoring": model.scoring["fusion"]}
+  return {"global": glob, "per_class": per_class, "scoring": entry["fusion"]}
 
 
 def threshold_normals(index, pool: inference.PromptPool, fraction: float, seed: int,

@@ -1,10 +1,11 @@
 """The serialised predictor of an export, run with jax, numpy and Pillow only.
 
 This module imports nothing of flax, TensorFlow, Orbax or `onenip_jax.models` (only
-`data_pipelines.pil_decode`, the pipeline's numpy/PIL decoder, and `data_pipelines.storage`, which
-imports TensorFlow only for a non-local path such as `gs://`): it scores images on any machine
-with jax, numpy and Pillow. What it reads (written by `onenip-export`, format version 4; versions
-1 to 3 are still read):
+`data_pipelines.pil_decode`, the pipeline's numpy/PIL decoder, `data_pipelines.storage`, which
+imports TensorFlow only for a non-local path such as `gs://`, and `onenip_jax.scoring`, jax and
+numpy): it scores images on any machine with jax, numpy and Pillow. What it reads (written by
+`onenip-export`, format version FORMAT_VERSION; an export of an older format is refused with the
+command that re-exports it):
 
   export.json                 format and package version, classes, input size, preprocessing
                               (resize method, mean, std), fusion constant, `scoring` (the anomaly
@@ -16,14 +17,13 @@ with jax, numpy and Pillow. What it reads (written by `onenip-export`, format ve
                               descriptors (K, C), pool class ids (K,), scoring (7,)) ->
                               (anomaly map (B, H, W), image score (B,), matched class id (B,)),
                               B and K symbolic, lowered for cpu and, when the installed jax can, cuda
-                              and tpu (format 3: scoring (6,), without ref_logodds; format 2:
-                              the last argument is the fusion constant ())
+                              and tpu
   predictor_weights.npz       the weights, leaves `w00000`, `w00001`, ... in the program's order
   prompt_pool.npz             features, descriptors and class_ids of the prompt pool
 
-The map is S = rec_weight (rec - rec_mean) / rec_std + ref_weight (g(ref) - ref_mean) / ref_std
-(`scoring` argument, SCORING_KEYS order), g the refiner's log-odds (`scoring.logodds`) where
-ref_logodds is 1 and the identity where it is 0, and the image score the max of its stride-1
+The map and image score are `onenip_jax.scoring.score` of the `scoring` argument (the vector of
+`scoring.SCORING_KEYS`): S = rec_weight (rec - rec_mean) / rec_std + ref_weight (g(ref) -
+ref_mean) / ref_std, g the refiner's log-odds or the identity, and the max of its stride-1
 `scoring.pool_size` box mean. This one form holds every scoring of `onenip-eval`: the calibrated
 one (normal-data statistics, w; `onenip_jax.calibration`), the reference fusion (means 0, stds 1,
 weights 1 - alpha and alpha c), refiner or reconstruction only.
@@ -55,11 +55,10 @@ import numpy as np
 from data_pipelines import storage
 from data_pipelines.errors import UserError, UserFileNotFoundError
 from data_pipelines.pil_decode import pil_decode
+from onenip_jax import scoring
 
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
-SCORING_KEYS = ("rec_mean", "rec_std", "ref_mean", "ref_std", "rec_weight", "ref_weight",
-                "ref_logodds")
+FORMAT_VERSION = 5
+REEXPORT = "onenip-export --workdir RUN --out DIR"
 PROGRAM_FILE = "predictor.jaxexport"
 WEIGHTS_FILE = "predictor_weights.npz"
 POOL_FILE = "prompt_pool.npz"
@@ -157,7 +156,7 @@ def load_mask(path: str | bytes, size: int) -> np.ndarray:
 
 
 def read_meta(export_dir: str) -> dict:
-  """export.json of `export_dir`; clear errors for a missing, damaged or foreign file."""
+  """export.json of `export_dir`; clear errors for a missing, damaged, old or foreign file."""
   path = storage.join(export_dir, META_FILE)
   if not storage.isfile(path):
     raise UserFileNotFoundError(f"export is incomplete: {META_FILE} missing ({path})")
@@ -166,15 +165,13 @@ def read_meta(export_dir: str) -> dict:
   except json.JSONDecodeError as e:
     raise UserError(f"{path} is not valid JSON ({e}); the export is damaged") from e
   version = meta.get("format_version")
-  if version not in READABLE_VERSIONS:
+  if isinstance(version, int) and version < FORMAT_VERSION:
+    raise UserError(f"{export_dir} is an export of format {version}, which this onenip-jax no "
+                    f"longer reads (format {FORMAT_VERSION}); re-export the run: {REEXPORT}")
+  if version != FORMAT_VERSION:
     raise UserError(f"{path}: export format version {version!r} is not supported by this "
-                    f"onenip-jax (expects {FORMAT_VERSION}); re-export the model")
+                    f"onenip-jax (format {FORMAT_VERSION}); re-export the run: {REEXPORT}")
   return meta
-
-
-def has_program(export_dir: str) -> bool:
-  """Whether `export_dir` holds a serialised predictor (format 2 and later exports do)."""
-  return storage.isfile(storage.join(export_dir, PROGRAM_FILE))
 
 
 def _load_npz(path: str) -> dict:
@@ -185,27 +182,6 @@ def _load_npz(path: str) -> dict:
       return {k: z[k] for k in z.files}
   except Exception as e:  # zipfile / format errors of a damaged file
     raise UserError(f"{path} cannot be read ({e}); the export is damaged") from e
-
-
-def scoring_entry(meta: dict) -> dict:
-  """export.json's `scoring` ({"fusion", "params": {SCORING_KEYS}, "pool_size", ...}); for format
-  1 and 2 exports, the reference fusion they used."""
-  if meta.get("scoring"):
-    return meta["scoring"]
-  cfg_eval = (meta.get("config") or {}).get("eval", {})
-  alpha = float(meta.get("alpha", cfg_eval.get("alpha", 0.5)))
-  c = float(meta["fusion_c"])
-  params = dict(zip(SCORING_KEYS, (0.0, 1.0, 0.0, 1.0, float(np.float32(1.0 - alpha)),
-                                   float(np.float32(alpha) * np.float32(c)), 0.0)))
-  return {"fusion": "reference", "params": params,
-          "pool_size": int(meta.get("pool_size", cfg_eval.get("pool_size", 16))),
-          "note": f"format {meta.get('format_version')} export: the reference fusion"}
-
-
-def scoring_vector(entry: dict, layout) -> np.ndarray:
-  """float32 program argument of a `scoring_entry`, in the order `layout` (the export's
-  program.scoring_layout: SCORING_KEYS, or its first six for format 3)."""
-  return np.asarray([entry["params"][k] for k in layout], np.float32)
 
 
 def threshold_value(thresholds: dict | None, cls: str | None) -> float | None:
@@ -238,8 +214,7 @@ class ExportedPredictor:
     meta = read_meta(export_dir)
     path = storage.join(export_dir, PROGRAM_FILE)
     if not storage.isfile(path):
-      raise UserFileNotFoundError(f"{export_dir} has no serialised predictor ({PROGRAM_FILE}); "
-                                  "re-export it with this onenip-jax")
+      raise UserFileNotFoundError(f"export is incomplete: {PROGRAM_FILE} missing ({path})")
     data = storage.read_bytes(path)
     try:
       program = jax.export.deserialize(bytearray(data))
@@ -265,8 +240,8 @@ class ExportedPredictor:
 
   @property
   def scoring(self) -> dict:
-    """The scoring the program computes (`scoring_entry`)."""
-    return scoring_entry(self.meta)
+    """export.json's `scoring`: {"fusion", "params": {scoring.SCORING_KEYS}, "pool_size", ...}."""
+    return self.meta["scoring"]
 
   @property
   def classes(self) -> tuple[str, ...]:
@@ -285,10 +260,7 @@ class ExportedPredictor:
   def __call__(self, images: np.ndarray) -> dict:
     """Normalised float32 (B, H, W, 3) -> {'map' (B, H, W) f32, 'score' (B,) f32, 'class_id' (B,)}
     of the export's scoring."""
-    if int(self.meta["format_version"]) >= 3:
-      last = scoring_vector(self.scoring, self.meta["program"]["scoring_layout"])
-    else:  # format 2: the program takes the reference fusion constant
-      last = np.float32(self.meta["fusion_c"])
+    vector = scoring.vector(self.scoring["params"])
     images = np.asarray(images, np.float32)
     outs = []
     for i in range(0, len(images), self.batch_size):
@@ -297,7 +269,7 @@ class ExportedPredictor:
       if n < self.batch_size:
         x = np.concatenate([x, np.zeros((self.batch_size - n,) + x.shape[1:], np.float32)])
       m, s, k = self.program.call(self.weights, x, self.pool["features"],
-                                  self.pool["descriptors"], self.pool["class_ids"], last)
+                                  self.pool["descriptors"], self.pool["class_ids"], vector)
       outs.append((np.asarray(m)[:n], np.asarray(s)[:n], np.asarray(k)[:n]))
     size = self.input_size
     if not outs:

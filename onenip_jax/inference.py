@@ -48,7 +48,6 @@ class Predictor:
     variables: {'params', 'batch_stats'} of the network; backbone_vars: of the backbone.
     mesh: where to run; batches are split over its `data` axis.
     pool: the prompt pool for class-agnostic prompts (`pool` mode), or None.
-    classes: the class names the pool's class ids refer to (set by exports).
   """
   model: OneNIP
   features: FrozenFeatures
@@ -56,7 +55,6 @@ class Predictor:
   backbone_vars: dict
   mesh: jax.sharding.Mesh
   pool: PromptPool | None = None
-  classes: tuple[str, ...] | None = None
 
   @functools.cached_property
   def _features_fn(self):
@@ -84,22 +82,15 @@ class Predictor:
       images: (B, H, W, 3) normalised images.
       pool_feats: (K, h, w, C) prompt features; pool_desc: (K, C) their descriptors;
         pool_class_ids: (K,) int32 class of each prompt.
-      scoring_params: (7,) float32 (rec_mean, rec_std, ref_mean, ref_std, rec_weight, ref_weight,
-        ref_logodds) (`onenip_jax.exported.SCORING_KEYS`): S = rec_weight (rec - rec_mean) /
-        rec_std + ref_weight (g(ref) - ref_mean) / ref_std, g = `scoring.logodds` if ref_logodds
-        else the identity, in the float32 order of `calibration.fuse` and `scoring.fused_maps`.
+      scoring_params: (7,) float32 scoring vector (`scoring.SCORING_KEYS`).
       pool_size: the image score's box size.
     Returns:
-      (anomaly map (B, H, W) float32, image score (B,) float32, matched class id (B,) int32).
+      (anomaly map (B, H, W) float32, image score (B,) float32, matched class id (B,) int32) of
+      `scoring.score`.
     """
     maps = self.infer(variables, backbone_vars, images, None, pool_feats, pool_desc)
-    p = jnp.asarray(scoring_params, jnp.float32)
-    s = p[4] * ((maps["rec"].astype(jnp.float32) - p[0]) / p[1])
-    if maps["ref"] is not None:
-      ref = maps["ref"].astype(jnp.float32)
-      ref = jnp.where(p[6] > 0.5, scoring.logodds(ref), ref)
-      s = s + p[5] * ((ref - p[2]) / p[3])
-    return s, scoring.image_scores(s, pool_size), pool_class_ids[maps["pool_choice"]]
+    s, scores = scoring.score(maps["rec"], maps["ref"], scoring_params, pool_size)
+    return s, scores, pool_class_ids[maps["pool_choice"]]
 
   @functools.cached_property
   def _infer_fn(self):

@@ -1,15 +1,14 @@
 """Single-image inference from an export: `onenip-predict`.
 
   onenip-predict --exported EXPORT_DIR [--out DIR] [--threshold T] [--heatmaps] [--save-maps]
-                 [--skip-bad] [--flax] IMAGE_OR_FOLDER...
+                 [--skip-bad] IMAGE_OR_FOLDER...
 
 Each image is resized to the model's input size (any size or channel count), paired with the most
 similar prompt of the export's prompt pool (class-agnostic: no label needed), and scored with the
 export's scoring (export.json `scoring`: the export's `eval.fusion`, by default `calibrated`,
-the run's global calibration, or the reference fusion for a run without one). With a serialised
-predictor in the export (format 2 and later) this runs through `onenip_jax.exported` (jax, numpy
-and Pillow only; no flax, TensorFlow or Orbax is imported); --flax, or an older export, uses the
-Flax predictor and tf.data decoding instead (same scores to float tolerance).
+the run's global calibration, or the reference fusion for a run without one), by the export's
+serialised predictor (`onenip_jax.exported`: jax, numpy and Pillow only; no flax, TensorFlow or
+Orbax is imported).
 
 Results are written as they come, batch by batch: `predictions.csv` (path, score, anomalous,
 matched class, threshold), with --heatmaps one PNG per image (one colour scale for the run, set by
@@ -32,8 +31,9 @@ import sys
 
 import numpy as np
 
-from data_pipelines import pil_decode, storage
+from data_pipelines import storage
 from data_pipelines.errors import UserError, UserFileNotFoundError
+from onenip_jax import exported
 
 IMAGE_EXTENSIONS = storage.IMAGE_EXTENSIONS
 log = logging.getLogger("onenip")
@@ -64,8 +64,6 @@ class ExportedScorer:
   """The serialised predictor (`onenip_jax.exported`) behind the scorer interface used by `predict`."""
 
   def __init__(self, export_dir: str, batch_size: int):
-    from onenip_jax import exported  # pylint: disable=g-import-not-at-top
-    self._exported = exported
     self.model = exported.ExportedPredictor.load(export_dir, batch_size)
     meta = self.model.meta
     self.classes, self.input_size = self.model.classes, self.model.input_size
@@ -75,58 +73,20 @@ class ExportedScorer:
 
   def load(self, path: str) -> np.ndarray:
     """An image file -> uint8 (H, W, 3) model input pixels."""
-    return self._exported.load_image(path, self.input_size)
+    return exported.load_image(path, self.input_size)
 
   def __call__(self, raw: np.ndarray):
     """uint8 (B, H, W, 3) -> (maps (B, H, W) float32, scores (B,), matched class names)."""
     pre = self.model.meta["preprocessing"]
-    out = self.model(self._exported.normalize(raw, pre["mean"], pre["std"]))
+    out = self.model(exported.normalize(raw, pre["mean"], pre["std"]))
     return out["map"], out["score"], [self.classes[int(k)] for k in out["class_id"]]
-
-
-class FlaxScorer:
-  """The Flax predictor and tf.data decoding (legacy exports, or --flax)."""
-
-  def __init__(self, export_dir: str, batch_size: int):
-    from onenip_jax import restore, sharding  # pylint: disable=g-import-not-at-top
-    self._sharding = sharding
-    self.loaded = restore.load_export(export_dir)
-    self.classes, self.input_size = self.loaded.classes, self.loaded.config.input_size
-    self.fusion_c, self.step, self.thresholds = (self.loaded.fusion_c, self.loaded.step,
-                                                 self.loaded.thresholds)
-    self.scoring = self.loaded.scoring
-    n_dev = self.loaded.predictor.mesh.devices.size
-    self.batch_size = max(n_dev, (batch_size + n_dev - 1) // n_dev * n_dev)
-    self.backend = "flax"
-
-  def load(self, path: str) -> np.ndarray:
-    from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
-    pil_decode.check_pixels(pil_decode.image_size(storage.read_bytes(path)), pil_decode.MAX_PIXELS)
-    return input_pipeline.load_image(path, self.input_size, None, None)
-
-  def __call__(self, raw: np.ndarray):
-    cfg, predictor = self.loaded.config, self.loaded.predictor
-    n = len(raw)
-    mean, std = np.asarray(cfg.data.mean, np.float32), np.asarray(cfg.data.std, np.float32)
-    x = (raw.astype(np.float32) / np.float32(255.0) - mean) / std
-    pad = -n % self.batch_size
-    x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], np.float32)])
-    g = self._sharding.to_global({"image": x}, predictor.mesh)
-    maps = predictor(g["image"])
-    host = {k: None if maps[k] is None else self._sharding.to_host(maps[k])[:n].astype(np.float32)
-            for k in ("rec", "ref")}
-    s, scores = self.loaded.score(host["rec"], host["ref"])
-    choice = self._sharding.to_host(maps["pool_choice"])[:n]
-    names = [self.classes[int(predictor.pool.class_ids[c])] for c in choice]
-    return s, scores, names
 
 
 def threshold_for(scorer, cls: str, override: float | None) -> float | None:
   """--threshold, else the export's threshold of class `cls`, else its global one, else None."""
   if override is not None:
     return override
-  from onenip_jax.exported import threshold_value  # pylint: disable=g-import-not-at-top
-  return threshold_value(scorer.thresholds, cls)
+  return exported.threshold_value(scorer.thresholds, cls)
 
 
 def predict(scorer, paths, *, batch_size: int = 8, skip_bad: bool = False):
@@ -184,12 +144,8 @@ def _publish(staging: str, out: str) -> None:
 
 def main(args) -> None:
   """`onenip-predict` with its flags parsed by `onenip_jax.cli` (args.inputs: files or folders)."""
-  from onenip_jax import exported  # pylint: disable=g-import-not-at-top
   paths = find_images(args.inputs)
-  if not args.flax and exported.has_program(args.exported):
-    scorer = ExportedScorer(args.exported, args.batch_size)
-  else:
-    scorer = FlaxScorer(args.exported, args.batch_size)
+  scorer = ExportedScorer(args.exported, args.batch_size)
   storage.makedirs(args.out)
   staging = storage.staging_dir(storage.join(args.out, "predict"))
   try:

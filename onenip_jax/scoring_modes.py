@@ -1,19 +1,17 @@
-"""The named scorings of SCORINGS: which one `eval.fusion` picks, and their maps and scores.
+"""The named scorings of SCORINGS: which one `eval.fusion` picks, and the vector of each.
 
   calibrated      the run's calibration (`onenip_jax.calibration`): z-scored rec and refiner maps
-  reference       the reference fusion (1 - alpha) rec + alpha c ref (`scoring.fused_maps`)
+  reference       the reference fusion (1 - alpha) rec + alpha c ref
   refiner         the refiner probability alone
   reconstruction  the reconstruction error alone
 
-Host numpy (maps are (N, H, W)); the array maths are `onenip_jax.scoring` and
-`onenip_jax.calibration`, the by-name dispatch of evaluation and export lives here.
+Each is a scoring vector of `scoring.scoring_params`, computed by `scoring.score`; this module
+picks the name and the calibration's parameters it uses.
 """
 import logging
 
-import numpy as np
-
 from onenip_jax import calibration as calib
-from onenip_jax import exported, scoring
+from onenip_jax import scoring
 
 log = logging.getLogger("onenip")
 SCORINGS = ("calibrated", "reference", "refiner", "reconstruction")
@@ -35,42 +33,40 @@ def default_scoring(cfg, calibration, has_refiner: bool) -> str:
   return mode
 
 
-def scored_maps(name, rec, ref, *, c, cfg, calibration=None, cls=None):
-  """(anomaly maps (N, H, W) float32, image scores (N,)) of scoring `name` (see SCORINGS).
+def params_and_pool_size(name, *, c, cfg, calibration=None, cls=None) -> tuple[dict, int]:
+  """({SCORING_KEYS: value}, box size) of scoring `name` (see SCORINGS).
 
-  rec, ref: (N, H, W) maps; c: the reference fusion constant; cls: the class whose calibration
-  applies (None: the global one, as pool prompts use)."""
+  c: the reference fusion constant; cls: the class whose calibration applies (None: the global
+  one, as pool prompts use; raises `calibration.PromptModeError` for parameters fitted with other
+  prompts)."""
   if name == "calibrated":
-    return calib.apply(rec, ref, calib.params_for(calibration, cls))
-  if name == "reference":
-    s = scoring.fused_maps({"rec": rec, "ref": ref}, slice(None), c, cfg.eval.alpha)
-  else:
-    s = np.asarray(ref if name == "refiner" else rec, np.float32)
-  return s, scoring.image_scores_np(s, cfg.eval.pool_size)
+    params = calib.params_for(calibration, cls)
+    return scoring.scoring_params(name, calibrated=params), int(params["pool_size"])
+  return (scoring.scoring_params(name, alpha=float(cfg.eval.alpha), c=c),
+          int(cfg.eval.pool_size))
+
+
+def scored_maps(name, rec, ref, *, c, cfg, calibration=None, cls=None):
+  """(anomaly maps (N, H, W) float32, image scores (N,)) of scoring `name` on host maps
+  rec, ref (N, H, W) (`scoring.score_host`); arguments as `params_and_pool_size`."""
+  params, pool_size = params_and_pool_size(name, c=c, cfg=cfg, calibration=calibration, cls=cls)
+  return scoring.score_host(rec, ref, scoring.vector(params), pool_size)
 
 
 def make_scoring(cfg, fusion_c: float, calibration: dict | None) -> dict:
   """export.json's `scoring`: the `eval.fusion` scoring (`default_scoring`, with its
-  fallbacks) as {"fusion", "params": {exported.SCORING_KEYS}, "pool_size", "calibration_scope",
+  fallbacks) as {"fusion", "params": {scoring.SCORING_KEYS}, "pool_size", "calibration_scope",
   "requested", "note"}; calibrated uses the GLOBAL calibration (pool prompts: module doc of
   `onenip_jax.export`), which must have been fitted with pool prompts (else PromptModeError)."""
   requested = {"frozen": "reference"}.get(cfg.eval.fusion, cfg.eval.fusion)
   name = default_scoring(cfg, calibration, bool(cfg.model.refiner))
-  alpha, pool_size, scope, note = float(cfg.eval.alpha), int(cfg.eval.pool_size), None, ""
-  values = {"reference": (0.0, 1.0, 0.0, 1.0, float(np.float32(1.0 - alpha)),
-                          float(np.float32(alpha) * np.float32(fusion_c)), 0.0),
-            "refiner": (0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0),
-            "reconstruction": (0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0)}
+  scope, note = None, ""
   if name == "calibrated":
     why = calib.prompt_mode_error(calibration, "pool")
     if why:  # an export scores pool prompts
       raise calib.PromptModeError(f"eval.fusion='calibrated' for an export: {why}")
     g, scope = calibration["global"], "global"
-    values["calibrated"] = (g["rec_mean"], g["rec_std"], g["ref_mean"], g["ref_std"],
-                            float(np.float32(1.0 - g["weight"])), float(g["weight"]),
-                            float(g.get("ref_space", "probability") == "logodds"))
-    pool_size = int(g["pool_size"])
-    note = (f"global calibration: w={g['weight']:g}, box {pool_size}, validation "
+    note = (f"global calibration: w={g['weight']:g}, box {int(g['pool_size'])}, validation "
             f"mean {100 * g['objective']:.2f} ({g['n_normal']} held-out normal + "
             f"{g['n_synthetic']} synthetic images, {calibration.get('prompt_mode', '?')} prompts)")
   elif requested == "calibrated" and name == "reference":
@@ -78,14 +74,6 @@ def make_scoring(cfg, fusion_c: float, calibration: dict | None) -> dict:
             "holdout_fraction=0 or an older run): the reference fusion")
   elif name != requested:
     note = f"eval.fusion={requested!r} needs a refiner; this model has none"
-  return {"fusion": name, "params": dict(zip(exported.SCORING_KEYS, map(float, values[name]))),
-          "pool_size": pool_size, "calibration_scope": scope, "requested": requested,
-          "note": note}
-
-
-def score_maps(entry: dict, rec: np.ndarray, ref: np.ndarray | None, cfg, fusion_c: float,
-               calibration: dict | None) -> tuple[np.ndarray, np.ndarray]:
-  """(N, H, W) pool-prompt maps -> (anomaly maps (N, H, W) f32, image scores (N,)) of the
-  scoring `entry` (`make_scoring`), computed as `onenip-eval` does (`scored_maps`)."""
-  return scored_maps(entry["fusion"], rec, ref, c=fusion_c, cfg=cfg, calibration=calibration,
-                     cls=None)
+  params, pool_size = params_and_pool_size(name, c=fusion_c, cfg=cfg, calibration=calibration)
+  return {"fusion": name, "params": params, "pool_size": pool_size, "calibration_scope": scope,
+          "requested": requested, "note": note}

@@ -59,7 +59,14 @@ def _old_module():
     return None
   module = types.ModuleType("calibration_6a76fd3")
   exec(compile(src, f"{OLD_COMMIT}:onenip_jax/calibration.py", "exec"), module.__dict__)  # pylint: disable=exec-used
+  module.scoring = types.SimpleNamespace(logodds_np=_logodds_np)  # what it used of scoring
   return module
+
+
+def _logodds_np(p: np.ndarray) -> np.ndarray:
+  """The numpy log-odds OLD_COMMIT's module called (`scoring.logodds`, in numpy)."""
+  p = np.clip(np.asarray(p, np.float32), np.finfo(np.float32).tiny, np.float32(1.0 - 2.0 ** -24))
+  return np.log(p) - np.log1p(-p)
 
 
 def _old_output(old) -> dict:

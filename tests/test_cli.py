@@ -25,12 +25,12 @@ print("HEAVY", heavy)
 FLAGS = {
     "onenip-train": ["--config", "--workdir", "--[no]dry_run", "--[no]verbose"],
     "onenip-eval": ["--workdir", "--exported", "--config", "--out", "--step", "--[no]heatmaps",
-                    "--[no]flax", "--batch-size", "--[no]verbose"],
+                    "--batch-size", "--[no]verbose"],
     "onenip-export": ["--workdir", "--out", "--config", "--step", "--[no]overwrite",
                       "--threshold-fraction", "--target-fpr", "--threshold-dir",
                       "--[no]calibrate-on-test", "--[no]verbose"],
     "onenip-predict": ["--exported", "--out", "--threshold", "--[no]heatmaps", "--[no]save-maps",
-                       "--[no]skip-bad", "--[no]flax", "--batch-size", "--[no]verbose"],
+                       "--[no]skip-bad", "--batch-size", "--[no]verbose"],
     "onenip-convert-weights": ["--variant", "--input", "--output", "--[no]verbose"],
     "onenip-build-tfds": ["--config", "--data-dir", "--name", "--[no]verbose"],
 }
@@ -67,8 +67,7 @@ def test_flags_keep_their_meaning(monkeypatch):
             ["img1", "--exported", "E", "--heatmaps", "dir2", "--batch-size", "3", "--save-maps",
              "--threshold=0.5"])
   assert (a.inputs, a.exported, a.out, a.heatmaps, a.batch_size, a.save_maps, a.skip_bad,
-          a.flax, a.threshold) == (["img1", "dir2"], "E", "predictions", True, 3, True, False,
-                                   False, 0.5)
+          a.threshold) == (["img1", "dir2"], "E", "predictions", True, 3, True, False, 0.5)
   a = _args(monkeypatch, evaluate, cli.evaluate,
             ["--workdir", "W", "--config.eval.prompt_mode", "pool", "--step=4",
              "--config.eval.batch_size=4", "--noconfig.eval.heatmaps"])

@@ -221,8 +221,8 @@ class _FakeScorer:
 
 def _predict(monkeypatch, out, *inputs):
   from onenip_jax import cli, predict  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(predict, "FlaxScorer", _FakeScorer)
-  cli.predict(["--exported", "E", "--out", str(out), "--save-maps", "--heatmaps", "--flax",
+  monkeypatch.setattr(predict, "ExportedScorer", _FakeScorer)
+  cli.predict(["--exported", "E", "--out", str(out), "--save-maps", "--heatmaps",
                "--batch-size=1", *map(str, inputs)])
 
 

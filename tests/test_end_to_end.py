@@ -125,13 +125,12 @@ def test_export_eval_and_predict_agree_with_training(trained, tmp_path, shared_d
   from onenip_jax import cli, reports  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / "export")
   cli.export(["--workdir", trained, "--out", out])
-  assert sorted(os.listdir(out)) == ["backbone.msgpack", "export.json", "model.msgpack",
-                                     "predictor.jaxexport", "predictor_weights.npz",
-                                     "prompt_pool.npz"]
+  assert sorted(os.listdir(out)) == ["export.json", "predictor.jaxexport",
+                                     "predictor_weights.npz", "prompt_pool.npz"]
   with pytest.raises(SystemExit):  # --out exists (checked before any work)
     cli.export(["--workdir", trained, "--out", out])
-  # Exported evaluation (Flax path) == in-training evaluation (class-mode prompts, frozen constant).
-  cli.evaluate(["--exported", out, "--out", str(tmp_path / "eval"), "--flax"])
+  # Evaluation of the checkpoint == in-training evaluation (class-mode prompts, frozen constant).
+  cli.evaluate(["--workdir", trained, "--out", str(tmp_path / "eval")])
   mine = reports.read_metrics(str(tmp_path / "eval"))
   theirs = reports.read_metrics(os.path.join(trained, "eval", f"step_{STEPS}"))
   for k, v in theirs["classes"]["bottle"].items():
@@ -156,21 +155,21 @@ def test_export_eval_and_predict_agree_with_training(trained, tmp_path, shared_d
 
 
 def test_bad_exports_and_inputs_fail_clearly(trained, tmp_path):
-  from onenip_jax import cli, predict, restore  # pylint: disable=g-import-not-at-top
+  from onenip_jax import cli, exported, predict  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / "export")
   cli.export(["--workdir", trained, "--out", out])
-  model = os.path.join(out, "model.msgpack")
-  data = open(model, "rb").read()
-  with open(model, "wb") as f:
+  weights = os.path.join(out, exported.WEIGHTS_FILE)
+  data = open(weights, "rb").read()
+  with open(weights, "wb") as f:
     f.write(data[: len(data) // 2])
-  with pytest.raises(ValueError, match="model.msgpack"):
-    restore.load_export(out)
+  with pytest.raises(ValueError, match="predictor_weights.npz"):
+    exported.ExportedPredictor.load(out)
   meta_path = os.path.join(out, "export.json")
   meta = json.load(open(meta_path, encoding="utf-8"))
   meta["format_version"] = 99
   json.dump(meta, open(meta_path, "w", encoding="utf-8"))
   with pytest.raises(ValueError, match="format version 99"):
-    restore.load_export(out)
+    exported.read_meta(out)
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(ValueError, match="no images"):

@@ -1,7 +1,8 @@
 """The serialised predictor and its flax/TF-free consumer: preprocessing parity
 with tf.data, `onenip-predict` and `onenip-eval` on a calibrated export in a subprocess that cannot
-import flax, TensorFlow or Orbax, VisA-style masks, maskless anomalies, thresholds from held-out
-normals, the reference fallback without calibration, and reading format 2 exports.
+import flax, TensorFlow or Orbax (against the checkpoint's Predictor and scorings), VisA-style
+masks, maskless anomalies, thresholds from held-out normals, the reference fallback without
+calibration, and the one-line refusal of older export formats.
 
 Tiny: an untrained Lite0 network at 64 px on a generated 2-class dataset (the scores need not be
 good, only equal between the paths). The calibration is made by hand (real normal statistics of
@@ -85,7 +86,7 @@ def tiny(tmp_path_factory):
   Lite0 at 64 px; the index holds out 1 of the 6 training normals of each class."""
   import jax  # pylint: disable=g-import-not-at-top
   from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
-  from onenip_jax import (export, export_thresholds, inference, restore,  # pylint: disable=g-import-not-at-top
+  from onenip_jax import (export, export_thresholds, inference,  # pylint: disable=g-import-not-at-top
                           scoring_modes, sharding, train_state)
   from onenip_jax.config_loading import load_config  # pylint: disable=g-import-not-at-top
   base = tmp_path_factory.mktemp("exported")
@@ -109,15 +110,14 @@ def tiny(tmp_path_factory):
   predictor.pool = inference.build_prompt_pool(predictor, index, cfg)
   fusion_c = 0.37
   cal = _calibration(cfg, index, predictor)
-  scoring = scoring_modes.make_scoring(cfg, fusion_c, cal)
-  loaded = restore.LoadedModel(predictor, cfg, CLASSES, fusion_c, 0, None, scoring, cal)
+  entry = scoring_modes.make_scoring(cfg, fusion_c, cal)
   samples, sources = export_thresholds.default_threshold_samples(index, predictor.pool, 0.5,
                                                                  cfg.seed)
-  thresholds = export_thresholds.make_thresholds(loaded, samples, index, "holdout-normals", 0.25,
-                                                 class_sources=sources)
+  thresholds = export_thresholds.make_thresholds(predictor, cfg, entry, samples, index,
+                                                 "holdout-normals", 0.25, class_sources=sources)
   out = str(base / "export")
   export.write_export(out, cfg, predictor, index.classes, fusion_c, 0, thresholds,
-                      calibration=cal, scoring=scoring)
+                      calibration=cal, scoring_entry=entry)
   return cfg, index, predictor, out, cal
 
 
@@ -132,11 +132,11 @@ def _run_blocked(cmd, tmp_path):
 
 def test_export_layout_and_metadata(tiny):
   _, index, _, out, cal = tiny
-  assert {"export.json", "predictor.jaxexport", "predictor_weights.npz", "prompt_pool.npz",
-          "model.msgpack", "backbone.msgpack"} <= set(os.listdir(out))
+  assert sorted(os.listdir(out)) == ["export.json", "predictor.jaxexport",
+                                     "predictor_weights.npz", "prompt_pool.npz"]
   with open(os.path.join(out, "export.json"), encoding="utf-8") as f:
     meta = json.load(f)
-  assert meta["format_version"] == 4 and meta["package_version"]
+  assert meta["format_version"] == 5 and meta["package_version"]
   assert meta["preprocessing"]["resize"] == "tf-bilinear-antialias"
   assert meta["preprocessing"]["mean"] == list(tiny[0].data.mean)
   assert "cpu" in meta["program"]["platforms"]
@@ -194,39 +194,43 @@ def test_preprocessing_matches_tf_pipeline(tmp_path):
       assert tf_mask.any()
 
 
-def test_predict_without_flax_tf_orbax_matches_flax(tiny, tmp_path):
-  from onenip_jax import cli  # pylint: disable=g-import-not-at-top
-  _, index, _, out, _ = tiny
-  folder = os.path.dirname([s for s in index.test if s.defect == "crack"][-1].path)
+def test_predict_without_flax_tf_orbax_matches_the_checkpoint_predictor(tiny, tmp_path):
+  from onenip_jax import eval_maps, scoring_modes  # pylint: disable=g-import-not-at-top
+  cfg, index, predictor, out, cal = tiny
+  samples = [s for s in index.test if s.cls == "alpha" and s.defect == "crack"]
+  folder = os.path.dirname(samples[-1].path)
   _run_blocked(["onenip-predict", "--exported", out, "--out", str(tmp_path / "exp"),
                 "--save-maps", "--batch-size", "3", folder], tmp_path)
-  cli.predict(["--exported", out, "--out", str(tmp_path / "flax"), "--flax", "--save-maps", folder])
-  exp, ref = ({r["path"]: r for r in json.load(open(tmp_path / d / "predictions.json"))["predictions"]}
-              for d in ("exp", "flax"))
+  maps = eval_maps.collect_maps(predictor, samples, index, cfg)  # tf.data and the Predictor
+  want_maps, want_scores = scoring_modes.scored_maps("calibrated", maps["rec"], maps["ref"],
+                                                     c=0.37, cfg=cfg, calibration=cal)
+  want_class = [CLASSES[predictor.pool.class_ids[k]] for k in maps["pool_choice"]]
+  exp = {r["path"]: r for r in json.load(open(tmp_path / "exp" / "predictions.json"))["predictions"]}
   doc = json.load(open(tmp_path / "exp" / "predictions.json"))
-  assert doc["backend"] == "exported" and len(exp) == 4 and exp.keys() == ref.keys()
+  assert doc["backend"] == "exported" and len(exp) == 4
   assert doc["scoring"]["fusion"] == "calibrated"
   meta = json.load(open(os.path.join(out, "export.json")))
-  for p, r in exp.items():
-    assert r["score"] == pytest.approx(ref[p]["score"], rel=1e-5), p
-    assert r["matched_class"] == ref[p]["matched_class"]
+  for i, sample in enumerate(samples):
+    r = exp[sample.path]
+    assert r["score"] == pytest.approx(float(want_scores[i]), rel=1e-5), sample.path
+    assert r["matched_class"] == want_class[i]
     assert r["threshold"] == meta["thresholds"]["per_class"][r["matched_class"]]["value"]
     assert r["anomalous"] == (r["score"] > r["threshold"])
-    want = np.load(ref[p]["map"])  # calibrated maps are z-scores: near-zero pixels need an atol
+    want = want_maps[i]  # calibrated maps are z-scores: near-zero pixels need an atol
     np.testing.assert_allclose(np.load(r["map"]), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
   rows = open(tmp_path / "exp" / "predictions.csv").read().splitlines()
   assert len(rows) == 5 and rows[0].startswith("path,score,anomalous,matched_class,threshold")
 
 
-def test_eval_without_flax_tf_orbax_matches_flax_eval(tiny, tmp_path):
+def test_eval_without_flax_tf_orbax_matches_the_checkpoint_eval(tiny, tmp_path):
   from onenip_jax import evaluate, reports  # pylint: disable=g-import-not-at-top
   cfg, index, predictor, out, cal = tiny
-  theirs = evaluate.evaluate_predictor(cfg, predictor, index, str(tmp_path / "flax"), 0.37,
+  theirs = evaluate.evaluate_predictor(cfg, predictor, index, str(tmp_path / "ckpt"), 0.37,
                                        calibration=cal)  # pool prompts: the global calibration
   _run_blocked(["onenip-eval", "--exported", out, "--out", str(tmp_path / "exp")], tmp_path)
   mine = reports.read_metrics(tmp_path / "exp")
-  flax_doc = reports.read_metrics(tmp_path / "flax")
-  assert mine["backend"] == "exported" and flax_doc["backend"] == "flax"
+  assert mine["backend"] == "exported"
+  assert reports.read_metrics(tmp_path / "ckpt")["backend"] == "flax"
   assert mine["fusion"] == theirs["fusion"] == "calibrated" and mine["calibration"] == cal
   assert mine["maskless_anomalies"] == {"policy": "skip", "count": 2,
                                         "per_class": {c: 1 for c in CLASSES}}
@@ -243,40 +247,8 @@ def test_eval_without_flax_tf_orbax_matches_flax_eval(tiny, tmp_path):
         assert mine["classes"][cls][k] == pytest.approx(v, rel=1e-5, abs=3e-5), (cls, k)
 
 
-def _write_format_2_program(out):
-  """Turns export `out` into a format 2 one: no scoring/calibration entries and a (stand-in)
-  program whose last argument is the fusion constant: map = c * mean over RGB + w0."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from onenip_jax import exported  # pylint: disable=g-import-not-at-top
-
-  def old(weights, images, feats, desc, ids, c):
-    m = c * images.mean(-1) + weights[0]
-    del feats, desc
-    return m, m.max(axis=(1, 2)), jnp.zeros(images.shape[:1], jnp.int32) + ids[0]
-
-  with np.load(os.path.join(out, exported.POOL_FILE)) as z:
-    feats, desc = z["features"], z["descriptors"]
-  b, k = jax.export.symbolic_shape("b, k")
-  f32 = np.float32
-  program = jax.export.export(jax.jit(old), platforms=("cpu",))(
-      [jax.ShapeDtypeStruct((), f32)], jax.ShapeDtypeStruct((b, SIZE, SIZE, 3), f32),
-      jax.ShapeDtypeStruct((k,) + feats.shape[1:], f32),
-      jax.ShapeDtypeStruct((k, desc.shape[1]), f32), jax.ShapeDtypeStruct((k,), np.int32),
-      jax.ShapeDtypeStruct((), f32))
-  with open(os.path.join(out, exported.PROGRAM_FILE), "wb") as f:
-    f.write(program.serialize())
-  np.savez(os.path.join(out, exported.WEIGHTS_FILE), w00000=np.float32(0.5))
-  meta = exported.read_meta(out)
-  for key in ("scoring", "calibration"):
-    del meta[key]
-  meta["format_version"], meta["program"]["n_weights"] = 2, 1
-  with open(os.path.join(out, exported.META_FILE), "w", encoding="utf-8") as f:
-    json.dump(meta, f)
-
-
-def test_reference_fallback_without_calibration_and_format_2(tiny, tmp_path):
-  from onenip_jax import eval_maps, export, exported, restore, scoring_modes  # pylint: disable=g-import-not-at-top
+def test_reference_fallback_without_calibration(tiny, tmp_path):
+  from onenip_jax import eval_maps, export, exported, scoring_modes  # pylint: disable=g-import-not-at-top
   cfg, index, predictor, calibrated_out, _ = tiny
   out = str(tmp_path / "reference")
   export.write_export(out, cfg, predictor, index.classes, 0.37, 0)  # a run without calibration
@@ -293,24 +265,34 @@ def test_reference_fallback_without_calibration_and_format_2(tiny, tmp_path):
   np.testing.assert_allclose(got, want, rtol=1e-5)
   calibrated = exported.ExportedPredictor.load(calibrated_out)(x)["score"]
   assert np.abs(calibrated - got).min() > 1e-3  # the scoring argument is used
-  assert restore.load_export(out).scoring == sc
-  _write_format_2_program(out)
-  old = exported.ExportedPredictor.load(out)
-  assert old.scoring["fusion"] == "reference" and "format 2" in old.scoring["note"]
-  assert old.scoring["params"]["ref_weight"] == float(np.float32(0.5) * np.float32(0.37))
-  np.testing.assert_allclose(old(x)["map"], np.float32(0.37) * x.mean(-1) + 0.5, rtol=1e-6)
-  legacy = restore.load_export(out)
-  assert legacy.scoring == old.scoring and legacy.calibration is None
+
+
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
+def test_an_older_export_format_fails_in_one_line_naming_the_re_export(tiny, tmp_path, capsys,
+                                                                       version):
+  from onenip_jax import cli, exported  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / "old")
+  os.makedirs(out)
+  meta = exported.read_meta(tiny[3])
+  meta["format_version"] = version
+  with open(os.path.join(out, exported.META_FILE), "w", encoding="utf-8") as f:
+    json.dump(meta, f)
+  with pytest.raises(SystemExit) as e:
+    cli.predict(["--exported", out, "--out", str(tmp_path / "p"), tiny[1].test[0].path])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("onenip-predict: error: ")
+  assert f"format {version}" in err[0] and "onenip-export --workdir RUN --out DIR" in err[0]
 
 
 def test_maskless_protocol_and_float32_maps(tiny, tmp_path):
-  from onenip_jax import eval_maps, report_builder, scoring  # pylint: disable=g-import-not-at-top
+  from onenip_jax import eval_maps, report_builder, scoring_modes  # pylint: disable=g-import-not-at-top
   cfg, index, predictor, _, _ = tiny
   samples = [s for s in index.test if s.cls == "alpha"]
   maps = eval_maps.collect_maps(predictor, samples, index, cfg)
   assert maps["rec"].dtype == np.float32 and maps["ref"].dtype == np.float32
-  s = scoring.fused_maps(maps, np.arange(len(samples)), 0.37, cfg.eval.alpha)
-  scores = scoring.image_scores_np(s, cfg.eval.pool_size)
+  s, scores = scoring_modes.scored_maps("reference", maps["rec"], maps["ref"], c=0.37, cfg=cfg)
+  assert s.dtype == np.float32
   labels = [x.label for x in samples]
   protocol = report_builder.class_protocol
   skip, lab, n = protocol(scores, s, maps["mask"], maps["has_mask"], labels, "skip")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from onenip_jax.losses import dice_loss, feature_mse, onenip_loss
-from onenip_jax.scoring import anomaly_maps, fuse, image_scores, mid_range
+from onenip_jax import scoring
+from onenip_jax.scoring import image_scores, mid_range
 
 
 def _loss_cfg(**kw):
@@ -138,33 +139,41 @@ def _box_max_bruteforce(s, k):
 def test_image_scores_vs_bruteforce(hw, k):
   s = np.random.default_rng(0).uniform(size=(3,) + hw).astype(np.float32)
   s[1, 3, 4] = 50.0                                    # a spike: the max box contains it
-  got = np.asarray(image_scores(jnp.asarray(s[..., None]), pool_size=k))
+  got = np.asarray(image_scores(jnp.asarray(s), pool_size=k))
   want = _box_max_bruteforce(s, k)
   assert got.shape == (3,)
   np.testing.assert_allclose(got, want, rtol=1e-5)
-  np.testing.assert_allclose(image_scores(s, pool_size=k), want, rtol=1e-5)   # (B, H, W) input
   # differs from the plain max
   assert not np.allclose(got, s.reshape(3, -1).max(1))
 
 
-def test_fuse_mid_range_and_maps():
+def test_every_scoring_is_one_vector_of_the_one_score_function():
   rng = np.random.default_rng(1)
   rec = rng.uniform(0, 3, size=(2, 8, 8)).astype(np.float32)
   ref = rng.uniform(size=(2, 8, 8)).astype(np.float32)
   c = mid_range(rec.min(), rec.max())
   np.testing.assert_allclose(c, 0.5 * (rec.min() + rec.max()), rtol=1e-6)
-  np.testing.assert_allclose(fuse(rec, ref, c), 0.5 * rec + 0.5 * float(c) * ref, rtol=1e-6)
-  np.testing.assert_allclose(fuse(rec, ref, c, alpha=0.25), 0.75 * rec + 0.25 * float(c) * ref,
+
+  def score(name, ref=ref, **kw):
+    v = scoring.vector(scoring.scoring_params(name, **kw))
+    s, img = jax.jit(scoring.score, static_argnums=3)(rec, ref, v, 4)
+    np.testing.assert_allclose(img, _box_max_bruteforce(np.asarray(s), 4), rtol=1e-5)
+    return np.asarray(s)
+
+  np.testing.assert_allclose(score("reference", c=float(c)), 0.5 * rec + 0.5 * float(c) * ref,
                              rtol=1e-6)
-  np.testing.assert_allclose(fuse(rec, None, c), rec)
-  logit = rng.normal(size=(2, 8, 8, 1)).astype(np.float32)
-  r, f = anomaly_maps({"rec": rec[..., None], "ref_logit": logit})
-  assert r.shape == f.shape == (2, 8, 8)
-  np.testing.assert_allclose(r, rec)
-  np.testing.assert_allclose(f, _sigmoid(logit[..., 0]), rtol=1e-5)
-  r, f = anomaly_maps({"rec": rec[..., None], "ref_logit": None})
-  assert f is None
-  jitted = jax.jit(lambda o: image_scores(fuse(*anomaly_maps(o), 1.5)[..., None], 4))
-  np.testing.assert_allclose(
-      jitted({"rec": rec[..., None], "ref_logit": logit}),
-      _box_max_bruteforce(0.5 * rec + 0.75 * _sigmoid(logit[..., 0]), 4), rtol=1e-5)
+  np.testing.assert_allclose(score("reference", alpha=0.25, c=float(c)),
+                             0.75 * rec + 0.25 * float(c) * ref, rtol=1e-6)
+  np.testing.assert_array_equal(score("refiner"), ref)
+  np.testing.assert_array_equal(score("reconstruction"), rec)
+  np.testing.assert_array_equal(score("reconstruction", ref=None), rec)  # no refiner
+  cal = {"rec_mean": 1.0, "rec_std": 2.0, "ref_mean": -3.0, "ref_std": 4.0, "weight": 0.3,
+         "ref_space": "logodds"}
+  logodds = np.log(ref.astype(np.float64) / (1 - ref))
+  np.testing.assert_allclose(score("calibrated", calibrated=cal),
+                             0.7 * (rec - 1.0) / 2.0 + 0.3 * (logodds + 3.0) / 4.0, rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_array_equal(score("calibrated", calibrated=dict(cal, weight=0.0)),
+                                (rec - np.float32(1.0)) / np.float32(2.0))
+  np.testing.assert_allclose(score("calibrated", calibrated=dict(cal, ref_space="probability")),
+                             0.7 * (rec - 1.0) / 2.0 + 0.3 * (ref + 3.0) / 4.0, rtol=1e-5)

@@ -44,7 +44,6 @@ def _training_commands(tmp_path):
       ["onenip-eval", "--workdir", str(tmp_path)],
       ["onenip-export", "--workdir", str(tmp_path), "--out", str(tmp_path / "x")],
       ["onenip-convert-weights", "--variant", "b4", "--input", "a.pth", "--output", "a.msgpack"],
-      ["onenip-predict", "--exported", str(tmp_path), "--flax", "a.png"],
   ]
 
 
@@ -55,17 +54,24 @@ def _assert_one_line_train_stack_error(proc, cmd):
 
 
 def test_training_commands_fail_in_one_line_without_the_training_stack(tmp_path):
-  """Simulated offline install: before any work, and for an export without a serialised
-  predictor (the Flax path) once it is read."""
+  """Simulated offline install: before any work; an export of an older format names the command
+  that re-exports it, also in one line."""
   old_export = tmp_path / "old_export"
   old_export.mkdir()
-  (old_export / "export.json").write_text("{}")
+  (old_export / "export.json").write_text('{"format_version": 4}')
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-  for cmd in _training_commands(tmp_path) + [
-      ["onenip-predict", "--exported", str(old_export), str(old_export / "export.json")]]:
+  for cmd in _training_commands(tmp_path):
     proc = subprocess.run([sys.executable, "-c", HIDE_TRAIN_STACK, *cmd], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     _assert_one_line_train_stack_error(proc, cmd)
+  for cmd in (["onenip-predict", "--exported", str(old_export), str(old_export / "export.json")],
+              ["onenip-eval", "--exported", str(old_export)]):
+    proc = subprocess.run([sys.executable, "-c", HIDE_TRAIN_STACK, *cmd], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, (cmd, proc.stdout, proc.stderr[-3000:])
+    assert lines[0].startswith(f"{cmd[0]}: error: ") and "format 4" in lines[0]
+    assert "onenip-export --workdir RUN --out DIR" in lines[0]
 
 
 def _offline_venv(root):

@@ -258,10 +258,10 @@ def test_predict_exits_nonzero_when_nothing_is_scored(tmp_path, monkeypatch, cap
     def load(self, path):
       raise ValueError(f"{path}: cannot decode")
 
-  monkeypatch.setattr(predict, "FlaxScorer", FakeScorer)
+  monkeypatch.setattr(predict, "ExportedScorer", FakeScorer)
   with pytest.raises(SystemExit) as e:
-    cli.predict(["--exported", str(tmp_path), "--out", str(tmp_path / "p"), "--skip-bad", "--flax",
-                  str(bad)])
+    cli.predict(["--exported", str(tmp_path), "--out", str(tmp_path / "p"), "--skip-bad",
+                 str(bad)])
   assert e.value.code == 1
   assert "nothing was scored" in capsys.readouterr().err
 
