@@ -85,16 +85,23 @@ def class_counts(classes: int, normals: int) -> dict:
   return {f"c{i}": normals // classes + (i < normals % classes) for i in range(classes)}
 
 
-def old_module(rev: str):
-  """onenip_jax/calibration.py of git revision `rev` as a module."""
+def _module_at(rev: str, path: str) -> types.ModuleType:
+  """The file `path` (e.g. onenip_jax/scoring.py) of git revision `rev`, as a module."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
-    src = subprocess.run(["git", "show", f"{rev}:onenip_jax/calibration.py"], cwd=root,
-                         capture_output=True, text=True, check=True).stdout
+    src = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True,
+                         text=True, check=True).stdout
   except (OSError, subprocess.CalledProcessError) as e:
     sys.exit(f"--impl old needs the git history with {rev} in {root}: {e}")
-  module = types.ModuleType(f"calibration_{rev}")
-  exec(compile(src, f"{rev}:onenip_jax/calibration.py", "exec"), module.__dict__)  # pylint: disable=exec-used
+  module = types.ModuleType(f"{os.path.basename(path)[:-3]}_{rev}")
+  exec(compile(src, f"{rev}:{path}", "exec"), module.__dict__)  # pylint: disable=exec-used
+  return module
+
+
+def old_module(rev: str) -> types.ModuleType:
+  """onenip_jax/calibration.py of git revision `rev`, calling that revision's scoring.py."""
+  module = _module_at(rev, "onenip_jax/calibration.py")
+  module.scoring = _module_at(rev, "onenip_jax/scoring.py")
   return module
 
 

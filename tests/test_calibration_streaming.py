@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import REPO
 from onenip_jax import base_config, calibration, calibration_figures, metrics
 
 OLD_COMMIT = "6a76fd3"
@@ -153,6 +154,22 @@ def test_non_finite_maps_name_the_class():
   groups["b"]["rec"][5, 3, 3] = np.nan
   with pytest.raises(ValueError, match="rec maps of class 'b' hold NaN"):
     calibration.calibrate(groups, _cfg(), 8)
+
+
+def test_benchmark_runs_both_implementations_and_they_choose_alike():
+  """launch/bench_calibration.py at a toy scale: the old calibration (read from git) and the new
+  one score the same maps and make the same global choice."""
+  if _old_module() is None:
+    pytest.skip(f"needs the git history with commit {OLD_COMMIT}")
+  out = subprocess.run([sys.executable, "-m", "launch.bench_calibration", "--classes", "2",
+                        "--normals", "12", "--per-image", "1", "--res", "32", "--impl", "new",
+                        "old", "--old-rev", OLD_COMMIT], cwd=REPO, capture_output=True, text=True,
+                       timeout=600, check=False)
+  rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in out.stdout.splitlines()
+          if ln.startswith(("| new ", "| old "))]
+  assert [r[0] for r in rows] == ["new", "old"], out.stdout + out.stderr[-2000:]
+  assert rows[0][2] == rows[1][2] == str(12 * (1 + 1)), rows   # maps
+  assert rows[0][-1] == rows[1][-1], rows                            # the global choice
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
