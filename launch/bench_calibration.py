@@ -92,7 +92,7 @@ def _module_at(rev: str, path: str) -> types.ModuleType:
     src = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True,
                          text=True, check=True).stdout
   except (OSError, subprocess.CalledProcessError) as e:
-    sys.exit(f"--impl old needs the git history with {rev} in {root}: {e}")
+    raise RuntimeError(f"--impl old needs the git history with {rev} in {root}: {e}") from e
   module = types.ModuleType(f"{os.path.basename(path)[:-3]}_{rev}")
   exec(compile(src, f"{rev}:{path}", "exec"), module.__dict__)  # pylint: disable=exec-used
   return module
@@ -121,7 +121,10 @@ def run_one(args) -> dict:
   base = _rss_gib()
   start = time.perf_counter()
   if args.impl == "old":
-    old = old_module(args.old_rev)
+    try:
+      old = old_module(args.old_rev)
+    except RuntimeError as e:
+      sys.exit(str(e))
     held = dict(groups)  # every class at once, as its validation_groups returned them
     result = old.calibrate(held, cfg, 16)
     old.add_reference_figures(result, held, *REFERENCE)

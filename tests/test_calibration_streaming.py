@@ -6,7 +6,6 @@ import json
 import pathlib
 import subprocess
 import sys
-import types
 from collections.abc import Mapping
 
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from launch import bench_calibration
 from onenip_jax import base_config, calibration, calibration_figures, metrics
 
 OLD_COMMIT = "6a76fd3"
@@ -51,23 +51,11 @@ def _cfg():
 
 
 def _old_module():
-  """calibration.py of OLD_COMMIT as a module, or None without the git history."""
-  root = pathlib.Path(__file__).resolve().parents[1]
+  """calibration.py of OLD_COMMIT (with its scoring.py) as a module, or None without the history."""
   try:
-    src = subprocess.run(["git", "show", f"{OLD_COMMIT}:onenip_jax/calibration.py"], cwd=root,
-                         capture_output=True, text=True, check=True).stdout
-  except (OSError, subprocess.CalledProcessError):
+    return bench_calibration.old_module(OLD_COMMIT)
+  except RuntimeError:
     return None
-  module = types.ModuleType("calibration_6a76fd3")
-  exec(compile(src, f"{OLD_COMMIT}:onenip_jax/calibration.py", "exec"), module.__dict__)  # pylint: disable=exec-used
-  module.scoring = types.SimpleNamespace(logodds_np=_logodds_np)  # what it used of scoring
-  return module
-
-
-def _logodds_np(p: np.ndarray) -> np.ndarray:
-  """The numpy log-odds OLD_COMMIT's module called (`scoring.logodds`, in numpy)."""
-  p = np.clip(np.asarray(p, np.float32), np.finfo(np.float32).tiny, np.float32(1.0 - 2.0 ** -24))
-  return np.log(p) - np.log1p(-p)
 
 
 def _old_output(old) -> dict:

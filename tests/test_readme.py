@@ -115,10 +115,11 @@ class Workspace:
       return str(self.demo)
     if value == "path/to/images_or_folders":
       return str(self.demo / "demo_data" / "brick" / "test")
-    for prefix in ("/tmp/", "runs/", "exports/"):
-      if value.startswith(prefix):
-        return str(self.root / value[len(prefix):]) if prefix == "/tmp/" else str(self.root / value)
-    return str(self.root / value) if value == "preds" else value
+    if value.startswith("/tmp/"):
+      return str(self.root / value[len("/tmp/"):])
+    if value.startswith(("runs/", "exports/")) or value == "preds":
+      return str(self.root / value)
+    return value
 
   def argv(self, cmd: Command) -> list[str]:
     """The command as the test runs it (or a skip reason)."""
