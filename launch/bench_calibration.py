@@ -1,7 +1,7 @@
 r"""Time and memory of the calibration on a synthetic validation set of VisA's size.
 
   python -m launch.bench_calibration [--res 224 320] [--classes 12] [--normals 866] \
-      [--per-image 8] [--impl new|old] [--old-rev 6a76fd3]
+      [--per-image 8] [--impl new|old] [--old-rev 6a76fd3] [--check]
 
 Makes, one class at a time on access, the validation maps `calibration.calibrate` reads:
 `--normals` held-out normal images spread over `--classes` classes and `--per-image` synthetic
@@ -12,6 +12,9 @@ calibration (the first class's compilation included), the process's peak residen
 (ru_maxrss) and that above the process after imports, and the device's peak memory where it
 reports one (`jax.devices()[0].memory_stats()`; on the CPU backend device arrays are host memory,
 counted in ru_maxrss).
+
+`--check` instead runs both on the same maps in one process and prints the largest difference of
+any candidate's figures and whether every choice is the same.
 
 `--impl old` runs the in-memory numpy calibration of commit `--old-rev` (its
 onenip_jax/calibration.py read with `git show`, so the repository's history is needed) on the
@@ -48,33 +51,32 @@ class SyntheticGroups(Mapping):
   def __len__(self):
     return len(self.counts)
 
-  def _maps(self, rows: int, seed, anomalous: bool):
+  def _maps(self, rec, ref, mask, seed, anomalous: bool) -> None:
+    """Fills rec, ref (rows, res, res) float32 and mask (rows, res, res) bool in place."""
     res, rng = self.res, np.random.default_rng(seed)
-    mask = np.zeros((rows, res, res), bool)
-    for r in range(rows if anomalous else 0):
+    for r in range(len(mask) if anomalous else 0):
       h, w = rng.integers(res // 16, res // 3, 2)
       y, x = rng.integers(0, res - h), rng.integers(0, res - w)
       mask[r, y:y + h, x:x + w] = True
-    rec = rng.standard_normal((rows, res, res), np.float32)
-    rec += mask * rng.uniform(0.0, 2.0, (rows, 1, 1)).astype(np.float32)
-    ref = rng.standard_normal((rows, res, res), np.float32)
+    rng.standard_normal(out=rec, dtype=np.float32)
+    rec += mask * rng.uniform(0.0, 2.0, (len(mask), 1, 1)).astype(np.float32)
+    rng.standard_normal(out=ref, dtype=np.float32)
     ref *= 3.0
     ref += 5.0 * mask - 8.0
     np.negative(ref, out=ref)
     np.exp(ref, out=ref)
     ref += 1.0
     np.reciprocal(ref, out=ref)  # sigmoid: nearly binary, as the refiner's
-    return rec, ref, mask
 
   def __getitem__(self, cls):
-    n, k, i = self.counts[cls], self.k, int(cls[1:])
-    rec, ref, mask = self._maps(n, (i, 0), False)
+    n, k, i, res = self.counts[cls], self.k, int(cls[1:]), self.res
+    rows = n if self.normals_only else n * (k + 1)
+    rec, ref = (np.empty((rows, res, res), np.float32) for _ in range(2))
+    mask = np.zeros((rows, res, res), bool)
+    self._maps(rec[:n], ref[:n], mask[:n], (i, 0), False)
     if self.normals_only:
       return {"rec": rec, "ref": ref, "source": np.arange(n)}
-    parts = [(rec, ref, mask), self._maps(n * k, (i, 1), True)]
-    rec, ref, mask = (np.concatenate(p) for p in zip(*parts))
-    del parts
-    rows = n * (k + 1)
+    self._maps(rec[n:], ref[n:], mask[n:], (i, 1), True)  # written in place: one copy of the maps
     return {"rec": rec, "ref": ref, "mask": mask,
             "label": mask.reshape(rows, -1).any(axis=1).astype(np.int32),
             "normal": np.arange(rows) < n, "source": np.arange(rows) % n}
@@ -103,6 +105,43 @@ def old_module(rev: str) -> types.ModuleType:
   module = _module_at(rev, "onenip_jax/calibration.py")
   module.scoring = _module_at(rev, "onenip_jax/scoring.py")
   return module
+
+
+def _figures(result: dict) -> dict:
+  """{(params name, ref_space, weight, pool_size, key): value} of every candidate's figures, the
+  choices and the reference fusion's figures of a calibration."""
+  out = {}
+  for name, p in list(result["per_class"].items()) + [("global", result["global"])]:
+    for c in p["candidates"]:
+      for key in ("i_auroc", "i_ap", "p_auroc", "p_ap", "objective", "se"):
+        out[(name, c["ref_space"], c["weight"], c["pool_size"], key)] = c[key]
+    for key in ("weight", "pool_size", "rec_mean", "rec_std", "ref_mean", "ref_std"):
+      out[(name, "chosen", key)] = p[key]
+    out[(name, "chosen", "ref_space")] = p["ref_space"]
+    for key, value in p.get("reference_validation", {}).items():
+      out[(name, "reference", key)] = value
+  return out
+
+
+def check(args) -> None:
+  """Both implementations on the same maps in this process: prints the largest difference of any
+  figure and whether every choice is the same."""
+  from onenip_jax import base_config, calibration  # pylint: disable=g-import-not-at-top
+  cfg = base_config.get_base_config().calibration
+  groups = dict(SyntheticGroups(class_counts(args.classes, args.normals), args.per_image,
+                                args.res[0]))
+  old = old_module(args.old_rev)
+  want = old.calibrate(groups, cfg, 16)
+  old.add_reference_figures(want, groups, *REFERENCE)
+  got = _figures(json.loads(json.dumps(calibration.calibrate(groups, cfg, 16,
+                                                             reference=REFERENCE))))
+  want = _figures(json.loads(json.dumps(want)))
+  assert set(got) == set(want), set(got) ^ set(want)
+  diffs = {k: abs(got[k] - want[k]) for k in want if isinstance(want[k], float)}
+  same = all(got[k] == want[k] for k in want if not isinstance(want[k], float))
+  worst = max(diffs, key=diffs.get)
+  print(f"{len(diffs)} figures: largest difference {diffs[worst]:.3g} at {worst}; "
+        f"the same choices: {same}")
 
 
 def _rss_gib() -> float:
@@ -152,8 +191,13 @@ def main() -> None:
   parser.add_argument("--per-image", type=int, default=8)
   parser.add_argument("--impl", choices=("new", "old"), nargs="+", default=["new"])
   parser.add_argument("--old-rev", default="6a76fd3")
+  parser.add_argument("--check", action="store_true",
+                      help="compare every figure of new and old on the same maps (first --res)")
   parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.check:
+    check(args)
+    return
   if args.one:
     args.res, args.impl = args.res[0], args.impl[0]
     print(json.dumps(run_one(args)))

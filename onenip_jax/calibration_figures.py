@@ -1,10 +1,12 @@
 """The figures of calibration candidates on one class (`onenip_jax.calibration`): each candidate's
-fused map, image scores, and pixel AUROC and AP on all rows and on each fold from ONE sort.
+fused map, image scores, and pixel AUROC and AP on all rows and on each fold.
 
-On a GPU or TPU this runs in jnp on the default device, candidates mapped over in batches of about
-`_PIXEL_BUDGET` pixels (float32 sums in blocks); on the CPU backend the sort and the pixel figures
-in numpy (XLA:CPU's sort is ~50x slower than numpy's), candidates on threads within
-`_HOST_BUDGET`, the sorted pixels read `_CHUNK` at a time. A candidate is a scoring vector: its map
+On a GPU or TPU this runs in jnp on the default device from one sort per candidate, candidates
+mapped over in batches of about `_PIXEL_BUDGET` pixels (float32 sums in blocks). On the CPU
+backend the sorts and the pixel figures are numpy's (XLA:CPU's sort is ~50x slower): each fold's
+negative and positive float32 scores sorted apart, then all of them, and counted with binary
+searches; candidates run on threads within `_HOST_BUDGET`, each thread in one reused buffer. A
+candidate is a scoring vector: its map
 and image scores are `scoring.score`'s on both paths. Pixel AUROC and AP are exact as
 `metrics.pixel_auroc_ap` (ties as one threshold); image AUROC and AP come from `metrics` on the
 host.
@@ -24,8 +26,7 @@ from onenip_jax import metrics, scoring
 FIGURE_KEYS = ("i_auroc", "i_ap", "p_auroc", "p_ap")
 _PIXEL_BUDGET = 1 << 24  # accelerator: candidates scored at once, about this many pixels in all
 _SUM_BLOCK = 4096        # float32 sums in blocks of this many terms
-_CHUNK = 1 << 20         # CPU: sorted pixels processed this many at a time (~80 bytes each)
-_HOST_BUDGET = 3 << 28   # CPU: bytes of sort keys of the candidates scored at once (threads)
+_HOST_BUDGET = 3 << 28   # CPU: bytes of the candidates' workspaces (4 per pixel) held at once
 
 
 def candidate_vectors(stats: Mapping, grid: Sequence[tuple[str, float]]) -> np.ndarray:
@@ -150,65 +151,72 @@ class ClassMaps:
     self.mask = put(g["mask"], bool)
 
 
-def _sorted_figures_np(packed: np.ndarray, n_folds: int) -> np.ndarray:
-  """(1 + n_folds, 2) [AUROC, AP] of all pixels and of each fold from (n,) uint64 keys sorted
-  ascending: (~order-preserving uint32 of the score) << 32 | fold << 1 | label. Exact as
-  `metrics.pixel_auroc_ap` (a curve point per run of equal scores, float64 sums), read `_CHUNK`
-  pixels at a time (each chunk ends with a run), a fold's pixels picked out in sorted order."""
-  subsets = 1 + n_folds
-  tp0, seen0 = np.zeros(subsets, np.int64), np.zeros(subsets, np.int64)
-  auc, ap = np.zeros(subsets), np.zeros(subsets)
-  n, a = len(packed), 0
-  while a < n:
-    b = min(a + _CHUNK, n)
-    if b < n:  # end the chunk at the end of a run of equal scores
-      top = int(packed[b - 1] >> np.uint64(32))
-      b = n if top == 0xFFFFFFFF else int(np.searchsorted(packed, np.uint64((top + 1) << 32)))
-    chunk = packed[a:b]
-    keys = (chunk >> np.uint64(32)).astype(np.uint32)
-    low = (chunk & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-    label, fold = (low & np.uint32(1)).astype(bool), low >> np.uint32(1)
-    for k in range(subsets):
-      if k == 0:
-        kk, lab = keys, label
-      else:
-        pick = fold == k - 1
-        kk, lab = keys[pick], label[pick]
-      if not len(kk):
-        continue
-      ends = np.flatnonzero(np.r_[kk[1:] != kk[:-1], True])
-      tp = np.cumsum(lab, dtype=np.int64)[ends] + tp0[k]
-      seen = ends + 1 + seen0[k]
-      tp_before = np.r_[tp0[k], tp[:-1]]
-      fp_step = (seen - np.r_[seen0[k], seen[:-1]]) - (tp - tp_before)
-      auc[k] += float(np.dot(fp_step.astype(np.float64), (tp_before + tp).astype(np.float64)))
-      ap[k] += float(np.dot((tp - tp_before).astype(np.float64), tp / seen))
-      tp0[k], seen0[k] = tp[-1], seen[-1]
-    a = b
-  n_pos, n_neg = tp0, seen0 - tp0
-  ok = (n_pos > 0) & (n_neg > 0)
-  out = np.full((subsets, 2), np.nan)
-  out[ok, 0] = auc[ok] / (2.0 * n_pos[ok] * n_neg[ok])
-  out[ok, 1] = ap[ok] / n_pos[ok]
-  return out
+def sorted_auroc_ap(neg: np.ndarray, pos: np.ndarray) -> tuple[float, float]:
+  """(AUROC, AP) of pixel scores from the negatives' and the positives' scores, each (n,) sorted
+  ascending; NaN where one is empty. Exact as `metrics.pixel_auroc_ap` (a curve point per run of
+  equal scores): a run of positives at score t counts the negatives below t and half those at t
+  (AUROC, integer sums), and adds TP / (TP + FP) of the threshold t to the AP (float64)."""
+  n_pos, n_neg = len(pos), len(neg)
+  if not n_pos or not n_neg:
+    return np.nan, np.nan
+  starts = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])
+  values, counts = pos[starts], np.diff(np.r_[starts, n_pos])
+  below = np.searchsorted(neg, values, "left")
+  at_most = np.searchsorted(neg, values, "right")
+  auroc = float(np.dot(counts, below + at_most)) / (2.0 * n_pos * n_neg)
+  tp = n_pos - starts  # positives >= each value
+  ap = float(np.dot(counts.astype(np.float64), tp / (tp + (n_neg - below)))) / n_pos
+  return auroc, ap
 
 
 def _candidate_np(d: ClassMaps, v: np.ndarray, fold: np.ndarray, n_folds: int,
-                  pool_sizes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+                  pool_sizes: Sequence[int], work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(pixel (1 + n_folds, 2), image (len(pool_sizes), n)) figures of the scoring vector `v` on the
-  host: `scoring.score_host` 32 maps at a time, packed into one uint64 array, one sort."""
-  per_map = int(np.prod(d.shape))
+  host. `scoring.score_host` scores up to 32 rows of a fold at a time; their negative and
+  positive pixel scores go to `work` ((H W n,) float32, reused: fresh pages are slow to fault
+  in), laid out [negatives of fold 0, 1, ... | positives of fold 0, 1, ...]. Each fold's part is
+  sorted and counted (`sorted_auroc_ap`), then all negatives and all positives.
+
+  Args:
+    fold: (n,) int64 fold of each row in [0, max(n_folds, 1)).
+  """
   image = np.zeros((len(pool_sizes), d.n), np.float32)
-  packed = np.empty(d.n * per_map, np.uint64)
-  for i in range(0, d.n, 32):
-    for j, p in enumerate(pool_sizes):  # the same map for every box size
-      s, image[j, i:i + 32] = scoring.score_host(d.rec[i:i + 32], d.ref[i:i + 32], v, p, chunk=32)
-    u = (s + np.float32(0.0)).view(np.uint32).reshape(-1)  # -0.0 as +0.0
-    u = np.where(u >> np.uint32(31), u, ~(u | np.uint32(0x80000000)))  # descending order
-    low = ((fold[i:i + 32, None, None] << 1) | d.mask[i:i + 32]).reshape(-1).astype(np.uint64)
-    packed[i * per_map:i * per_map + u.size] = (u.astype(np.uint64) << np.uint64(32)) | low
-  packed.sort()
-  return _sorted_figures_np(packed, n_folds), image
+  folds = max(n_folds, 1)
+  row_pos = np.count_nonzero(d.mask.reshape(d.n, -1), axis=1)
+  fold_pos = np.bincount(fold, weights=row_pos, minlength=folds).astype(np.int64)
+  fold_px = np.bincount(fold, minlength=folds).astype(np.int64) * int(np.prod(d.shape))
+  neg_at = np.r_[0, np.cumsum(fold_px - fold_pos)]
+  pos_at = neg_at[-1] + np.r_[0, np.cumsum(fold_pos)]
+  for k in range(folds):
+    rows_k, n_at, p_at = np.flatnonzero(fold == k), neg_at[k], pos_at[k]
+    for i in range(0, len(rows_k), 32):
+      rows = rows_k[i:i + 32]
+      for j, p in enumerate(pool_sizes):  # the same map for every box size
+        s, image[j, rows] = scoring.score_host(d.rec[rows], d.ref[rows], v, p, chunk=32)
+      m = d.mask[rows]
+      neg, pos = s[~m], s[m]
+      work[n_at:n_at + len(neg)], work[p_at:p_at + len(pos)] = neg, pos
+      n_at, p_at = n_at + len(neg), p_at + len(pos)
+  parts = []
+  for k in range(folds):
+    neg, pos = work[neg_at[k]:neg_at[k + 1]], work[pos_at[k]:pos_at[k + 1]]
+    neg.sort()
+    pos.sort()
+    parts.append(sorted_auroc_ap(neg, pos))
+  if folds == 1:  # all rows are one fold: no folds (n_folds 0) or one
+    return np.asarray(parts * (1 + n_folds)), image
+  neg, pos = work[:neg_at[-1]], work[neg_at[-1]:pos_at[-1]]  # the folds' sorted runs, merged
+  neg.sort()
+  pos.sort()
+  return np.asarray([sorted_auroc_ap(neg, pos)] + parts), image
+
+
+@functools.cache
+def _threads() -> concurrent.futures.ThreadPoolExecutor:
+  """The CPU path's worker threads, kept for the process: a new thread gets a new malloc arena,
+  which keeps the memory freed in it (host memory grew ~90 MB per class with fresh threads)."""
+  return concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1,
+                                               thread_name_prefix="calibration")
 
 
 def class_figures(d: ClassMaps, vectors: np.ndarray, pool_sizes: Sequence[int],
@@ -240,10 +248,18 @@ def class_figures(d: ClassMaps, vectors: np.ndarray, pool_sizes: Sequence[int],
     pixel, image = np.asarray(pixel, np.float64), np.asarray(image)[:, :, :n]
   else:
     threads = max(1, min(os.cpu_count() or 1, len(vectors),
-                         _HOST_BUDGET // max(8 * d.rec.size, 1)))
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # numpy and XLA drop the GIL
-      done = list(pool.map(lambda v: _candidate_np(d, v, fold, n_folds, pool_sizes), vectors))
-    pixel, image = np.stack([p for p, _ in done]), np.stack([i for _, i in done])
+                         _HOST_BUDGET // max(4 * d.rec.size, 1)))
+    spaces = [np.empty(d.rec.size, np.float32) for _ in range(threads)]
+
+    def run(t):  # thread t scores candidates t, t + threads, ...
+      return [_candidate_np(d, vectors[c], fold, n_folds, pool_sizes, spaces[t])
+              for c in range(t, len(vectors), threads)]
+
+    done = list(_threads().map(run, range(threads)))  # numpy and XLA drop the GIL
+    del spaces
+    by_candidate = [done[c % threads][c // threads] for c in range(len(vectors))]
+    pixel = np.stack([p for p, _ in by_candidate])
+    image = np.stack([i for _, i in by_candidate])
   out = np.full((len(vectors), len(pool_sizes), 1 + n_folds, 4), np.nan)
   subsets = [np.ones(n, bool)] + [fold == k for k in range(n_folds)]
   for c in range(len(vectors)):

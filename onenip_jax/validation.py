@@ -92,18 +92,24 @@ class ValidationMaps(Mapping):
     made, holdout, rows = settings(self.cfg), self.index.holdout, self.rows[cls]
     k, n = (0 if self.normals_only else made["synthetic_per_image"]), len(holdout)
     samples = [holdout[r] for r in rows]
-    parts = [eval_maps.collect_maps(self.predictor, samples, self.index, self.cfg,
-                                    seed_positions=rows)]
+    passes = [(samples, rows, None)]
     if k:
-      parts.append(eval_maps.collect_maps(
-          self.predictor, samples * k, self.index, self.cfg,
-          seed_positions=np.concatenate([j * n + rows for j in range(k)]),
-          synthesis_seed=made["synthesis_seed"]))
+      passes.append((samples * k, np.concatenate([j * n + rows for j in range(k)]),
+                     made["synthesis_seed"]))
+    shape = (len(rows) * (k + 1),) + (self.cfg.input_size,) * 2
+    maps = {"rec": np.zeros(shape, np.float32), "ref": np.zeros(shape, np.float32),
+            "mask": np.zeros(shape, bool)}
+    offset = 0
+    for pass_samples, positions, seed in passes:  # written in place: one copy of the maps
+      for b in eval_maps.iterate_maps(self.predictor, pass_samples, self.index, self.cfg,
+                                      seed_positions=positions, synthesis_seed=seed):
+        for key in maps:
+          if b[key] is not None:  # ref: None without a refiner
+            maps[key][offset + b["index"]] = b[key]
+      offset += len(pass_samples)
     source = np.tile(_image_ids(samples), k + 1)
     if self.normals_only:
-      return {"rec": parts[0]["rec"], "ref": parts[0]["ref"], "source": source}
-    maps = {key: np.concatenate([p[key] for p in parts]) for key in ("rec", "ref", "mask")}
-    del parts
+      return {"rec": maps["rec"], "ref": maps["ref"], "source": source}
     mask = maps["mask"]
     return dict(maps, label=mask.reshape(len(mask), -1).any(axis=1).astype(np.int32),
                 normal=np.arange(len(mask)) < len(rows), source=source)

@@ -4,6 +4,7 @@ module when git history is available. Regenerate the golden file with
 `PYTHONPATH=. python3 tests/test_calibration_streaming.py` (it needs the history)."""
 import json
 import pathlib
+import re
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -116,11 +117,11 @@ def test_the_fixture_is_not_trivial():
   assert max(objs) - min(objs) > 0.01
 
 
-@pytest.mark.parametrize("accelerator, chunk", [(False, 1 << 20), (False, 997), (True, None)])
-def test_streamed_calibration_equals_the_golden_file(accelerator, chunk, monkeypatch):
+@pytest.mark.parametrize("accelerator, budget", [(False, None), (False, 1), (True, None)])
+def test_streamed_calibration_equals_the_golden_file(accelerator, budget, monkeypatch):
   monkeypatch.setattr(calibration_figures, "on_accelerator", lambda: accelerator)  # jnp or numpy
-  if chunk:  # sorted pixels read in chunks that end inside runs of ties, moved to their ends
-    monkeypatch.setattr(calibration_figures, "_CHUNK", chunk)
+  if budget:  # one thread scores every candidate in the same buffers
+    monkeypatch.setattr(calibration_figures, "_HOST_BUDGET", budget)
   _assert_same(_new_output(), json.loads(GOLDEN.read_text()))
 
 
@@ -160,8 +161,23 @@ def test_benchmark_runs_both_implementations_and_they_choose_alike():
   assert rows[0][-1] == rows[1][-1], rows                            # the global choice
 
 
+def test_benchmark_check_finds_every_figure_equal():
+  """`--check`: both calibrations on the same maps of 64 px in one process (many pixels per
+  class, saturated refiner probabilities with ties) make the same choices and figures."""
+  if _old_module() is None:
+    pytest.skip(f"needs the git history with commit {OLD_COMMIT}")
+  out = subprocess.run([sys.executable, "-m", "launch.bench_calibration", "--check", "--classes",
+                        "2", "--normals", "10", "--per-image", "2", "--res", "64", "--old-rev",
+                        OLD_COMMIT], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       check=False)
+  found = re.search(r"(\d+) figures: largest difference (\S+) at .*; the same choices: (\w+)",
+                    out.stdout)
+  assert found, out.stdout + out.stderr[-2000:]
+  assert int(found[1]) > 100 and float(found[2]) < 2e-6 and found[3] == "True", found[0]
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_device_pixel_metrics_equal_the_numpy_ones(seed):
+def test_device_and_host_pixel_metrics_equal_the_metrics_module(seed):
   rng = np.random.default_rng(seed)
   n = 3000
   scores = np.round(rng.normal(size=n), 1).astype(np.float32)  # many ties
@@ -173,6 +189,10 @@ def test_device_pixel_metrics_equal_the_numpy_ones(seed):
         jnp.asarray(scores[order]), jnp.asarray(labels[order]), jnp.asarray(member[order]))
     want = metrics.pixel_auroc_ap(scores[member], labels[member])
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6, atol=1e-7)
+    host = calibration_figures.sorted_auroc_ap(np.sort(scores[member & ~labels]),
+                                               np.sort(scores[member & labels]))
+    np.testing.assert_allclose(host, want, rtol=1e-12)
+  assert np.all(np.isnan(calibration_figures.sorted_auroc_ap(np.sort(scores), scores[:0])))
   got = calibration_figures._sorted_auroc_ap(  # pylint: disable=protected-access
       jnp.asarray(scores[order]), jnp.zeros(n, bool), jnp.ones(n, bool))
   assert np.all(np.isnan(np.asarray(got)))
