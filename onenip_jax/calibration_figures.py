@@ -5,11 +5,11 @@ On a GPU or TPU this runs in jnp on the default device from one sort per candida
 mapped over in batches of about `_PIXEL_BUDGET` pixels (float32 sums in blocks). On the CPU
 backend the sorts and the pixel figures are numpy's (XLA:CPU's sort is ~50x slower): each fold's
 negative and positive float32 scores sorted apart, then all of them, and counted with binary
-searches; candidates run on threads within `_HOST_BUDGET`, each thread in one reused buffer. A
-candidate is a scoring vector: its map
-and image scores are `scoring.score`'s on both paths. Pixel AUROC and AP are exact as
-`metrics.pixel_auroc_ap` (ties as one threshold); image AUROC and AP come from `metrics` on the
-host.
+searches; candidates run on threads within `_HOST_BUDGET`, each thread in one reused buffer.
+
+A candidate is a scoring vector: its map and image scores are `scoring.score`'s on both paths.
+Pixel AUROC and AP are exact as `metrics.pixel_auroc_ap` (ties as one threshold); image AUROC and
+AP come from `metrics` on the host.
 """
 import concurrent.futures
 import functools
@@ -214,7 +214,7 @@ def _candidate_np(d: ClassMaps, v: np.ndarray, fold: np.ndarray, n_folds: int,
 @functools.cache
 def _threads() -> concurrent.futures.ThreadPoolExecutor:
   """The CPU path's worker threads, kept for the process: a new thread gets a new malloc arena,
-  which keeps the memory freed in it (host memory grew ~90 MB per class with fresh threads)."""
+  which keeps the memory freed in it (with fresh threads, host memory grew ~90 MB per class scored)."""
   return concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1,
                                                thread_name_prefix="calibration")
 
