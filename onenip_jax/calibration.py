@@ -28,7 +28,8 @@ Streaming: the figures of a class depend only on its own maps and on the statist
 `calibrate` reads one class at a time (its argument may be a lazy mapping): a first pass over the
 normal rows gives each class's statistics and, combined (float64 count, mean and squared
 deviations), the global ones; a second pass scores every candidate of a class with both and keeps
-only the figures. Host memory holds one class's maps (and, on the CPU, a candidate's sort keys).
+only the figures. Host memory holds one class's maps (and, on the CPU, a float32 buffer of one
+candidate's pixel scores per thread).
 
 A calibration is a JSON-able dict (stored with the final checkpoint and in metrics.json):
   {"method": METHOD, "per_class": {cls: PARAMS}, "global": PARAMS, "prompt_mode", ...}
