@@ -344,6 +344,12 @@ def index_config(cfg: Any, verify_cache: Optional[str] = None) -> DatasetIndex:
   return split_holdout(index_dataset(cfg.data, verify_cache), fraction, int(_get(cfg, "seed", 0)))
 
 
+def class_rows(samples, classes) -> list[tuple[str, np.ndarray]]:
+  """[(class, positions in samples)] for the classes present, in `classes` order."""
+  cls = np.asarray([s.cls for s in samples])
+  return [(c, np.flatnonzero(cls == c)) for c in classes if np.any(cls == c)]
+
+
 def test_set_gaps(classes, samples) -> list:
   """One message per class of `classes` whose test `samples` cannot give metrics: none at all, or
   no anomalous one (its AUROC, AP and F1 are then undefined); [] when every class has both."""
