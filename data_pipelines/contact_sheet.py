@@ -14,8 +14,11 @@ import os
 from typing import Optional, Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw
 
-from data_pipelines import storage, synthesis, textures
+from data_pipelines import demo_data, storage, synthesis, textures
+from data_pipelines.input_pipeline import decode_resize as pipeline_decode_resize
+from data_pipelines.tf_setup import import_tensorflow
 
 
 def train_good_paths(root: str) -> list:
@@ -32,26 +35,12 @@ def train_good_paths(root: str) -> list:
 
 def decode_resize(path, size: int):
   """Reads an image file as RGB uint8 (size, size, 3) with the training pipeline's ops
-  (`input_pipeline.decode_resize`); a plain TF decode + antialiased bilinear resize if that module
-  is unavailable."""
-  from data_pipelines.tf_setup import import_tensorflow  # pylint: disable=import-outside-toplevel
+  (`input_pipeline.decode_resize`)."""
   tf = import_tensorflow()
-  try:
-    # pylint: disable-next=import-outside-toplevel
-    from data_pipelines.input_pipeline import decode_resize as pipeline_decode_resize
-  except ImportError:
-    pipeline_decode_resize = None
-  if pipeline_decode_resize is not None:
-    return tf.ensure_shape(pipeline_decode_resize(path, size), [size, size, 3])
-  data = tf.io.read_file(path)
-  img = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-  img = tf.image.resize(img, [size, size], method="bilinear", antialias=True)
-  img = tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8)
-  return tf.ensure_shape(img, [size, size, 3])
+  return tf.ensure_shape(pipeline_decode_resize(path, size), [size, size, 3])
 
 
 def default_demo_root() -> str:
-  from data_pipelines import demo_data  # pylint: disable=import-outside-toplevel
   root = os.path.join(storage.cache_dir(), "demo")
   return demo_data.make_demo_dataset(root)
 
@@ -63,9 +52,7 @@ def make_sheet(root: str, textures_dir: str = "", size: int = 224, num: int = 16
   `cfg` is `config.data.synthesis` (ConfigDict / mapping / `synthesis.SynthesisParams`); None takes
   the defaults of `synthesis.SynthesisParams`.
   """
-  from data_pipelines.tf_setup import import_tensorflow  # pylint: disable=import-outside-toplevel
   tf = import_tensorflow()
-  from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
   paths = train_good_paths(root)
   rng = np.random.default_rng(seed)
   picks = rng.choice(len(paths), size=num, replace=len(paths) < num)
@@ -107,7 +94,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--cols", type=int, default=4)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
-  from PIL import Image  # pylint: disable=import-outside-toplevel
   root = args.root or default_demo_root()
   sheet = make_sheet(root, args.textures, args.size, args.num, args.seed, args.cols)
   out = storage.abspath(args.out)

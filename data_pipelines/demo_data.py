@@ -40,6 +40,7 @@ _TEST_COLS = (320, 512)  # held-out columns for test crops
 
 def _source_half(cls: str) -> np.ndarray:
   """Bottom half of a scikit-image photo as float32 (256, 512, 3) in [0, 255]."""
+  # scikit-image: the `train` extra only, not the plain install that indexes export data
   from skimage import data as skdata  # pylint: disable=import-outside-toplevel
   a = np.asarray(getattr(skdata, cls)())
   if a.ndim == 2:

@@ -17,10 +17,12 @@ import os
 import re
 from typing import Iterable, Optional
 
-from PIL import Image
 import simplejpeg
+from PIL import Image
+from tqdm import tqdm
 
 from data_pipelines import pil_decode, storage
+from data_pipelines.tf_setup import import_tensorflow
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,6 @@ class Unreadable(Exception):
 def _tensorflow():
   """TensorFlow where it is installed, else None: a machine that evaluates an export with the
   serialised predictor has none, and decodes (so verifies) with PIL."""
-  from data_pipelines.tf_setup import import_tensorflow  # pylint: disable=g-import-not-at-top
   try:
     return import_tensorflow()
   except ImportError:
@@ -140,7 +141,6 @@ def probe_all(paths: Iterable[str], cache_path: Optional[str] = None,
       return e
 
   if todo:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=len(todo), desc="verifying images", unit="img", mininterval=1.0,
                disable=len(todo) < 64, leave=False)
     workers = min(16, 2 * (os.cpu_count() or 1))

@@ -37,7 +37,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from data_pipelines import image_checks, layouts, pil_decode, storage
+from data_pipelines import demo_data, image_checks, layouts, pil_decode, records, storage
 from data_pipelines.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -207,14 +207,12 @@ def _index_one(dcfg: dict, cache_path: Optional[str] = None) -> tuple:
   """(train, test, classes) of one dataset config (no merging)."""
   layout, root = dcfg["layout"], dcfg["root"]
   if layout == "tfds":  # record shards written by tfds_builder: their stored index, no decoding
-    from data_pipelines import records  # pylint: disable=g-import-not-at-top
     train, test, classes = records.load_index(dcfg["tfds_data_dir"], dcfg["tfds_name"],
                                               dcfg["classes"])
     return [Sample(**s) for s in train], [Sample(**s) for s in test], classes
   if layout == "demo":  # the built-in demo: generated (once) in MVTec layout at data.root
     if not root:
       raise UserError("data.root is empty: layout 'demo' needs the folder to generate the data in")
-    from data_pipelines import demo_data  # pylint: disable=g-import-not-at-top
     layout, root = "mvtec", demo_data.make_demo_dataset(root)
   if layout not in _LAYOUTS:
     raise UserError(f"unknown data.layout {layout!r}; supported: "
@@ -342,6 +340,12 @@ def index_config(cfg: Any, verify_cache: Optional[str] = None) -> DatasetIndex:
   calib = _get(cfg, "calibration", None)
   fraction = float(_get(calib, "holdout_fraction", 0.0))
   return split_holdout(index_dataset(cfg.data, verify_cache), fraction, int(_get(cfg, "seed", 0)))
+
+
+def class_rows(samples, classes) -> list[tuple[str, np.ndarray]]:
+  """[(class, positions in samples)] for the classes present, in `classes` order."""
+  cls = np.asarray([s.cls for s in samples])
+  return [(c, np.flatnonzero(cls == c)) for c in classes if np.any(cls == c)]
 
 
 def test_set_gaps(classes, samples) -> list:

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from data_pipelines import indexing, records
+from data_pipelines import indexing, records, synthesis, textures
 from data_pipelines.errors import UserError
 from data_pipelines.pil_decode import pil_decode
 from data_pipelines.tf_setup import import_tensorflow
@@ -262,7 +262,6 @@ def make_train_iterator(index: indexing.DatasetIndex, cfg: Any, *, process_index
   Returns:
     Iterator of dicts of numpy arrays.
   """
-  from data_pipelines import synthesis, textures  # these modules may import heavier things
 
   size, seed = int(cfg.input_size), int(cfg.seed)
   b = _per_process(int(cfg.batch_size), process_count, "batch_size")
@@ -357,7 +356,6 @@ def make_eval_iterator(samples: Sequence[indexing.Sample], index: indexing.Datas
   seed_pos = tf.constant(np.arange(n) if seed_positions is None
                          else np.asarray(seed_positions, np.int64), tf.int64)
   if synthesis_seed is not None:
-    from data_pipelines import synthesis, textures  # pylint: disable=g-import-not-at-top
     texture_list = tf.constant(textures.texture_paths(cfg.data.textures), tf.string)
 
   @tf.autograph.experimental.do_not_convert

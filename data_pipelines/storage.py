@@ -24,6 +24,7 @@ import uuid
 from typing import Iterator, Union
 
 from data_pipelines.errors import UserError
+from data_pipelines.tf_setup import import_tensorflow  # TensorFlow itself only for gs:// paths
 
 PathLike = Union[str, os.PathLike]
 
@@ -79,7 +80,6 @@ def scheme(path: PathLike) -> str:
 
 
 def _gfile():
-  from data_pipelines.tf_setup import import_tensorflow  # pylint: disable=g-import-not-at-top
   tf = import_tensorflow()
   return tf.io.gfile
 

@@ -5,6 +5,7 @@ import io
 import os
 
 import numpy as np
+from PIL import Image
 
 from data_pipelines import storage
 from data_pipelines.errors import UserError
@@ -33,6 +34,7 @@ def _skimage_texture_arrays() -> dict:
   Brick, grass and gravel contribute only their TOP halves (the demo dataset uses the bottom halves);
   moon and immunohistochemistry contribute four quadrants each.
   """
+  # scikit-image: the `train` extra only, not the plain install that indexes export data
   from skimage import data as skdata  # pylint: disable=import-outside-toplevel
   out = {}
   for name in ("brick", "grass", "gravel"):
@@ -56,7 +58,6 @@ def _skimage_texture_arrays() -> dict:
 
 def _skimage_textures() -> list:
   """Writes the scikit-image texture crops once as PNG into the cache and returns their paths."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
   folder = os.path.join(storage.cache_dir(), "textures")
   names = ["brick_top0", "brick_top1", "grass_top0", "grass_top1", "gravel_top0", "gravel_top1"]
   names += [f"{n}_q{q}" for n in ("moon", "immunohistochemistry") for q in range(4)]

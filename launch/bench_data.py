@@ -20,6 +20,7 @@ def _default_root() -> str:
   bottle = os.path.join(os.path.dirname(REPO), "shared", "data", "real", "bottle")
   if os.path.isdir(bottle):
     return bottle
+  # TensorFlow (under contact_sheet) is imported after `main` sets TF_CPP_MIN_LOG_LEVEL
   from data_pipelines.contact_sheet import default_demo_root  # pylint: disable=import-outside-toplevel
   return default_demo_root()
 
@@ -32,6 +33,7 @@ def _default_textures() -> str:
 def measure(paths, textures, size: int, batch: int, batches: int, warmup: int, mode: Optional[str],
             cfg, threads: int = 0) -> float:
   """Images per second of one pipeline variant. mode: None (decode+resize), "mix" or a branch name."""
+  # TensorFlow is imported after `main` sets TF_CPP_MIN_LOG_LEVEL
   from data_pipelines.tf_setup import import_tensorflow  # pylint: disable=import-outside-toplevel
   tf = import_tensorflow()
   from data_pipelines import synthesis  # pylint: disable=import-outside-toplevel
@@ -80,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       help="comma list of rows: decode, mix, cutpaste, scar, perlin")
   args = parser.parse_args(argv)
 
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported, here:
   from data_pipelines.tf_setup import import_tensorflow  # pylint: disable=import-outside-toplevel
   tf = import_tensorflow()
   from onenip_jax.base_config import get_base_config  # pylint: disable=import-outside-toplevel

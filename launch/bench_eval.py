@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines import indexing
-from onenip_jax import eval_maps, evaluate, inference, restore, sharding, train_state
+from onenip_jax import after_training, eval_maps, inference, restore, sharding, train_state
 from onenip_jax.config_loading import load_config
 
 
@@ -73,7 +73,8 @@ def main() -> None:
   tmp = tempfile.TemporaryDirectory(prefix="onenip-visa-") if a.synthetic_visa else None
   mesh = sharding.make_mesh()
   if a.workdir:
-    cfg, predictor, frozen_c, _ = restore.load_checkpoint(a.workdir, mesh, config=a.config)
+    loaded = restore.load_checkpoint(a.workdir, mesh, config=a.config)
+    cfg, predictor, frozen_c = loaded.cfg, loaded.predictor, loaded.fusion_c
   else:
     cfg = load_config(a.config)
     model, features = inference.make_model(cfg)
@@ -85,15 +86,16 @@ def main() -> None:
                                                       "batch_stats": state.batch_stats}, bb, mesh)
     frozen_c = 1.0  # a stand-in frozen fusion constant (the default "frozen" path)
   cfg.unlock()
-  cfg.eval.batch_size, cfg.eval.heatmaps = a.batch, False
+  cfg.eval.batch_size, cfg.eval.heatmaps, cfg.eval.prompt_mode = a.batch, False, "class"
   if tmp is not None:
     write_synthetic_visa(tmp.name, cfg.input_size)
     cfg.data.layout, cfg.data.root, cfg.data.classes = "mvtec", tmp.name, VISA_CLASSES
   index = indexing.index_dataset(cfg.data)
   warm = index.test[:a.batch]
   eval_maps.collect_maps(predictor, warm, index, cfg)  # compile
+  trained = inference.Trained(cfg, predictor, index=index, fusion_c=frozen_c)  # no calibration
   t = time.perf_counter()
-  evaluate.evaluate_predictor(cfg, predictor, index, a.out, frozen_c)
+  after_training.evaluate(trained, a.out)
   dt = time.perf_counter() - t
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

@@ -16,8 +16,7 @@ import time
 
 import numpy as np
 
-from data_pipelines import indexing
-from onenip_jax import calibration, inference, restore, sharding, validation
+from onenip_jax import calibration, restore, sharding, validation
 
 
 def copies(groups: dict, keep) -> dict:
@@ -48,12 +47,11 @@ def main() -> None:
     parser.error(f"--per-image {args.per_image} is not a multiple of --draw {args.draw}")
   start = time.time()
   mesh = sharding.make_mesh()
-  cfg, predictor, _, step = restore.load_checkpoint(args.workdir, mesh, overrides=overrides)
+  trained = restore.load_checkpoint(args.workdir, mesh, overrides=overrides)
+  cfg, index, step = trained.cfg, trained.index, trained.step
   with cfg.unlocked():
     cfg.calibration.synthetic_per_image = args.per_image
-  index = indexing.index_config(cfg)
-  if cfg.eval.prompt_mode == "pool":
-    predictor.pool = inference.build_prompt_pool(predictor, index, cfg)
+  predictor = trained.predictor_for(cfg.eval.prompt_mode)
   groups = dict(validation.validation_groups(cfg, predictor, index))  # all classes, reused
   print(f"step {step}, {cfg.eval.prompt_mode} prompts, maps collected in {time.time() - start:.0f} s")
   sets = [(f"copies {i}-{i + args.draw - 1}", range(i, i + args.draw))

@@ -34,6 +34,7 @@ import tempfile
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from data_pipelines import storage
 from data_pipelines.errors import UserError, UserFileNotFoundError
@@ -240,7 +241,6 @@ def replace(manager: ocp.CheckpointManager, step: int, state, cfg: ml_collection
   The old step is renamed `<step>.replaced` first and deleted only after the new one is
   complete; a run killed in between gets the old one back from `make_manager`.
   """
-  import jax  # pylint: disable=g-import-not-at-top
   manager.wait_until_finished()  # no background save may still write into the directory
   path = storage.join(str(manager.directory), str(step))
   if jax.process_index() == 0 and storage.isdir(path):   # one process renames (shared storage)
@@ -255,9 +255,7 @@ def replace(manager: ocp.CheckpointManager, step: int, state, cfg: ml_collection
 
 def _sync_processes(name: str) -> None:
   """A barrier over all processes (nothing with one)."""
-  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
 
 

@@ -1,11 +1,15 @@
 """The maps of a set of samples through a Flax `inference.Predictor`, on the host.
 
-Shared by evaluation (`onenip_jax.evaluate`), the calibration's validation set
-(`onenip_jax.validation`) and the export's thresholds (`onenip_jax.thresholds`). Maps are
-(N, H, W) float32 at `input_size`. JAX, tf.data and the model are imported only when maps are
-made: `class_rows` serves the flax-free evaluation of a serialised export too.
+Shared by evaluation (`onenip_jax.after_training`), the calibration's validation set
+(`onenip_jax.validation`) and the export's thresholds (`onenip_jax.export_thresholds`). Maps are
+(N, H, W) float32 at `input_size`.
 """
+import jax
 import numpy as np
+
+from data_pipelines import input_pipeline
+from data_pipelines.indexing import class_rows  # noqa: F401  (the validation set's class rows)
+from onenip_jax import inference, sharding
 
 
 def iterate_maps(predictor, samples, index, cfg, seed_positions=None, synthesis_seed=None):
@@ -17,9 +21,6 @@ def iterate_maps(predictor, samples, index, cfg, seed_positions=None, synthesis_
     valid rows of each batch. `synthesis_seed`: score synthetic anomalies made from `samples`
     instead (`input_pipeline.make_eval_iterator`).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
-  from onenip_jax import inference, sharding  # pylint: disable=g-import-not-at-top
   class_mode = predictor.pool is None
   keys = ("image", "mask", "has_mask", "label", "class_id", "index", "valid")
   keys += ("prompt",) if class_mode else ()
@@ -65,9 +66,3 @@ def rec_range(predictor, samples, index, cfg) -> tuple[float, float]:
     if len(b["rec"]):
       lo, hi = min(lo, float(b["rec"].min())), max(hi, float(b["rec"].max()))
   return lo, hi
-
-
-def class_rows(samples, classes) -> list[tuple[str, np.ndarray]]:
-  """[(class, positions in samples)] for the classes present, in `classes` order."""
-  cls = np.asarray([s.cls for s in samples])
-  return [(c, np.flatnonzero(cls == c)) for c in classes if np.any(cls == c)]

@@ -56,10 +56,10 @@ import jax
 import numpy as np
 from absl import app
 
-from data_pipelines import indexing, storage
+from data_pipelines import storage
 from data_pipelines.errors import UserError
-from onenip_jax import (checkpoints, export_thresholds, exported, inference, restore, scoring,
-                        scoring_modes, sharding)
+from onenip_jax import (export_thresholds, exported, inference, restore, scoring, scoring_modes,
+                        sharding)
 
 FORMAT_VERSION = exported.FORMAT_VERSION
 log = logging.getLogger("onenip")
@@ -161,16 +161,19 @@ def check_out_dir(out_dir: str, overwrite: bool, workdir: str | None = None) -> 
                      "export.json; choose another --out or remove it yourself")
 
 
-def write_export(out_dir: str, cfg, predictor: inference.Predictor, classes, fusion_c: float,
-                 step: int, thresholds: dict | None = None, overwrite: bool = False,
-                 workdir: str | None = None, *, calibration: dict | None = None,
+def write_export(out_dir: str, trained: inference.Trained, thresholds: dict | None = None,
+                 overwrite: bool = False, workdir: str | None = None, *,
                  scoring_entry: dict | None = None) -> None:
-  """Writes the export directory: built in a local staging folder, then `storage.move_dir`d (a
-  rename beside a local `out_dir`; a copy to `gs://` or `ram://`, see `data_pipelines.storage`).
+  """Writes the export directory of `trained` (its pool-prompt Predictor, fusion constant, step,
+  calibration and classes): built in a local staging folder, then `storage.move_dir`d (a rename
+  beside a local `out_dir`; a copy to `gs://` or `ram://`, see `data_pipelines.storage`).
 
   `scoring_entry` defaults to `scoring_modes.make_scoring(cfg, fusion_c, calibration)`;
   `thresholds` must have been made on it (`export_thresholds.make_thresholds`)."""
   check_out_dir(out_dir, overwrite, workdir)
+  cfg, fusion_c, step, calibration = (trained.cfg, trained.fusion_c, trained.step,
+                                      trained.calibration)
+  classes, predictor = trained.index.classes, trained.predictor_for("pool")
   entry = scoring_entry or scoring_modes.make_scoring(cfg, fusion_c, calibration)
   tmp = storage.staging_dir(out_dir)
   try:
@@ -210,36 +213,32 @@ def main(args) -> None:
     check_out_dir(args.out, args.overwrite, args.workdir)
   except (FileExistsError, ValueError) as e:
     raise app.UsageError(str(e)) from e
-  mesh = sharding.make_mesh()
-  cfg, predictor, fusion_c, step = restore.load_checkpoint(
-      args.workdir, mesh, args.step, config=args.config, overrides=args.overrides)
-  if np.isnan(fusion_c):
+  trained = restore.load_checkpoint(
+      args.workdir, sharding.make_mesh(), args.step, config=args.config, overrides=args.overrides,
+      verify_cache=os.path.join(args.workdir, "verified_images.json"))
+  cfg, index, step = trained.cfg, trained.index, trained.step
+  if np.isnan(trained.fusion_c):
     raise UserError(f"{args.workdir}: the checkpoint at step {step} has no frozen fusion constant "
                     "(training did not finish); finish training or pass --step of a final checkpoint")
-  index = indexing.index_config(cfg, verify_cache=os.path.join(args.workdir,
-                                                               "verified_images.json"))
-  predictor.pool = inference.build_prompt_pool(predictor, index, cfg)
-  calibration = checkpoints.read_calibration(args.workdir, step)
-  entry = scoring_modes.make_scoring(cfg, fusion_c, calibration)
+  entry = scoring_modes.make_scoring(cfg, trained.fusion_c, trained.calibration)
   log.info("export scoring: %s %s", entry["fusion"], entry["note"])
   thresholds, make = None, export_thresholds.make_thresholds
   if args.calibrate_on_test:
-    thresholds = make(predictor, cfg, entry, index.test, index, "test-set", args.target_fpr,
+    thresholds = make(trained, entry, index.test, "test-set", args.target_fpr,
                       "fitted on the test set: optimistic")
   elif args.threshold_dir:
     samples = export_thresholds.validation_samples(args.threshold_dir, index.classes)
-    thresholds = make(predictor, cfg, entry, samples, index,
-                      f"validation-folder:{args.threshold_dir}", args.target_fpr)
+    thresholds = make(trained, entry, samples, f"validation-folder:{args.threshold_dir}",
+                      args.target_fpr)
   elif args.threshold_fraction > 0:
     samples, sources = export_thresholds.default_threshold_samples(
-        index, predictor.pool, args.threshold_fraction, cfg.seed)
-    thresholds = make(predictor, cfg, entry, samples, index, "holdout-normals",
-                      args.target_fpr, class_sources=sources)
+        index, trained.pool, args.threshold_fraction, cfg.seed)
+    thresholds = make(trained, entry, samples, "holdout-normals", args.target_fpr,
+                      class_sources=sources)
   if thresholds:
     log.info("thresholds (%s): global %.5f; %s", thresholds["global"]["source"],
              thresholds["global"]["value"],
              ", ".join(f"{c} {e['value']:.5f}" for c, e in thresholds["per_class"].items()))
-  write_export(args.out, cfg, predictor, index.classes, fusion_c, step, thresholds,
-               args.overwrite, args.workdir, calibration=calibration, scoring_entry=entry)
+  write_export(args.out, trained, thresholds, args.overwrite, args.workdir, scoring_entry=entry)
   log.info("exported step %d to %s", step, args.out)
 

@@ -7,7 +7,7 @@ prompts; an image is anomalous iff score > threshold.
 """
 import numpy as np
 
-from data_pipelines import storage
+from data_pipelines import indexing, layouts, storage
 from data_pipelines.errors import UserError, UserFileNotFoundError
 from onenip_jax import eval_maps, inference, metrics, scoring
 
@@ -39,11 +39,12 @@ def _threshold_entry(scores, labels, source: str, target_fpr: float, note: str =
   return entry
 
 
-def _class_scores(predictor: inference.Predictor, cfg, entry: dict, samples, index) -> dict:
+def _class_scores(trained: inference.Trained, entry: dict, samples) -> dict:
   """{class: (pool-mode image scores of the scoring `entry` (n,), labels (n,))}, one class at a
   time."""
+  cfg, index, predictor = trained.cfg, trained.index, trained.predictor_for("pool")
   out = {}
-  for cls, rows in eval_maps.class_rows(samples, index.classes):
+  for cls, rows in indexing.class_rows(samples, index.classes):
     subset = [samples[i] for i in rows]
     maps = eval_maps.collect_maps(predictor, subset, index, cfg)
     _, scores = scoring.score_host(maps["rec"], maps["ref"], scoring.vector(entry["params"]),
@@ -53,14 +54,14 @@ def _class_scores(predictor: inference.Predictor, cfg, entry: dict, samples, ind
   return out
 
 
-def make_thresholds(predictor: inference.Predictor, cfg, entry: dict, samples, index, source: str,
+def make_thresholds(trained: inference.Trained, entry: dict, samples, source: str,
                     target_fpr: float, note: str = "", class_sources: dict | None = None) -> dict:
   """{'global': entry, 'per_class': {class: entry}, 'scoring': name} from `samples` (module doc),
-  on the export's scoring `entry` (`scoring_modes.make_scoring`) with `predictor`'s pool prompts.
+  on the export's scoring `entry` (`scoring_modes.make_scoring`) with `trained`'s pool prompts.
   `class_sources`: {class: (source, note)} for classes whose samples come from elsewhere than
   `source`."""
   class_sources = class_sources or {}
-  by_class = _class_scores(predictor, cfg, entry, samples, index)
+  by_class = _class_scores(trained, entry, samples)
   per_class = {}
   for c, (s, l) in by_class.items():
     src, why = class_sources.get(c, (source, note))
@@ -108,7 +109,6 @@ def default_threshold_samples(index, pool: inference.PromptPool, fraction: float
 
 def validation_samples(folder: str, classes) -> list:
   """Samples of a labelled validation folder `<folder>/<class>/good/*`, `<folder>/<class>/<defect>/*`."""
-  from data_pipelines import indexing, layouts  # pylint: disable=g-import-not-at-top
   samples = []
   for cls in classes:
     d = storage.join_inside(folder, cls, what="class name")

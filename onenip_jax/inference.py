@@ -1,7 +1,10 @@
 """The one inference path: images -> reconstruction and refiner maps (docs/algorithm.md §11).
 
 In-training evaluation, `onenip-eval`, `onenip-export` and `onenip-predict` all go through
-`Predictor`, so their numbers agree to float tolerance on the same images.
+`Predictor`, so their numbers agree to float tolerance on the same images. `Trained` is what the
+steps after training share: its Predictor and prompt pool are built once, from the final train
+state or a checkpoint, and handed to the fusion constant, the calibration, the evaluation and the
+export.
 """
 import dataclasses
 import functools
@@ -11,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from data_pipelines import input_pipeline
+from data_pipelines import indexing, input_pipeline
 from onenip_jax import scoring, sharding
 from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
@@ -154,14 +157,65 @@ def eval_batch_size(cfg: ml_collections.ConfigDict) -> int:
   return cfg.eval.batch_size or cfg.batch_size
 
 
-def make_predictor(cfg, model, features, variables, backbone_vars, mesh, index=None) -> Predictor:
-  """A Predictor; with `eval.prompt_mode == 'pool'` its pool is built from `index.train`."""
-  predictor = Predictor(model, features, variables, backbone_vars, mesh)
-  if cfg.eval.prompt_mode == "pool":
-    predictor.pool = build_prompt_pool(predictor, index, cfg)
-  elif cfg.eval.prompt_mode != "class":
-    raise ValueError(f"config.eval.prompt_mode={cfg.eval.prompt_mode!r}: use 'class' or 'pool'")
-  return predictor
+class Trained:
+  """A trained network and what every step after training shares.
+
+  Built once (`from_state` at the end of training, `restore.load_checkpoint` for a stored run) and
+  handed to the fusion constant, the calibration, the evaluation and the export's thresholds. The
+  prompt pool is built on first use, once, from `index.train`.
+
+  Attributes:
+    cfg: the config of the steps after training (the stored run's with any overrides).
+    predictor: the network with class prompts (no pool).
+    fusion_c: the frozen fusion constant (nan until computed); step: the checkpoint's step.
+    calibration: the run's calibration (`onenip_jax.calibration`), or None.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, predictor: Predictor, *, index=None,
+               fusion_c: float = float("nan"), step: int | None = None,
+               calibration: dict | None = None, verify_cache: str | None = None):
+    self.cfg, self.predictor, self.fusion_c, self.step = cfg, predictor, fusion_c, step
+    self.calibration, self._index, self._verify_cache = calibration, index, verify_cache
+
+  @classmethod
+  def from_state(cls, cfg, state, index, features: FrozenFeatures, backbone_vars,
+                 mesh) -> "Trained":
+    """The Trained of a (replicated) train state: its params, batch statistics, fusion constant
+    and step."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    predictor = Predictor(OneNIP.from_config(cfg.model), features, variables, backbone_vars, mesh)
+    return cls(cfg, predictor, index=index, fusion_c=host_scalar(state.fusion_c),
+               step=int(host_scalar(state.step)))
+
+  @functools.cached_property
+  def index(self) -> indexing.DatasetIndex:
+    """The dataset of `cfg` (given, or indexed on first use)."""
+    if self._index is not None:
+      return self._index
+    return indexing.index_config(self.cfg, verify_cache=self._verify_cache)
+
+  @functools.cached_property
+  def pool(self) -> PromptPool:
+    """The prompt pool (`build_prompt_pool`), built on first use."""
+    return build_prompt_pool(self.predictor, self.index, self.cfg)
+
+  @functools.cached_property
+  def _pool_predictor(self) -> Predictor:
+    return dataclasses.replace(self.predictor, pool=self.pool)
+
+  def predictor_for(self, prompt_mode: str) -> Predictor:
+    """The Predictor with `prompt_mode`'s prompts: 'class' (from the ground-truth class) or
+    'pool' (the pool's most similar)."""
+    if prompt_mode == "class":
+      return self.predictor
+    if prompt_mode == "pool":
+      return self._pool_predictor
+    raise ValueError(f"config.eval.prompt_mode={prompt_mode!r}: use 'class' or 'pool'")
+
+
+def host_scalar(x) -> float:
+  """A replicated scalar as a Python float (also when the array spans several processes)."""
+  return float(np.asarray(x.addressable_data(0)))
 
 
 def make_model(cfg: ml_collections.ConfigDict) -> tuple[OneNIP, FrozenFeatures]:

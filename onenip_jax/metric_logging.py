@@ -18,6 +18,9 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from PIL import Image
+
+from data_pipelines.tf_setup import import_tensorflow
 
 log = logging.getLogger("onenip")
 
@@ -34,7 +37,6 @@ def _writers():
 def make_jsonl_writer(path: str):
   """A clu MetricWriter that appends each `write_scalars` call to `path` as one JSON line."""
   metric_writers = _writers()
-  from data_pipelines.tf_setup import import_tensorflow  # pylint: disable=g-import-not-at-top
   tf = import_tensorflow()
 
   class JsonlWriter(metric_writers.MetricWriter):
@@ -113,9 +115,7 @@ def eval_scalars(result: Mapping) -> dict:
 def read_contact_sheets(eval_dir: str, max_classes: int = 4) -> dict:
   """{'heatmaps/<class>': (H, W, 3) uint8} from `<eval_dir>/heatmaps/<class>/contact_sheet.png`,
   written by evaluate when `eval.heatmaps` is on; {} when there are none."""
-  from data_pipelines.tf_setup import import_tensorflow  # pylint: disable=g-import-not-at-top
   tf = import_tensorflow()
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   root = os.path.join(eval_dir, "heatmaps")
   if not tf.io.gfile.isdir(root):
     return {}

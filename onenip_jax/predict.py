@@ -33,7 +33,7 @@ import numpy as np
 
 from data_pipelines import storage
 from data_pipelines.errors import UserError, UserFileNotFoundError
-from onenip_jax import exported
+from onenip_jax import exported, heatmaps
 
 IMAGE_EXTENSIONS = storage.IMAGE_EXTENSIONS
 log = logging.getLogger("onenip")
@@ -187,7 +187,6 @@ def _predict_into(args, scorer, paths, staging: str) -> list:
                                _npy_bytes(m))
           r["map"] = storage.join(args.out, "maps", name + ".npy")
         if args.heatmaps:
-          from onenip_jax import heatmaps  # pylint: disable=g-import-not-at-top
           if vmax is None:  # 0: the low end (the normal mean of a calibrated z-map)
             vmax = float(np.percentile(maps, 99.9))
             vmax = vmax if vmax > 0 else 1.0

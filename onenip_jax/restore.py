@@ -1,18 +1,21 @@
 """Loading a trained model for inference from a training checkpoint.
 
 `load_checkpoint` rebuilds the Orbax template of the train state (`onenip_jax.train_state`) and
-keeps only what inference needs, as an `inference.Predictor`. An export is run by
+keeps only what inference needs, as an `inference.Trained`. An export is run by
 `onenip_jax.exported`.
 """
 import jax
-import numpy as np
 
 from onenip_jax import checkpoints, config_checks, inference, sharding, train_state
 from onenip_jax.config_loading import load_config
 
 
-def load_checkpoint(workdir: str, mesh, step=None, *, config=None, overrides=()):
-  """(cfg, predictor without pool, frozen fusion constant, step) from a training work directory."""
+def load_checkpoint(workdir: str, mesh, step=None, *, config=None, overrides=(),
+                    verify_cache: str | None = None) -> inference.Trained:
+  """The `inference.Trained` of a training work directory's checkpoint `step` (default: the newest
+  intact one): its network, frozen fusion constant, step and calibration, with the stored config
+  (`config` / `overrides` applied) and its dataset, indexed on first use (`verify_cache`: the
+  image verification cache, `indexing.index_config`)."""
   stored = checkpoints.restore_config(workdir, step)
   cfg = load_config(config, overrides, base=stored)
   config_checks.check_config(cfg)
@@ -29,6 +32,9 @@ def load_checkpoint(workdir: str, mesh, step=None, *, config=None, overrides=())
   backbone_vars = jax.device_put(features.load_variables(stored.backbone),
                                  sharding.replicated(mesh))
   variables = {"params": state.params, "batch_stats": state.batch_stats}
+  step = int(inference.host_scalar(state.step))
   predictor = inference.Predictor(model, features, variables, backbone_vars, mesh)
-  fusion_c = float(np.asarray(state.fusion_c.addressable_data(0)))
-  return cfg, predictor, fusion_c, int(np.asarray(state.step.addressable_data(0)))
+  return inference.Trained(cfg, predictor, fusion_c=inference.host_scalar(state.fusion_c),
+                           step=step,
+                           calibration=checkpoints.read_calibration(workdir, step),
+                           verify_cache=verify_cache)

@@ -26,11 +26,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from data_pipelines import indexing, input_pipeline, storage
 from data_pipelines.errors import UserError
-from onenip_jax import (checkpoints, config_checks, evaluate, losses, metric_logging, run_control,
-                        run_status, sharding, train_state, workdir_lock)
+from onenip_jax import (after_training, checkpoints, config_checks, inference, losses,
+                        metric_logging, reports, run_control, run_status, sharding, train_state,
+                        validation, workdir_lock)
 from onenip_jax.compile_options import compiler_options
 from onenip_jax.models import mixed
 from onenip_jax.models.features import FrozenFeatures
@@ -224,14 +227,15 @@ def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> Tr
   try:
     logger.hparams(cfg)
     state = _train_loop(run, logger, state, start, num_steps, spe, train_step, cache)
-    if start < num_steps or math.isnan(_scalar(state.fusion_c)):
-      state = _add_fusion_constant(run, state, num_steps)
-    calibration = _add_calibration(run, state, num_steps, redo=start < num_steps)
+    # One Trained: the fusion constant, calibration and evaluation share its Predictor and pool.
+    trained = inference.Trained.from_state(cfg, state, index, features, backbone_vars, mesh)
+    if start < num_steps or math.isnan(trained.fusion_c):
+      state = _add_fusion_constant(run, state, trained, num_steps)
+    trained.calibration = _add_calibration(run, state, trained, num_steps, redo=start < num_steps)
     with guard.interruptible():  # the final state is saved: a restart only evaluates again
       log.info("final evaluation of step %d", num_steps)
       eval_dir = os.path.join(workdir, "eval", f"step_{num_steps}")
-      result = evaluate.evaluate_state(cfg, state, index, features, backbone_vars, mesh, eval_dir,
-                                       calibration=calibration)
+      result = after_training.evaluate(trained, eval_dir)
       logger.evaluation(num_steps, result, eval_dir)
       # The run is finished: the marker launch/sweep.py skips finished runs by.
       if jax.process_index() == 0:
@@ -337,8 +341,9 @@ def _train_loop(run: _Run, logger, state, start, num_steps, spe, train_step, cac
       if eval_every and step % eval_every == 0 and step < num_steps:
         with guard.interruptible():
           eval_dir = os.path.join(run.workdir, "eval", f"step_{step}")
-          result = evaluate.evaluate_state(cfg, state, index, run.features, run.backbone_vars,
-                                           run.mesh, eval_dir)
+          trained = inference.Trained.from_state(cfg, state, index, run.features,
+                                                 run.backbone_vars, run.mesh)
+          result = after_training.evaluate(trained, eval_dir)
           logger.evaluation(step, result, eval_dir)
         guard.check()
   except run_control.Interrupted:
@@ -351,8 +356,10 @@ def _train_loop(run: _Run, logger, state, start, num_steps, spe, train_step, cac
   return state
 
 
-def _add_fusion_constant(run: _Run, state: TrainState, num_steps: int) -> TrainState:
-  """Computes the frozen fusion constant and saves the final state with it (step num_steps).
+def _add_fusion_constant(run: _Run, state: TrainState, trained: inference.Trained,
+                         num_steps: int) -> TrainState:
+  """Computes the frozen fusion constant of `trained` (the final state's), saves the final state
+  with it (step num_steps) and sets `trained.fusion_c` (float32, as stored).
 
   Stopped by a signal, the final state is saved without it; the restart computes it.
   """
@@ -360,14 +367,14 @@ def _add_fusion_constant(run: _Run, state: TrainState, num_steps: int) -> TrainS
   try:
     with run.guard.interruptible():
       log.info("computing the frozen fusion constant of step %d", num_steps)
-      c = evaluate.frozen_fusion_constant(cfg, state, run.index, run.features, run.backbone_vars,
-                                          run.mesh)
+      c = after_training.frozen_fusion_constant(trained)
   except run_control.Interrupted:
     if manager.latest_step() != num_steps:
       checkpoints.save(manager, num_steps, state, cfg, wait=True)
       log.warning("saved step %d (without its fusion constant)", num_steps)
     raise
   state = jax.jit(lambda s: s.replace(fusion_c=jnp.float32(c)), out_shardings=run.repl)(state)
+  trained.fusion_c = _scalar(state.fusion_c)
   log.info("frozen fusion constant c = %.5f", c)
   if manager.latest_step() == num_steps:  # saved without c by a signal in the previous run
     checkpoints.replace(manager, num_steps, state, cfg)
@@ -378,8 +385,10 @@ def _add_fusion_constant(run: _Run, state: TrainState, num_steps: int) -> TrainS
   return state
 
 
-def _add_calibration(run: _Run, state: TrainState, num_steps: int, redo: bool) -> dict | None:
-  """The calibration of the final state (`onenip_jax.validation`), saved with step num_steps.
+def _add_calibration(run: _Run, state: TrainState, trained: inference.Trained, num_steps: int,
+                     redo: bool) -> dict | None:
+  """The calibration of `trained`, the final `state`'s (`onenip_jax.validation`), saved with
+  step num_steps.
 
   Computed when the final step was trained by this process (`redo`: a new or extended run), when
   its checkpoint lacks it (a signal stopped the previous run during it) or when it was made by
@@ -387,7 +396,6 @@ def _add_calibration(run: _Run, state: TrainState, num_steps: int, redo: bool) -
   rerunning a finished run brings it up to date); else read back. None when calibration is off
   (`calibration.holdout_fraction=0`) or the model has no refiner.
   """
-  from onenip_jax import reports, validation  # pylint: disable=g-import-not-at-top
   cfg, manager = run.cfg, run.manager
   if not run.index.holdout or not cfg.model.refiner:
     return None
@@ -400,8 +408,7 @@ def _add_calibration(run: _Run, state: TrainState, num_steps: int, redo: bool) -
   with run.guard.interruptible():  # the final state is saved: a restart calibrates again
     log.info("calibrating the scoring of step %d on %d held-out normal images", num_steps,
              len(run.index.holdout))
-    calibration = reports.json_safe(validation.calibrate_state(
-        cfg, state, run.index, run.features, run.backbone_vars, run.mesh))
+    calibration = reports.json_safe(validation.calibrate(trained))
   checkpoints.replace(manager, num_steps, state, cfg, calibration)
   log.info("saved the calibration with step %d", num_steps)
   run.guard.check()
@@ -412,7 +419,6 @@ def _max_over_processes(x: int) -> int:
   """The largest of `x` over all processes, on every process (a collective)."""
   if jax.process_count() == 1:
     return x
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return int(np.max(multihost_utils.process_allgather(np.int32(x))))
 
 
@@ -428,7 +434,6 @@ def _digest(tree) -> str:
 
 
 def _progress(start: int, total: int):
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   return tqdm(total=total, initial=start, unit="step", disable=jax.process_index() != 0,
               dynamic_ncols=True, mininterval=2.0)
 

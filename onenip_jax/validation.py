@@ -10,14 +10,13 @@ ones (pool-prompt evaluation, exports) always on pool-prompt maps. No test image
 made one class at a time (`ValidationMaps`), so host memory holds one class's; the selection
 itself is `onenip_jax.calibration`.
 """
-import dataclasses
 import logging
 from collections.abc import Mapping
 
 import numpy as np
 
 from onenip_jax import calibration as calib
-from onenip_jax import eval_maps, inference
+from onenip_jax import eval_maps
 
 log = logging.getLogger("onenip")
 
@@ -46,19 +45,6 @@ def out_of_date(stored: dict, cfg) -> str | None:
               global_prompt_mode=calib.fitted_prompt_mode(stored, stored["global"]))
   changed = [f"{k} {made[k]} -> {now[k]}" for k in now if made[k] != now[k]]
   return "made with other settings: " + ", ".join(changed) if changed else None
-
-
-def calibrate_state(cfg, state, index, features, backbone_vars, mesh) -> dict | None:
-  """The calibration (`onenip_jax.calibration`) of a train state on `index.holdout`, with the
-  prompts evaluation uses (`eval.prompt_mode`; the pool comes from `index.train`). None without
-  held-out images or without a refiner. Reads no test image."""
-  if not index.holdout or not cfg.model.refiner:
-    return None
-  model, _ = inference.make_model(cfg)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  predictor = inference.make_predictor(cfg, model, features, variables, backbone_vars, mesh, index)
-  return calibrate_predictor(cfg, predictor, index,
-                             float(np.asarray(state.fusion_c.addressable_data(0))))
 
 
 def _image_ids(samples) -> np.ndarray:
@@ -121,18 +107,19 @@ def validation_groups(cfg, predictor, index, normals_only: bool = False) -> Vali
   return ValidationMaps(cfg, predictor, index, normals_only)
 
 
-def calibrate_predictor(cfg, predictor, index, frozen_c: float = float("nan")) -> dict | None:
-  """Calibration on the validation maps of `predictor` (per class, with `eval.prompt_mode`'s
-  prompts) and of its pool-prompt twin (global); with a finite `frozen_c` it also records the
-  reference fusion's validation figures."""
+def calibrate(trained) -> dict | None:
+  """The calibration (`onenip_jax.calibration`) of an `inference.Trained` on `index.holdout`:
+  per class on the validation maps of its `eval.prompt_mode` Predictor, global on those of its
+  pool-prompt one (the same maps in pool mode); with a finite frozen fusion constant it also
+  records the reference fusion's validation figures. None without held-out images or without a
+  refiner. Reads no test image."""
+  cfg, index = trained.cfg, trained.index
+  if not index.holdout or not cfg.model.refiner:
+    return None
   holdout, mode = index.holdout, cfg.eval.prompt_mode
-  pool_predictor = predictor if predictor.pool is not None else dataclasses.replace(
-      predictor, pool=inference.build_prompt_pool(predictor, index, cfg))
-  if mode == "pool":
-    predictor = pool_predictor
-  elif predictor.pool is not None:
-    predictor = dataclasses.replace(predictor, pool=None)
+  predictor, pool_predictor = trained.predictor_for(mode), trained.predictor_for("pool")
   separate = pool_predictor is not predictor
+  frozen_c = trained.fusion_c
   reference = ((frozen_c, float(cfg.eval.alpha), int(cfg.eval.pool_size))
                if np.isfinite(frozen_c) else None)
   result = calib.calibrate(

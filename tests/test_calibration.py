@@ -1,5 +1,4 @@
 """Calibration on held-out normals: the split, no test image read, determinism, choice, prompts."""
-import dataclasses
 import json
 import os
 
@@ -11,8 +10,8 @@ from PIL import Image
 
 from onenip_jax import base_config as common
 from data_pipelines import indexing, input_pipeline
-from onenip_jax import (calibration, config_loading, evaluate, inference, scoring, scoring_modes,
-                        sharding, train, train_state, validation)
+from onenip_jax import (after_training, calibration, config_loading, inference, scoring,
+                        scoring_modes, sharding, train, train_state, validation)
 
 RES = 64
 
@@ -144,7 +143,7 @@ def _state_and_backbone(cfg, mesh):
   return state, features, jax.device_put(bb, repl)
 
 
-def test_calibration_reads_no_test_image_is_deterministic_and_is_reported(tmp_path):
+def test_calibration_reads_no_test_image_is_deterministic_and_is_reported(tmp_path, monkeypatch):
   root = tmp_path / "data"
   _write_dataset(root)
   cfg = _cfg(root, holdout_fraction=0.2, synthetic_per_image=2, weights=(0.0, 0.5, 1.0),
@@ -156,12 +155,12 @@ def test_calibration_reads_no_test_image_is_deterministic_and_is_reported(tmp_pa
   saved = {p: open(p, "rb").read() for p in test_files}
   for p in test_files:  # calibration must not open any of them
     os.remove(p)
-  model, _ = inference.make_model(cfg)
-  predictor = inference.make_predictor(
-      cfg, model, features, {"params": state.params, "batch_stats": state.batch_stats}, bb, mesh,
-      index)
-  first = validation.calibrate_predictor(cfg, predictor, index, 0.5)
-  again = validation.calibrate_predictor(cfg, predictor, index, 0.5)
+  trained = inference.Trained.from_state(cfg, state, index, features, bb, mesh)  # c = 0.5
+  pools = []  # the prompt pool is built once for the calibration and every evaluation
+  monkeypatch.setattr(inference, "build_prompt_pool",
+                      lambda *a, f=inference.build_prompt_pool: pools.append(1) or f(*a))
+  first = validation.calibrate(trained)
+  again = validation.calibrate(trained)
   assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)
   g = first["global"]
   assert set(first["per_class"]) == {"a", "b"} and g["n_normal"] == 4 and g["n_synthetic"] == 8
@@ -176,20 +175,24 @@ def test_calibration_reads_no_test_image_is_deterministic_and_is_reported(tmp_pa
   out = tmp_path / "eval"
   with cfg.unlocked():
     cfg.eval.fusion = "calibrated"
-  result = evaluate.evaluate_predictor(cfg, predictor, index, str(out), 0.5, calibration=first)
+  trained.calibration = first
+  result = after_training.evaluate(trained, str(out))
   m = json.loads((out / "metrics.json").read_text())
   assert m["fusion"] == "calibrated" and m["calibration"]["global"]["weight"] == g["weight"]
   assert set(m["scorings"]) == {"calibrated", "reference", "refiner", "reconstruction"}
   assert m["scorings"]["calibrated"]["mean"] == m["mean"] == result["mean"]
   md = (out / "metrics.md").read_text()
   assert all(f"## {n}" in md for n in m["scorings"])
-  fallback = evaluate.evaluate_predictor(cfg, predictor, index, str(tmp_path / "e2"), 0.5)
+  trained.calibration = None
+  fallback = after_training.evaluate(trained, str(tmp_path / "e2"))
   assert fallback["fusion"] == "reference" and "calibrated" not in fallback["scorings"]
   assert fallback["scorings"]["refiner"] == m["scorings"]["refiner"]
-  pooled = dataclasses.replace(predictor, pool=inference.build_prompt_pool(predictor, index, cfg))
-  stale = dict(first, **{"global": dict(g, prompt_mode="class")})
+  trained.calibration = dict(first, **{"global": dict(g, prompt_mode="class")})  # stale
+  with cfg.unlocked():
+    cfg.eval.prompt_mode = "pool"
   with pytest.raises(calibration.PromptModeError, match="prompt_mode=pool"):
-    evaluate.evaluate_predictor(cfg, pooled, index, str(tmp_path / "e3"), 0.5, calibration=stale)
+    after_training.evaluate(trained, str(tmp_path / "e3"))
+  assert len(pools) == 1
 
 
 def _groups(informative: str, n=12, seed=0):

@@ -62,19 +62,22 @@ def _args(monkeypatch, module, command, argv):
 
 
 def test_flags_keep_their_meaning(monkeypatch):
-  from onenip_jax import evaluate, export, predict  # pylint: disable=g-import-not-at-top
+  from onenip_jax import (after_training, evaluate, export,  # pylint: disable=g-import-not-at-top
+                          predict)
   a = _args(monkeypatch, predict, cli.predict,
             ["img1", "--exported", "E", "--heatmaps", "dir2", "--batch-size", "3", "--save-maps",
              "--threshold=0.5"])
   assert (a.inputs, a.exported, a.out, a.heatmaps, a.batch_size, a.save_maps, a.skip_bad,
           a.threshold) == (["img1", "dir2"], "E", "predictions", True, 3, True, False, 0.5)
-  a = _args(monkeypatch, evaluate, cli.evaluate,
+  a = _args(monkeypatch, after_training, cli.evaluate,  # a checkpoint: the Flax evaluation
             ["--workdir", "W", "--config.eval.prompt_mode", "pool", "--step=4",
              "--config.eval.batch_size=4", "--noconfig.eval.heatmaps"])
   assert (a.workdir, a.exported, a.step, a.config, a.batch_size, a.heatmaps) == (
       "W", None, 4, None, 8, False)
   assert a.overrides == ["--config.eval.prompt_mode", "pool", "--config.eval.batch_size=4",
                          "--noconfig.eval.heatmaps"]
+  a = _args(monkeypatch, evaluate, cli.evaluate, ["--exported", "E", "--batch-size", "2"])
+  assert (a.workdir, a.exported, a.batch_size) == (None, "E", 2)  # an export: flax-free
   a = _args(monkeypatch, export, cli.export, ["--workdir", "W", "--out", "O",
                                               "--threshold-fraction", "0.2", "--calibrate-on-test"])
   assert (a.threshold_fraction, a.target_fpr, a.calibrate_on_test, a.threshold_dir,

@@ -1,4 +1,5 @@
-"""The fused threefry stream equals jax.random's, so dropout masks and jitter noise are unchanged."""
+"""The unrolled threefry stream (XLA:CPU) equals jax.random's (every other backend): the same bits,
+dropout masks and jitter noise on either path."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,30 @@ def test_other_prng_impls_fall_back_to_jax_random():
   key = jax.random.key(0, impl="rbg")
   np.testing.assert_array_equal(dropout.random_bits(key, (4, 3)), jax.random.bits(key, (4, 3), jnp.uint32))
   np.testing.assert_array_equal(dropout.normal(key, (4,)), jax.random.normal(key, (4,)))
+
+
+@pytest.mark.parametrize("key", KEYS)
+@pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 3, 33, 17)])
+def test_unrolled_and_library_paths_draw_the_same(key, shape):
+  for fn in (dropout.random_bits, dropout.uniform, dropout.normal):
+    f = jax.jit(lambda k, u, fn=fn: fn(k, shape, unrolled=u), static_argnums=1)
+    np.testing.assert_array_equal(f(key, True), f(key, False))
+  np.testing.assert_array_equal(dropout.bernoulli(key, 0.9, shape, unrolled=True),
+                                dropout.bernoulli(key, 0.9, shape, unrolled=False))
+  x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape) + 1.0
+  masks = [dropout.Dropout(0.3, unrolled=u).apply({}, x, deterministic=False,
+                                                  rngs={"dropout": key}) for u in (True, False)]
+  np.testing.assert_array_equal(masks[0], masks[1])
+
+
+def test_the_unrolled_path_is_the_cpu_default(monkeypatch):
+  key, shape = jax.random.key(0), (64, 64)
+  hlo = lambda: jax.jit(lambda k: dropout.bernoulli(k, 0.9, shape)).lower(key).as_text()
+  assert dropout.unrolled_by_default() == (jax.default_backend() == "cpu")
+  monkeypatch.setattr(dropout, "unrolled_by_default", lambda: False)  # as on GPU and TPU
+  assert "while" in hlo()   # jax.random's threefry (a rolled loop when lowered for CPU)
+  monkeypatch.setattr(dropout, "unrolled_by_default", lambda: True)
+  assert "while" not in hlo()
 
 
 def test_mask_is_fused_not_a_rolled_loop():

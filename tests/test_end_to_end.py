@@ -103,9 +103,9 @@ def test_two_processes_match_one(trained, tmp_path):
   # into updates of size ~lr, so the params are compared against the size of the update.
   from onenip_jax import inference, restore, sharding, train_state  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
-  cfg, two, _, step_two = restore.load_checkpoint(workdir, mesh, 4)
-  _, one, _, step_one = restore.load_checkpoint(trained, mesh, 4)
-  assert step_two == step_one == 4
+  two, one = restore.load_checkpoint(workdir, mesh, 4), restore.load_checkpoint(trained, mesh, 4)
+  assert two.step == one.step == 4
+  cfg, two, one = two.cfg, two.predictor, one.predictor
   model, features = inference.make_model(cfg)
   init = train_state.init_state(cfg, model, train_state.make_optimizer(cfg, 1), features)
   p2, p1, p0 = (np.concatenate([np.ravel(x) for x in _leaves(t)])

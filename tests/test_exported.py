@@ -82,8 +82,9 @@ def _calibration(cfg, index, predictor):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  """(cfg, index, flax predictor with pool, calibrated export dir, calibration) of an untrained
-  Lite0 at 64 px; the index holds out 1 of the 6 training normals of each class."""
+  """(cfg, index, flax predictor with pool, calibrated export dir, calibration, its
+  `inference.Trained`) of an untrained Lite0 at 64 px; the index holds out 1 of the 6 training
+  normals of each class."""
   import jax  # pylint: disable=g-import-not-at-top
   from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
   from onenip_jax import (export, export_thresholds, inference,  # pylint: disable=g-import-not-at-top
@@ -104,21 +105,18 @@ def tiny(tmp_path_factory):
                                                  features),
                   out_shardings=sharding.replicated(mesh))()
   backbone = jax.device_put(features.load_variables(cfg.backbone), sharding.replicated(mesh))
-  predictor = inference.Predictor(model, features, {"params": state.params,
-                                                    "batch_stats": state.batch_stats},
-                                  backbone, mesh)
-  predictor.pool = inference.build_prompt_pool(predictor, index, cfg)
-  fusion_c = 0.37
-  cal = _calibration(cfg, index, predictor)
-  entry = scoring_modes.make_scoring(cfg, fusion_c, cal)
-  samples, sources = export_thresholds.default_threshold_samples(index, predictor.pool, 0.5,
+  trained = inference.Trained.from_state(cfg, state, index, features, backbone, mesh)
+  trained.fusion_c = 0.37
+  predictor = trained.predictor_for("pool")
+  trained.calibration = cal = _calibration(cfg, index, predictor)
+  entry = scoring_modes.make_scoring(cfg, trained.fusion_c, cal)
+  samples, sources = export_thresholds.default_threshold_samples(index, trained.pool, 0.5,
                                                                  cfg.seed)
-  thresholds = export_thresholds.make_thresholds(predictor, cfg, entry, samples, index,
-                                                 "holdout-normals", 0.25, class_sources=sources)
+  thresholds = export_thresholds.make_thresholds(trained, entry, samples, "holdout-normals", 0.25,
+                                                 class_sources=sources)
   out = str(base / "export")
-  export.write_export(out, cfg, predictor, index.classes, fusion_c, 0, thresholds,
-                      calibration=cal, scoring_entry=entry)
-  return cfg, index, predictor, out, cal
+  export.write_export(out, trained, thresholds, scoring_entry=entry)
+  return cfg, index, predictor, out, cal, trained
 
 
 def _run_blocked(cmd, tmp_path):
@@ -131,7 +129,7 @@ def _run_blocked(cmd, tmp_path):
 
 
 def test_export_layout_and_metadata(tiny):
-  _, index, _, out, cal = tiny
+  _, index, _, out, cal, _ = tiny
   assert sorted(os.listdir(out)) == ["export.json", "predictor.jaxexport",
                                      "predictor_weights.npz", "prompt_pool.npz"]
   with open(os.path.join(out, "export.json"), encoding="utf-8") as f:
@@ -196,7 +194,7 @@ def test_preprocessing_matches_tf_pipeline(tmp_path):
 
 def test_predict_without_flax_tf_orbax_matches_the_checkpoint_predictor(tiny, tmp_path):
   from onenip_jax import eval_maps, scoring_modes  # pylint: disable=g-import-not-at-top
-  cfg, index, predictor, out, cal = tiny
+  cfg, index, predictor, out, cal, _ = tiny
   samples = [s for s in index.test if s.cls == "alpha" and s.defect == "crack"]
   folder = os.path.dirname(samples[-1].path)
   _run_blocked(["onenip-predict", "--exported", out, "--out", str(tmp_path / "exp"),
@@ -223,10 +221,10 @@ def test_predict_without_flax_tf_orbax_matches_the_checkpoint_predictor(tiny, tm
 
 
 def test_eval_without_flax_tf_orbax_matches_the_checkpoint_eval(tiny, tmp_path):
-  from onenip_jax import evaluate, reports  # pylint: disable=g-import-not-at-top
-  cfg, index, predictor, out, cal = tiny
-  theirs = evaluate.evaluate_predictor(cfg, predictor, index, str(tmp_path / "ckpt"), 0.37,
-                                       calibration=cal)  # pool prompts: the global calibration
+  from onenip_jax import after_training, reports  # pylint: disable=g-import-not-at-top
+  out, cal, trained = tiny[3:]
+  # pool prompts (eval.prompt_mode): the global calibration
+  theirs = after_training.evaluate(trained, str(tmp_path / "ckpt"))
   _run_blocked(["onenip-eval", "--exported", out, "--out", str(tmp_path / "exp")], tmp_path)
   mine = reports.read_metrics(tmp_path / "exp")
   assert mine["backend"] == "exported"
@@ -248,10 +246,13 @@ def test_eval_without_flax_tf_orbax_matches_the_checkpoint_eval(tiny, tmp_path):
 
 
 def test_reference_fallback_without_calibration(tiny, tmp_path):
+  import copy  # pylint: disable=g-import-not-at-top
   from onenip_jax import eval_maps, export, exported, scoring_modes  # pylint: disable=g-import-not-at-top
-  cfg, index, predictor, calibrated_out, _ = tiny
+  cfg, index, predictor, calibrated_out, _, trained = tiny
   out = str(tmp_path / "reference")
-  export.write_export(out, cfg, predictor, index.classes, 0.37, 0)  # a run without calibration
+  uncalibrated = copy.copy(trained)  # the same network and pool, a run without calibration
+  uncalibrated.calibration = None
+  export.write_export(out, uncalibrated)
   meta = exported.read_meta(out)
   sc = meta["scoring"]
   assert sc["fusion"] == "reference" and meta["calibration"] is None
@@ -287,7 +288,7 @@ def test_an_older_export_format_fails_in_one_line_naming_the_re_export(tiny, tmp
 
 def test_maskless_protocol_and_float32_maps(tiny, tmp_path):
   from onenip_jax import eval_maps, report_builder, scoring_modes  # pylint: disable=g-import-not-at-top
-  cfg, index, predictor, _, _ = tiny
+  cfg, index, predictor = tiny[:3]
   samples = [s for s in index.test if s.cls == "alpha"]
   maps = eval_maps.collect_maps(predictor, samples, index, cfg)
   assert maps["rec"].dtype == np.float32 and maps["ref"].dtype == np.float32

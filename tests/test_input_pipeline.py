@@ -9,7 +9,6 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-import data_pipelines
 from onenip_jax import base_config as common
 from data_pipelines import indexing
 from data_pipelines import input_pipeline as ip
@@ -36,7 +35,7 @@ def _fake_synthesize(image, seed, textures, cfg):
 def fake_synthesis(monkeypatch):
   fake = types.ModuleType("data_pipelines.synthesis")
   fake.synthesize = _fake_synthesize
-  monkeypatch.setattr(data_pipelines, "synthesis", fake, raising=False)
+  monkeypatch.setattr(ip, "synthesis", fake)  # the module input_pipeline synthesises with
   monkeypatch.setattr(textures, "texture_paths", lambda d: ["unused.jpg"])
   return fake
 

@@ -109,7 +109,7 @@ def _scores(path) -> dict:
 
 
 def test_offline_install_matches_the_full_install(tiny, tmp_path):  # noqa: F811
-  _, index, _, export_dir, _ = tiny
+  _, index, _, export_dir, _, _ = tiny
   start = time.monotonic()
   bin_dir = _offline_venv(tmp_path)
   print(f"venv and offline install: {time.monotonic() - start:.0f} s")

@@ -57,8 +57,8 @@ def _checkpoints(workdir) -> list:
 def _stored_state(workdir, step=None):
   """(step, fusion constant) of a checkpoint, read back as onenip-eval / -export do."""
   from onenip_jax import restore, sharding  # pylint: disable=g-import-not-at-top
-  _, _, fusion_c, got = restore.load_checkpoint(str(workdir), sharding.make_mesh(), step)
-  return got, fusion_c
+  trained = restore.load_checkpoint(str(workdir), sharding.make_mesh(), step)
+  return trained.step, trained.fusion_c
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(extended,
   with open(biggest, "r+b") as f:
     f.truncate(os.path.getsize(biggest) // 2)
   with caplog.at_level(logging.WARNING, logger="onenip"):
-    _, _, _, step = restore.load_checkpoint(workdir, sharding.make_mesh())
+    step = restore.load_checkpoint(workdir, sharding.make_mesh()).step
   assert step == 3
   damaged = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
   assert len(damaged) == 1 and "\n" not in damaged[0] and len(damaged[0]) < 600

@@ -1,15 +1,18 @@
-"""Dropout and Gaussian noise with JAX's own threefry stream, fused by XLA on every backend.
+"""Dropout and Gaussian noise: `jax.random`, with threefry unrolled on XLA:CPU.
 
 JAX lowers threefry2x32 for CPU as a rolled 5-iteration loop (to keep compile times short), so every
 round reads and writes the whole counter array: on XLA:CPU a dropout mask of 7.4M elements costs
-~150 ms, more than the attention that uses it. Here the same 20 rounds are written out as plain
-uint32 arithmetic, which XLA fuses into one elementwise loop (and into the mask's consumer).
+~150 ms, more than the attention that uses it. On the CPU backend the same 20 rounds are written out
+here as plain uint32 arithmetic, which XLA fuses into one elementwise loop (and into the mask's
+consumer). On GPU and TPU, whose lowerings of threefry are already fused, every function here is the
+`jax.random` one (`unrolled_by_default`).
 
-The bits are identical to `jax.random.bits(key, shape)` for threefry keys (the default
+The unrolled bits are identical to `jax.random.bits(key, shape)` for threefry keys (the default
 `jax_threefry_partitionable` counter layout), and `bernoulli`, `normal` and `Dropout` repeat
-`jax.random.bernoulli`, `jax.random.normal` and `flax.linen.Dropout` operation for operation: a run
-draws exactly the masks and noise it drew with the library functions, so checkpoints resume on the
-same trajectory. Keys of any other PRNG implementation fall back to `jax.random`.
+`jax.random.bernoulli`, `jax.random.normal` and `flax.linen.Dropout` operation for operation: both
+paths draw exactly the same masks and noise, so a run resumes on the same trajectory on any backend.
+Keys of any other PRNG implementation always use `jax.random`. Each function's `unrolled` argument
+(None: `unrolled_by_default()`) picks the path.
 """
 import math
 from typing import Optional, Sequence
@@ -57,14 +60,23 @@ def _key_words(key: jax.Array) -> Optional[tuple]:
   return key[0], key[1]
 
 
-def _is_threefry(key: jax.Array) -> bool:
-  return _key_words(key) is not None
+def unrolled_by_default() -> bool:
+  """Whether the unrolled threefry is used: on the CPU backend only (module doc)."""
+  return jax.default_backend() == "cpu"
 
 
-def random_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
-  """uint32 bits of `shape`, equal to `jax.random.bits(key, shape)` (typed threefry key)."""
+def _use_unrolled(key: jax.Array, unrolled: Optional[bool]) -> bool:
+  """The unrolled path for a threefry `key`: `unrolled`, or `unrolled_by_default()` if None."""
+  if _key_words(key) is None:
+    return False
+  return unrolled_by_default() if unrolled is None else bool(unrolled)
+
+
+def random_bits(key: jax.Array, shape: Sequence[int],
+                unrolled: Optional[bool] = None) -> jax.Array:
+  """uint32 bits of `shape`: `jax.random.bits(key, shape)`, unrolled on CPU (module doc)."""
   shape = tuple(int(d) for d in shape)
-  if not _is_threefry(key):
+  if not _use_unrolled(key, unrolled):
     return jax.random.bits(key, shape, jnp.uint32)
   size = math.prod(shape)
   if size >= 2 ** 32:
@@ -75,29 +87,32 @@ def random_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
   return y1 ^ y2
 
 
-def uniform(key: jax.Array, shape: Sequence[int], minval: float = 0.0,
-            maxval: float = 1.0) -> jax.Array:
-  """float32 U[minval, maxval), the same values as `jax.random.uniform` (threefry key)."""
-  if not _is_threefry(key):
+def uniform(key: jax.Array, shape: Sequence[int], minval: float = 0.0, maxval: float = 1.0,
+            unrolled: Optional[bool] = None) -> jax.Array:
+  """float32 U[minval, maxval) of `shape`: `jax.random.uniform`, unrolled on CPU."""
+  if not _use_unrolled(key, unrolled):
     return jax.random.uniform(key, tuple(shape), jnp.float32, minval, maxval)
-  bits = random_bits(key, shape)
+  bits = random_bits(key, shape, unrolled=True)
   mantissa = (bits >> np.uint32(32 - 23)) | np.uint32(np.float32(1.0).view(np.uint32))
   floats = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - jnp.float32(1.0)
   lo, hi = jnp.float32(minval), jnp.float32(maxval)
   return jnp.maximum(lo, floats * (hi - lo) + lo)
 
 
-def bernoulli(key: jax.Array, p: float, shape: Sequence[int]) -> jax.Array:
-  """bool mask, True with probability p: `jax.random.bernoulli(key, p, shape)`."""
-  return uniform(key, shape) < jnp.float32(p)
+def bernoulli(key: jax.Array, p: float, shape: Sequence[int],
+              unrolled: Optional[bool] = None) -> jax.Array:
+  """bool mask of `shape`, True with probability p: `jax.random.bernoulli`, unrolled on CPU."""
+  if not _use_unrolled(key, unrolled):
+    return jax.random.bernoulli(key, p, tuple(shape))
+  return uniform(key, shape, unrolled=True) < jnp.float32(p)
 
 
-def normal(key: jax.Array, shape: Sequence[int]) -> jax.Array:
-  """float32 standard normal samples: `jax.random.normal(key, shape)`."""
-  if not _is_threefry(key):
+def normal(key: jax.Array, shape: Sequence[int], unrolled: Optional[bool] = None) -> jax.Array:
+  """float32 standard normal samples of `shape`: `jax.random.normal`, unrolled on CPU."""
+  if not _use_unrolled(key, unrolled):
     return jax.random.normal(key, tuple(shape), jnp.float32)
   lo = np.nextafter(np.float32(-1.0), np.float32(0.0), dtype=np.float32)
-  u = uniform(key, shape, lo, 1.0)
+  u = uniform(key, shape, lo, 1.0, unrolled=True)
   return jnp.float32(np.sqrt(2)) * jax.lax.erf_inv(u)
 
 
@@ -106,8 +121,10 @@ class Dropout(nn.Module):
 
   Attributes:
     rate: probability of zeroing an element.
+    unrolled: the mask's threefry path (None: `unrolled_by_default()`).
   """
   rate: float
+  unrolled: Optional[bool] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool,
@@ -119,5 +136,5 @@ class Dropout(nn.Module):
       return jnp.zeros_like(x)
     keep = 1.0 - self.rate
     key = self.make_rng("dropout") if rng is None else rng
-    mask = bernoulli(key, keep, x.shape)
+    mask = bernoulli(key, keep, x.shape, unrolled=self.unrolled)
     return jax.lax.select(mask, x / keep, jnp.zeros_like(x))

@@ -24,6 +24,7 @@ import tarfile
 import zipfile
 from typing import Any, Mapping
 
+import ml_dtypes  # installed with jax
 import numpy as np
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -31,7 +32,6 @@ _LEGACY_PROTOCOL = 1001
 
 
 def _bfloat16():
-  import ml_dtypes  # installed with jax
   return np.dtype(ml_dtypes.bfloat16)
 
 
