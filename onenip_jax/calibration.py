@@ -4,7 +4,7 @@ vectors (`onenip_jax.scoring`), scored one class at a time by `onenip_jax.calibr
 
 The validation set of a class is its held-out normal training images (`index.holdout`, label 0,
 empty masks) and K synthetic anomalies made from each by the training synthesis with another seed
-(`validation.calibrate_predictor` collects its maps). Calibration then
+(`validation.calibrate` collects its maps). Calibration then
   1. normalises each map by its pixel mean / std on the held-out NORMAL images, the refiner's in
      log-odds (its probabilities are nearly binary: their std on normals is ~1e-4, which made any
      w > 0 rank pixels by the refiner alone):

@@ -8,7 +8,6 @@ import jax
 import numpy as np
 
 from data_pipelines import input_pipeline
-from data_pipelines.indexing import class_rows  # noqa: F401  (the validation set's class rows)
 from onenip_jax import inference, sharding
 
 

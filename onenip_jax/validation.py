@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from data_pipelines import indexing
 from onenip_jax import calibration as calib
 from onenip_jax import eval_maps
 
@@ -66,7 +67,7 @@ class ValidationMaps(Mapping):
 
   def __init__(self, cfg, predictor, index, normals_only: bool = False):
     self.cfg, self.predictor, self.index, self.normals_only = cfg, predictor, index, normals_only
-    self.rows = dict(eval_maps.class_rows(index.holdout, index.classes))
+    self.rows = dict(indexing.class_rows(index.holdout, index.classes))
 
   def __iter__(self):
     return iter(self.rows)
