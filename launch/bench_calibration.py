@@ -32,7 +32,10 @@ import time
 import types
 from collections.abc import Mapping
 
+import jax
 import numpy as np
+
+from onenip_jax import base_config, calibration
 
 REFERENCE = (1.0, 0.5, 16)  # c, alpha, box of the reference fusion's figures
 
@@ -126,7 +129,6 @@ def _figures(result: dict) -> dict:
 def check(args) -> None:
   """Both implementations on the same maps in this process: prints the largest difference of any
   figure and whether every choice is the same."""
-  from onenip_jax import base_config, calibration  # pylint: disable=g-import-not-at-top
   cfg = base_config.get_base_config().calibration
   groups = dict(SyntheticGroups(class_counts(args.classes, args.normals), args.per_image,
                                 args.res[0]))
@@ -151,8 +153,6 @@ def _rss_gib() -> float:
 def run_one(args) -> dict:
   """One (impl, res) in this process: {impl, res, maps, seconds, host_gib, host_above_gib,
   device_gib, global}."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from onenip_jax import base_config, calibration  # pylint: disable=g-import-not-at-top
   cfg = base_config.get_base_config().calibration
   counts = class_counts(args.classes, args.normals)
   groups = SyntheticGroups(counts, args.per_image, args.res)
