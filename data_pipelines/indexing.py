@@ -37,7 +37,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from data_pipelines import demo_data, image_checks, layouts, pil_decode, records, storage
+from data_pipelines import demo_data, image_checks, layouts, pil_decode, storage
+from data_pipelines import records as record_shards
 from data_pipelines.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -207,8 +208,8 @@ def _index_one(dcfg: dict, cache_path: Optional[str] = None) -> tuple:
   """(train, test, classes) of one dataset config (no merging)."""
   layout, root = dcfg["layout"], dcfg["root"]
   if layout == "tfds":  # record shards written by tfds_builder: their stored index, no decoding
-    train, test, classes = records.load_index(dcfg["tfds_data_dir"], dcfg["tfds_name"],
-                                              dcfg["classes"])
+    train, test, classes = record_shards.load_index(dcfg["tfds_data_dir"], dcfg["tfds_name"],
+                                                    dcfg["classes"])
     return [Sample(**s) for s in train], [Sample(**s) for s in test], classes
   if layout == "demo":  # the built-in demo: generated (once) in MVTec layout at data.root
     if not root:
