@@ -169,8 +169,19 @@ def sorted_auroc_ap(neg: np.ndarray, pos: np.ndarray) -> tuple[float, float]:
   return auroc, ap
 
 
+def _layout(d: ClassMaps, fold: np.ndarray, folds: int) -> tuple[np.ndarray, np.ndarray]:
+  """Where each fold's negatives and positives start in a candidate's buffer (`_candidate_np`):
+  (folds + 1,) offsets of the negatives, then (folds + 1,) of the positives."""
+  row_pos = np.count_nonzero(d.mask.reshape(d.n, -1), axis=1)
+  fold_pos = np.bincount(fold, weights=row_pos, minlength=folds).astype(np.int64)
+  fold_px = np.bincount(fold, minlength=folds).astype(np.int64) * int(np.prod(d.shape))
+  neg_at = np.r_[0, np.cumsum(fold_px - fold_pos)]
+  return neg_at, neg_at[-1] + np.r_[0, np.cumsum(fold_pos)]
+
+
 def _candidate_np(d: ClassMaps, v: np.ndarray, fold: np.ndarray, n_folds: int,
-                  pool_sizes: Sequence[int], work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                  layout: tuple[np.ndarray, np.ndarray], pool_sizes: Sequence[int],
+                  work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(pixel (1 + n_folds, 2), image (len(pool_sizes), n)) figures of the scoring vector `v` on the
   host. `scoring.score_host` scores up to 32 rows of a fold at a time; their negative and
   positive pixel scores go to `work` ((H W n,) float32, reused: fresh pages are slow to fault
@@ -178,15 +189,10 @@ def _candidate_np(d: ClassMaps, v: np.ndarray, fold: np.ndarray, n_folds: int,
   sorted and counted (`sorted_auroc_ap`), then all negatives and all positives.
 
   Args:
-    fold: (n,) int64 fold of each row in [0, max(n_folds, 1)).
+    fold: (n,) int64 fold of each row in [0, max(n_folds, 1)); layout: `_layout`'s.
   """
   image = np.zeros((len(pool_sizes), d.n), np.float32)
-  folds = max(n_folds, 1)
-  row_pos = np.count_nonzero(d.mask.reshape(d.n, -1), axis=1)
-  fold_pos = np.bincount(fold, weights=row_pos, minlength=folds).astype(np.int64)
-  fold_px = np.bincount(fold, minlength=folds).astype(np.int64) * int(np.prod(d.shape))
-  neg_at = np.r_[0, np.cumsum(fold_px - fold_pos)]
-  pos_at = neg_at[-1] + np.r_[0, np.cumsum(fold_pos)]
+  folds, (neg_at, pos_at) = max(n_folds, 1), layout
   for k in range(folds):
     rows_k, n_at, p_at = np.flatnonzero(fold == k), neg_at[k], pos_at[k]
     for i in range(0, len(rows_k), 32):
@@ -250,9 +256,10 @@ def class_figures(d: ClassMaps, vectors: np.ndarray, pool_sizes: Sequence[int],
     threads = max(1, min(os.cpu_count() or 1, len(vectors),
                          _HOST_BUDGET // max(4 * d.rec.size, 1)))
     spaces = [np.empty(d.rec.size, np.float32) for _ in range(threads)]
+    layout = _layout(d, fold, max(n_folds, 1))
 
     def run(t):  # thread t scores candidates t, t + threads, ...
-      return [_candidate_np(d, vectors[c], fold, n_folds, pool_sizes, spaces[t])
+      return [_candidate_np(d, vectors[c], fold, n_folds, layout, pool_sizes, spaces[t])
               for c in range(t, len(vectors), threads)]
 
     done = list(_threads().map(run, range(threads)))  # numpy and XLA drop the GIL
