@@ -41,13 +41,18 @@ def iterate_maps(predictor, samples, index, cfg, seed_positions=None, synthesis_
     yield out
 
 
-def collect_maps(predictor, samples, index, cfg, seed_positions=None, synthesis_seed=None) -> dict:
-  """All maps of `samples` as host arrays ordered like `samples` (see `iterate_maps` for the keys)."""
+def collect_maps(predictor, samples, index, cfg, seed_positions=None, synthesis_seed=None,
+                 out=None) -> dict:
+  """All maps of `samples` as host arrays ordered like `samples` (see `iterate_maps` for the keys).
+  `out`: {key: (len(samples), ...) array} written in place of new arrays for those keys (e.g.
+  views of a larger array)."""
   n, size = len(samples), cfg.input_size
-  out = {"rec": np.zeros((n, size, size), np.float32), "ref": None,
-         "mask": np.zeros((n, size, size), bool), "has_mask": np.zeros(n, bool),
-         "label": np.zeros(n, np.int32), "class_id": np.zeros(n, np.int32),
-         "pool_choice": np.full(n, -1, np.int32)}
+  made = {"rec": lambda: np.zeros((n, size, size), np.float32), "ref": lambda: None,
+          "mask": lambda: np.zeros((n, size, size), bool), "has_mask": lambda: np.zeros(n, bool),
+          "label": lambda: np.zeros(n, np.int32), "class_id": lambda: np.zeros(n, np.int32),
+          "pool_choice": lambda: np.full(n, -1, np.int32)}
+  given = out or {}
+  out = {k: given[k] if k in given else make() for k, make in made.items()}
   for b in iterate_maps(predictor, samples, index, cfg, seed_positions, synthesis_seed):
     idx = b["index"]
     if b["ref"] is not None and out["ref"] is None:

@@ -88,12 +88,11 @@ class ValidationMaps(Mapping):
             "mask": np.zeros(shape, bool)}
     offset = 0
     for pass_samples, positions, seed in passes:  # written in place: one copy of the maps
-      for b in eval_maps.iterate_maps(self.predictor, pass_samples, self.index, self.cfg,
-                                      seed_positions=positions, synthesis_seed=seed):
-        for key in maps:
-          if b[key] is not None:  # ref: None without a refiner
-            maps[key][offset + b["index"]] = b[key]
-      offset += len(pass_samples)
+      end = offset + len(pass_samples)
+      eval_maps.collect_maps(self.predictor, pass_samples, self.index, self.cfg,
+                             seed_positions=positions, synthesis_seed=seed,
+                             out={key: a[offset:end] for key, a in maps.items()})
+      offset = end
     source = np.tile(_image_ids(samples), k + 1)
     if self.normals_only:
       return {"rec": maps["rec"], "ref": maps["ref"], "source": source}
