@@ -34,7 +34,7 @@ setup(
     ],
     python_requires=">=3.10",
     # Exactly two top-level packages. configs/*.py are files loaded by path (their shared defaults
-    # are onenip_jax.base_config); launch/*.py are scripts run by path or with `python -m launch.X`
+    # are onenip_jax.config.base); launch/*.py are scripts run by path or with `python -m launch.X`
     # from the repository root.
     packages=find_packages(include=["onenip_jax", "onenip_jax.*", "data_pipelines", "data_pipelines.*"]),
     # The plain install is the offline consumer of an export: `onenip-predict --exported` and

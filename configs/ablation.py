@@ -22,7 +22,7 @@ Depths (Tab. 4b): enc=1..4, dec=1..4 args.
 """
 import os
 
-from onenip_jax import base_config, config_loading
+from onenip_jax.config import base, loading
 
 # The sibling config file, loaded by path (config files are not a package).
 _MVTEC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mvtec.py")
@@ -39,10 +39,10 @@ _VARIANTS = {
 
 
 def get_config(arg=None):
-  a = base_config.parse_args(arg, variant="full", enc=4, dec=4, res=224, backbone="b4")
+  a = base.parse_args(arg, variant="full", enc=4, dec=4, res=224, backbone="b4")
   if a["variant"] not in _VARIANTS:
     raise ValueError(f"variant={a['variant']!r}: expected one of {sorted(_VARIANTS)}")
-  c = config_loading.load_python_file(_MVTEC).get_config(f"res={a['res']},backbone={a['backbone']}")
+  c = loading.load_python_file(_MVTEC).get_config(f"res={a['res']},backbone={a['backbone']}")
   variant = dict(_VARIANTS[a["variant"]])
   c.loss.restoration = variant.pop("restoration")
   c.model.update(variant)

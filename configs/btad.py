@@ -10,7 +10,7 @@ differ: data_pipelines/layouts.py).
       --config.backbone.weights=~/weights/b4.msgpack
 
 Arguments: res=224|256|320, backbone=b4|lite2|..., layout=mvtec|meta,
-protocol=calibrated|paper|frozen_c (`base_config.PROTOCOLS`; paper: the published protocol,
+protocol=calibrated|paper|frozen_c (`base.PROTOCOLS`; paper: the published protocol,
 comparable to the line below). layout=meta reads the
 json-lines meta files data/btad/train.json and test.json of the OneNIP repository
 (https://github.com/gaobb/OneNIP, made like UniAD's), paths relative to the same `data.root`:
@@ -18,12 +18,12 @@ add --config.data.meta_train=~/OneNIP/data/btad/train.json
 --config.data.meta_test=~/OneNIP/data/btad/test.json.
 Reference (v2 log, 224): mean 93.17 / 98.53 / 97.42 / 56.33.
 """
-from onenip_jax import base_config
+from onenip_jax.config import base
 
 CLASSES = ("01", "02", "03")
 
 
 def get_config(arg=None):
-  return base_config.dataset_config(arg, layout="mvtec", classes=CLASSES,
-                                    root="data/BTAD/BTech_Dataset_transformed",
-                                    meta_dir="data/BTAD")[0]
+  return base.dataset_config(arg, layout="mvtec", classes=CLASSES,
+                             root="data/BTAD/BTech_Dataset_transformed",
+                             meta_dir="data/BTAD")[0]

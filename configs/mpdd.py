@@ -11,11 +11,11 @@ ground_truth/<defect>/NNN_mask.png).
 Arguments: res=224|256|320, backbone=b4|lite2|..., layout=mvtec|meta (meta files of one's own:
 --config.data.meta_train=... --config.data.meta_test=...). No published OneNIP reference.
 """
-from onenip_jax import base_config
+from onenip_jax.config import base
 
 CLASSES = ("bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes")
 
 
 def get_config(arg=None):
-  return base_config.dataset_config(arg, layout="mvtec", classes=CLASSES, root="data/MPDD",
-                                    meta_dir="data/MPDD")[0]
+  return base.dataset_config(arg, layout="mvtec", classes=CLASSES, root="data/MPDD",
+                             meta_dir="data/MPDD")[0]

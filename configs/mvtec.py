@@ -18,18 +18,18 @@ instead, data/MVTec-AD/train.json and test.json of the UniAD repository
       --config.data.meta_train=~/UniAD/data/MVTec-AD/train.json \
       --config.data.meta_test=~/UniAD/data/MVTec-AD/test.json
 
-Protocols: protocol=calibrated|paper|frozen_c (`base_config.PROTOCOLS`; paper: the published protocol,
+Protocols: protocol=calibrated|paper|frozen_c (`base.PROTOCOLS`; paper: the published protocol,
 comparable to the line below).
 
 Reference (v2 log, 224): mean I-AUROC 97.96, I-AP 99.34, P-AUROC 97.91, P-AP 63.87.
 """
-from onenip_jax import base_config
+from onenip_jax.config import base
 
 CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
            "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
 
 
 def get_config(arg=None):
-  return base_config.dataset_config(arg, layout="mvtec", classes=CLASSES,
-                                    root="data/MVTec-AD/mvtec_anomaly_detection",
-                                    meta_dir="data/MVTec-AD")[0]
+  return base.dataset_config(arg, layout="mvtec", classes=CLASSES,
+                             root="data/MVTec-AD/mvtec_anomaly_detection",
+                             meta_dir="data/MVTec-AD")[0]

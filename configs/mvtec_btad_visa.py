@@ -18,14 +18,14 @@ data/mvtec+btad+visa/train.json and test.json of the OneNIP repository
       --config.data.meta_train=~/OneNIP/data/mvtec+btad+visa/train.json \
       --config.data.meta_test=~/OneNIP/data/mvtec+btad+visa/test.json
 
-Protocols: protocol=calibrated|paper|frozen_c (`base_config.PROTOCOLS`; paper: the published protocol,
+Protocols: protocol=calibrated|paper|frozen_c (`base.PROTOCOLS`; paper: the published protocol,
 comparable to the line below).
 
 Reference (v2 log, 224): 30-class mean 94.61 / 96.93 / 98.03 / 53.47.
 """
 import os
 
-from onenip_jax import base_config, config_loading
+from onenip_jax.config import base, loading
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DATASETS = ("mvtec", "btad", "visa")
@@ -34,21 +34,21 @@ _EXTRA_KEYS = ("layout", "root", "classes", "meta_train", "meta_test", "visa_csv
 
 def _sibling(name: str, arg: str):
   """The config of the sibling file `<name>.py` (config files are loaded by path)."""
-  return config_loading.load_python_file(os.path.join(_HERE, f"{name}.py")).get_config(arg)
+  return loading.load_python_file(os.path.join(_HERE, f"{name}.py")).get_config(arg)
 
 
 def get_config(arg=None):
-  a = base_config.parse_args(arg, res=224, backbone="b4", layout="download", protocol="calibrated",
-                             **{name: "" for name in _DATASETS})
+  a = base.parse_args(arg, res=224, backbone="b4", layout="download", protocol="calibrated",
+                      **{name: "" for name in _DATASETS})
   common = f"res={a['res']},backbone={a['backbone']},protocol={a['protocol']}"
   if a["layout"] == "meta":
     given = [name for name in _DATASETS if a[name]]
     if given:
       raise ValueError(f"config arguments {given} are folders of the downloads; with layout=meta "
                        "pass the merged folder as --config.data.root")
-    return base_config.dataset_config(common + ",layout=meta", layout="mvtec", classes=(),
-                                      root="data/mvtec+btad+visa",
-                                      meta_dir="data/mvtec+btad+visa")[0]
+    return base.dataset_config(common + ",layout=meta", layout="mvtec", classes=(),
+                               root="data/mvtec+btad+visa",
+                               meta_dir="data/mvtec+btad+visa")[0]
   if a["layout"] != "download":
     raise ValueError(f"config argument layout={a['layout']!r}: expected 'download' (the three "
                      "datasets as downloaded) or 'meta' (merged meta files)")

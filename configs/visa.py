@@ -11,7 +11,7 @@ folder): `data.root` is the folder holding candle/ ... pipe_fryum/ and split_csv
       --config.backbone.weights=~/weights/b4.msgpack
 
 Arguments: res=224|256|320, backbone=b4|lite2|..., layout=visa_csv|meta,
-protocol=calibrated|paper|frozen_c (`base_config.PROTOCOLS`; paper: the published protocol,
+protocol=calibrated|paper|frozen_c (`base.PROTOCOLS`; paper: the published protocol,
 comparable to the line below). layout=meta reads the
 json-lines meta files data/visa/train.json and test.json of the OneNIP repository
 (https://github.com/gaobb/OneNIP), paths relative to the same `data.root`: add
@@ -20,12 +20,12 @@ json-lines meta files data/visa/train.json and test.json of the OneNIP repositor
 (docs/algorithm.md §2.1), the csv does not.
 Reference (v2 log, 224): mean 92.84 / 94.81 / 98.71 / 42.51.
 """
-from onenip_jax import base_config
+from onenip_jax.config import base
 
 CLASSES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
            "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum")
 
 
 def get_config(arg=None):
-  return base_config.dataset_config(arg, layout="visa_csv", classes=CLASSES, root="data/VisA",
-                                    meta_dir="data/VisA")[0]
+  return base.dataset_config(arg, layout="visa_csv", classes=CLASSES, root="data/VisA",
+                             meta_dir="data/VisA")[0]

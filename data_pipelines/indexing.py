@@ -6,7 +6,7 @@ csv) and "demo", read by `layouts.py` (see there); "tfds": record shards written
 from the index stored with the shards: no image is read or decoded while indexing).
 
 `data.extra` holds more dataset configs (dicts with the same keys; a missing key takes the default
-of `onenip_jax/base_config.py`, `skip_bad` that of the main config) merged into one class list. A class
+of `onenip_jax/config/base.py`, `skip_bad` that of the main config) merged into one class list. A class
 name found in more than one dataset becomes `<tag>_<class>` in every dataset that has it, where
 `tag` is the dataset config's optional `tag` key, else the root folder's name (e.g.
 `mvtec_bottle`, `btad_01`); tags that collide get `_<i>` appended (i = dataset position, 0 = main).
@@ -256,7 +256,7 @@ def index_dataset(data_cfg: Any, verify_cache: Optional[str] = None) -> DatasetI
   """Indexes and validates `data_cfg` (config.data) and the datasets of `data_cfg.extra`.
 
   Args:
-    data_cfg: a ConfigDict / mapping with the `data.*` keys of `onenip_jax/base_config.py`.
+    data_cfg: a ConfigDict / mapping with the `data.*` keys of `onenip_jax/config/base.py`.
     verify_cache: optional JSON file (e.g. `<workdir>/verified_images.json`) remembering the
       files that decoded fine, keyed by path, size and mtime, so a resumed run skips them.
 

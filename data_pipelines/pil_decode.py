@@ -2,7 +2,7 @@
 
 The one decoder for what TF's own decoders do not read (BMP, TIFF, 16-bit PNG, ...): the tf.data
 pipeline calls it through `tf.numpy_function`, and the serialised predictor's consumer
-(`onenip_jax.exported`), which has no TensorFlow, calls it for every image.
+(`onenip_jax.serving.program`), which has no TensorFlow, calls it for every image.
 
 `MAX_PIXELS` is the one limit on an image's size (width x height): `onenip-predict` refuses a
 larger image, and indexing one larger than `data.max_pixels` (default this). It is PIL's own

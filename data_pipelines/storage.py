@@ -2,7 +2,7 @@
 
 Paths are plain strings. Two backends serve them:
   * local paths (no `scheme://`): `os`, `shutil` and `open`; TensorFlow is not imported, so the
-    offline consumer (`onenip_jax/exported.py`) stays free of it;
+    offline consumer (`onenip_jax/serving/program.py`) stays free of it;
   * any `scheme://` path (`gs://`, TensorFlow's in-memory `ram://`, ...): `tf.io.gfile`, imported on
     first use. tf.data reads the same paths with `tf.io.read_file`.
 

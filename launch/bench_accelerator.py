@@ -23,10 +23,10 @@ import time
 
 import jax
 
-from onenip_jax import config_loading
+from onenip_jax.config import loading
 
 # The sibling script, by path: launch/ is not an installed package (run by path or with -m).
-bench_train = config_loading.load_python_file(
+bench_train = loading.load_python_file(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_train.py"))
 
 

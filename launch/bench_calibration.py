@@ -35,7 +35,8 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from onenip_jax import base_config, calibration
+from onenip_jax.config import base as base_lib
+from onenip_jax.evaluation import calibration
 
 REFERENCE = (1.0, 0.5, 16)  # c, alpha, box of the reference fusion's figures
 
@@ -43,7 +44,7 @@ REFERENCE = (1.0, 0.5, 16)  # c, alpha, box of the reference fusion's figures
 class SyntheticGroups(Mapping):
   """{class: validation maps} of `n` held-out normals per class and `k` synthetic copies each,
   made on access (deterministic per class); with `normals_only` just the normals' 'rec', 'ref'
-  and 'source' (as `validation.ValidationMaps`)."""
+  and 'source' (as `holdout.ValidationMaps`)."""
 
   def __init__(self, counts, k: int, res: int, normals_only: bool = False):
     self.counts, self.k, self.res, self.normals_only = dict(counts), k, res, normals_only
@@ -129,7 +130,7 @@ def _figures(result: dict) -> dict:
 def check(args) -> None:
   """Both implementations on the same maps in this process: prints the largest difference of any
   figure and whether every choice is the same."""
-  cfg = base_config.get_base_config().calibration
+  cfg = base_lib.get_base_config().calibration
   groups = dict(SyntheticGroups(class_counts(args.classes, args.normals), args.per_image,
                                 args.res[0]))
   old = old_module(args.old_rev)
@@ -153,7 +154,7 @@ def _rss_gib() -> float:
 def run_one(args) -> dict:
   """One (impl, res) in this process: {impl, res, maps, seconds, host_gib, host_above_gib,
   device_gib, global}."""
-  cfg = base_config.get_base_config().calibration
+  cfg = base_lib.get_base_config().calibration
   counts = class_counts(args.classes, args.normals)
   groups = SyntheticGroups(counts, args.per_image, args.res)
   jax.numpy.zeros(1).block_until_ready()

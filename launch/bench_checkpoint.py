@@ -23,10 +23,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from onenip_jax import base_config, checkpoints, config_loading
+from onenip_jax.config import base, loading
+from onenip_jax.training import checkpoints
 
 # The sibling script, by path: launch/ is not an installed package (run by path or with -m).
-bench_train = config_loading.load_python_file(
+bench_train = loading.load_python_file(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_train.py"))
 
 
@@ -34,7 +35,7 @@ def run(mode: str, directory: str, backbone: str, res: int, batch: int, steps: i
         every: int) -> dict:
   """{'step_s': median plain step, 'stall_s': [stall of each save], 'state_mb': size}."""
   step, (state, batch_arrays, bb, cache) = bench_train.build(backbone, "float32", False, batch, res)
-  cfg = base_config.get_base_config()
+  cfg = base.get_base_config()
   shutil.rmtree(directory, ignore_errors=True)
   if mode == "sync":
     manager = ocp.CheckpointManager(os.path.join(directory, "checkpoints"), options=(

@@ -85,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported, here:
   from data_pipelines.tf_setup import import_tensorflow  # pylint: disable=import-outside-toplevel
   tf = import_tensorflow()
-  from onenip_jax.base_config import get_base_config  # pylint: disable=import-outside-toplevel
+  from onenip_jax.config.base import get_base_config  # pylint: disable=import-outside-toplevel
   from data_pipelines import textures as textures_lib  # pylint: disable=import-outside-toplevel
   from data_pipelines.contact_sheet import train_good_paths  # pylint: disable=import-outside-toplevel
   tf.config.set_visible_devices([], "GPU")

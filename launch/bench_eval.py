@@ -25,8 +25,11 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines import indexing
-from onenip_jax import after_training, eval_maps, inference, restore, sharding, train_state
-from onenip_jax.config_loading import load_config
+from onenip_jax import sharding
+from onenip_jax.config.loading import load_config
+from onenip_jax.evaluation import after_training, maps, restore
+from onenip_jax.evaluation import predictor as predictor_lib
+from onenip_jax.training import state as state_lib
 
 
 VISA_CLASSES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
@@ -77,13 +80,13 @@ def main() -> None:
     cfg, predictor, frozen_c = loaded.cfg, loaded.predictor, loaded.fusion_c
   else:
     cfg = load_config(a.config)
-    model, features = inference.make_model(cfg)
-    tx = train_state.make_optimizer(cfg, 1)
-    state = jax.jit(lambda: train_state.init_state(cfg, model, tx, features),
+    model, features = predictor_lib.make_model(cfg)
+    tx = state_lib.make_optimizer(cfg, 1)
+    state = jax.jit(lambda: state_lib.init_state(cfg, model, tx, features),
                     out_shardings=sharding.replicated(mesh))()
     bb = jax.device_put(features.load_variables(cfg.backbone), sharding.replicated(mesh))
-    predictor = inference.Predictor(model, features, {"params": state.params,
-                                                      "batch_stats": state.batch_stats}, bb, mesh)
+    predictor = predictor_lib.Predictor(model, features, {"params": state.params,
+                                                          "batch_stats": state.batch_stats}, bb, mesh)
     frozen_c = 1.0  # a stand-in frozen fusion constant (the default "frozen" path)
   cfg.unlock()
   cfg.eval.batch_size, cfg.eval.heatmaps, cfg.eval.prompt_mode = a.batch, False, "class"
@@ -92,8 +95,8 @@ def main() -> None:
     cfg.data.layout, cfg.data.root, cfg.data.classes = "mvtec", tmp.name, VISA_CLASSES
   index = indexing.index_dataset(cfg.data)
   warm = index.test[:a.batch]
-  eval_maps.collect_maps(predictor, warm, index, cfg)  # compile
-  trained = inference.Trained(cfg, predictor, index=index, fusion_c=frozen_c)  # no calibration
+  maps.collect_maps(predictor, warm, index, cfg)  # compile
+  trained = predictor_lib.Trained(cfg, predictor, index=index, fusion_c=frozen_c)  # no calibration
   t = time.perf_counter()
   after_training.evaluate(trained, a.out)
   dt = time.perf_counter() - t

@@ -21,16 +21,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onenip_jax import base_config
-from onenip_jax import sharding, train, train_state
+from onenip_jax import sharding, train
+from onenip_jax.config import base
 from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
+from onenip_jax.training import state as state_lib
 
 
 def parse_overrides(text: str) -> dict:
   """'attention=einsum,matmul_dtype=bfloat16' -> {'attention': 'einsum', ...}; values are typed
   like the base config's; unknown keys raise."""
-  model = base_config.get_base_config().model
+  model = base.get_base_config().model
   out = {}
   for item in filter(None, text.split(",")):
     key, sep, value = item.partition("=")
@@ -49,8 +50,8 @@ def build(backbone: str, dtype: str, cached: bool, batch: int, res: int,
 
   Returns (step, (state, batch, backbone_vars, cache)); `step(*args)` -> (state, metrics).
   """
-  cfg = base_config.get_base_config()
-  base_config.set_backbone(cfg, backbone)
+  cfg = base.get_base_config()
+  base.set_backbone(cfg, backbone)
   cfg.model.dtype = cfg.model.matmul_dtype = cfg.backbone.dtype = dtype
   for key, value in (overrides or {}).items():
     cfg.model[key] = value
@@ -60,9 +61,9 @@ def build(backbone: str, dtype: str, cached: bool, batch: int, res: int,
   bb = features.backbone.init(jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)))
   bb = jax.device_put(bb, sharding.replicated(mesh))
   model = OneNIP.from_config(cfg.model)
-  tx = train_state.make_optimizer(cfg, 100)
+  tx = state_lib.make_optimizer(cfg, 100)
   repl = sharding.replicated(mesh)
-  state = jax.jit(lambda: train_state.init_state(cfg, model, tx, features),
+  state = jax.jit(lambda: state_lib.init_state(cfg, model, tx, features),
                   out_shardings=repl)()
   rng = np.random.default_rng(0)
   img = lambda: rng.normal(size=(batch, res, res, 3)).astype(np.float32)

@@ -4,7 +4,7 @@ r"""How stable the calibration's choice is across independent synthetic draws (v
       [--config.KEY=VALUE ...]
 
 Collects the validation maps of the run's newest checkpoint with `--per-image` synthetic anomalies
-per held-out image (`validation.validation_groups`: copy j of image r is seeded by its position,
+per held-out image (`holdout.validation_groups`: copy j of image r is seeded by its position,
 so copies 0..draw-1 are exactly the validation set of `calibration.synthetic_per_image=draw`, and
 every further block of `draw` copies is an independent one), then runs `calibration.calibrate`
 on each block (with the same held-out normals) and on all copies, and prints each choice (the
@@ -16,7 +16,8 @@ import time
 
 import numpy as np
 
-from onenip_jax import calibration, restore, sharding, validation
+from onenip_jax import sharding
+from onenip_jax.evaluation import calibration, holdout, restore
 
 
 def copies(groups: dict, keep) -> dict:
@@ -52,7 +53,7 @@ def main() -> None:
   with cfg.unlocked():
     cfg.calibration.synthetic_per_image = args.per_image
   predictor = trained.predictor_for(cfg.eval.prompt_mode)
-  groups = dict(validation.validation_groups(cfg, predictor, index))  # all classes, reused
+  groups = dict(holdout.validation_groups(cfg, predictor, index))  # all classes, reused
   print(f"step {step}, {cfg.eval.prompt_mode} prompts, maps collected in {time.time() - start:.0f} s")
   sets = [(f"copies {i}-{i + args.draw - 1}", range(i, i + args.draw))
           for i in range(0, args.per_image, args.draw)]

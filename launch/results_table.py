@@ -8,7 +8,7 @@ import argparse
 import json
 import os
 
-from onenip_jax import reports
+from onenip_jax.evaluation import reports
 
 # Published OneNIP numbers (the official code's v2 log, docs/algorithm.md §12.4, MVTec 224, EfficientNet-B4, 15 classes,
 # 1000 epochs, 8 GPUs) and the official code run on this data (shared/data/README.md: Lite2, 224,

@@ -11,7 +11,7 @@ commas outside brackets and quotes, so a value may be a tuple or a quoted string
 a config override (`--config.KEY=V`); further flags go to every run. Each run's work directory is
 `<workdir>/<key>=<value>,...` (quotes and spaces of the values left out).
 
-A run is finished when training wrote its marker (`onenip_jax/run_status.py`, after the final
+A run is finished when training wrote its marker (`onenip_jax/training/finished.py`, after the final
 evaluation) and the config of that evaluation is the one this sweep would run; finished runs are
 skipped, so rerunning the sweep resumes it (a run extended with more steps runs again). The runs
 execute one after another (`--train-cmd`, default `onenip-train`); a failed run is reported and the
@@ -37,7 +37,8 @@ import subprocess
 import sys
 import time
 
-from onenip_jax import config_loading, run_status
+from onenip_jax.config import loading
+from onenip_jax.training import finished
 
 METRICS = (("i_auroc", "I-AUROC"), ("i_ap", "I-AP"), ("p_auroc", "P-AUROC"), ("p_ap", "P-AP"),
            ("aupro", "AUPRO"))
@@ -182,7 +183,7 @@ def wait_for_jobs(rows: list[dict], poll: float) -> None:
       if r.get("active"):
         r["active"], r["status"] = _job_status(r["job"])
         if not r["active"]:
-          r["done"] = run_status.finished(r["workdir"])
+          r["done"] = finished.finished(r["workdir"])
           r["status"] = "finished" if r["done"] else r["status"]
           print(f"[sweep] job {r['job']} ended: {r['status']}: {r['workdir']}", flush=True)
     if not any(r.get("active") for r in rows):
@@ -206,9 +207,9 @@ def config_changes(config: str, run, extra: list[str], done: dict) -> list[str] 
   sweep leaves empty ("", e.g. the demo's data root, which training fills in) and
   `LAUNCH_KEYS` are not compared.
   """
-  tokens = overrides(run) + [a for a in extra if config_loading.is_override(a)]
+  tokens = overrides(run) + [a for a in extra if loading.is_override(a)]
   try:
-    cfg = config_loading.load_config(run_spec(config, run), tokens)
+    cfg = loading.load_config(run_spec(config, run), tokens)
   except Exception:  # pylint: disable=broad-except
     return None
   want = _flat(json.loads(cfg.to_json_best_effort()))
@@ -265,7 +266,7 @@ def main(argv=None) -> int:
     else:
       cmd = command(args.config, args.workdir, run, extra, args.train_cmd)
     workdir = os.path.join(args.workdir, run_name(run))
-    done = run_status.finished(workdir)
+    done = finished.finished(workdir)
     changes = config_changes(args.config, run, extra, done) if done else None
     if changes:
       print(f"[sweep] {workdir} finished with another config ({', '.join(changes)}): running it "
@@ -304,7 +305,7 @@ def main(argv=None) -> int:
       rc = 128 + 2 if isinstance(e, KeyboardInterrupt) else 127
       if rc == 127:
         print(f"[sweep] cannot start {r['cmd'][0]!r}: {e}", file=sys.stderr)
-    r["done"] = run_status.finished(r["workdir"]) if rc == 0 else None
+    r["done"] = finished.finished(r["workdir"]) if rc == 0 else None
     r["status"] = ("finished" if r["done"] else "exit 0, no marker") if rc == 0 else (
         f"interrupted ({rc})" if rc in INTERRUPTED else f"failed ({rc})")
     if rc:

@@ -22,7 +22,7 @@ This module imports only absl, ml_collections, the standard library and the proj
 on them; each command imports its implementation (JAX, TensorFlow, ...) after its flags are parsed:
 the plain install has no flax, TensorFlow or Orbax, and `onenip-train --help` takes 0.17 s (5.5 s
 with every command imported at the top, 2 CPU cores). Path flags (`_PATH_FLAGS`), predict's inputs
-and the --config file have `~` and `$VAR` expanded like the config's paths (`config_loading`).
+and the --config file have `~` and `$VAR` expanded like the config's paths (`loading`).
 
 The plain install (`pip install onenip-jax`) runs `onenip-predict --exported` and `onenip-eval
 --exported` only; a command that needs the training stack (flax, TensorFlow, Orbax, ...) then ends
@@ -38,11 +38,12 @@ import types
 from absl import app, flags
 
 from data_pipelines import errors
-from onenip_jax import config_checks, config_loading, run_control
+from onenip_jax.config import checks, loading
+from onenip_jax.training import run_control
 
 _HELP = ("-h", "-?", "--help", "--helpshort", "--helpfull")
 # Flags (of any command) naming a file or folder: `~` and `$VAR` expanded as in config paths
-# (`config_loading.expand_path`), as are predict's inputs and the file of --config.
+# (`loading.expand_path`), as are predict's inputs and the file of --config.
 _PATH_FLAGS = ("workdir", "exported", "out", "threshold-dir", "input", "output")
 _CONFIG_HELP = ("config file and its argument, configs/X.py[:args]; any key of it is overridden "
                 "with --config.KEY=VALUE (or --config.KEY VALUE; --config.KEY / --noconfig.KEY "
@@ -155,9 +156,9 @@ def _parse(prog: str, summary: str, define, argv, *, overrides: bool = False,
     rest = fv([prog, *argv], known_only=overrides)[1:]
     if overrides:
       for i, token in enumerate(rest):
-        if token.startswith("-") and not config_loading.is_override(token):
+        if token.startswith("-") and not loading.is_override(token):
           raise flags.UnrecognizedFlagError(token.lstrip("-").split("=")[0])
-        if not token.startswith("-") and (i == 0 or not config_loading.takes_value(rest[i - 1])):
+        if not token.startswith("-") and (i == 0 or not loading.takes_value(rest[i - 1])):
           raise flags.Error(f"unexpected argument {token!r}")
     elif rest and not positional:
       raise flags.Error(f"unexpected argument {rest[0]!r}")
@@ -181,10 +182,10 @@ def _expand_path_flags(prog: str, args) -> None:
     for name in _PATH_FLAGS:
       value = getattr(args, name.replace("-", "_"), None)
       if isinstance(value, str):
-        setattr(args, name.replace("-", "_"), config_loading.expand_path(value, f"--{name}"))
+        setattr(args, name.replace("-", "_"), loading.expand_path(value, f"--{name}"))
     if hasattr(args, "inputs"):
-      args.inputs = [config_loading.expand_path(p, "input") for p in args.inputs]
-  except config_loading.PathError as e:
+      args.inputs = [loading.expand_path(p, "input") for p in args.inputs]
+  except loading.PathError as e:
     _fail(prog, str(e))
 
 
@@ -220,7 +221,7 @@ def _run(prog: str, fn, args, *, hard_exit: bool = False):
     if top not in TRAIN_MODULES:
       raise
     _train_stack_error(prog, [top])
-  except (app.UsageError, config_loading.ConfigKeyError, errors.UserError) as e:
+  except (app.UsageError, loading.ConfigKeyError, errors.UserError) as e:
     if getattr(args, "verbose", False):
       traceback.print_exc()
     if not hard_exit:
@@ -270,15 +271,15 @@ def train(argv=None) -> None:
                 _train_flags, argv, overrides=True)
   _need_train_stack(prog)  # the config files import the model definitions (flax)
   try:
-    args.config = config_loading.load_config(args.config, args.overrides)
+    args.config = loading.load_config(args.config, args.overrides)
     if not args.dry_run:  # the dry run lists this with its other problems
-      config_checks.check_config(args.config)
-  except (FileNotFoundError, config_loading.ConfigKeyError, errors.UserError) as e:
+      checks.check_config(args.config)
+  except (FileNotFoundError, loading.ConfigKeyError, errors.UserError) as e:
     _fail(prog, str(e))
   args.config.lock()
   _logging(args.verbose)
   if args.dry_run:
-    from onenip_jax import dry_run  # pylint: disable=g-import-not-at-top
+    from onenip_jax.training import dry_run  # pylint: disable=g-import-not-at-top
     run_control.exit_now(_run(prog, dry_run.main, args, hard_exit=True))
   from onenip_jax import train as impl  # pylint: disable=g-import-not-at-top
   return _run(prog, impl.main, args, hard_exit=True)
@@ -295,9 +296,9 @@ def evaluate(argv=None) -> None:
   _check_stored(prog, args)
   _logging(args.verbose)
   if args.workdir:  # a checkpoint (flax); an export runs without flax, TensorFlow or Orbax
-    from onenip_jax import after_training as impl  # pylint: disable=g-import-not-at-top
+    from onenip_jax.evaluation import after_training as impl  # pylint: disable=g-import-not-at-top
   else:
-    from onenip_jax import evaluate as impl  # pylint: disable=g-import-not-at-top
+    from onenip_jax.evaluation import evaluate as impl  # pylint: disable=g-import-not-at-top
   return _run(prog, impl.main, args)
 
 
@@ -315,7 +316,7 @@ def export(argv=None) -> None:
   _need_train_stack(prog)
   _check_stored(prog, args)
   _logging(args.verbose)
-  from onenip_jax import export as impl  # pylint: disable=g-import-not-at-top
+  from onenip_jax.serving import export as impl  # pylint: disable=g-import-not-at-top
   return _run(prog, impl.main, args)
 
 
@@ -326,7 +327,7 @@ def predict(argv=None) -> None:
                 "and predictions.json.", _predict_flags, argv,
                 positional=" IMAGE_OR_FOLDER [...]")
   _logging(args.verbose)
-  from onenip_jax import predict as impl  # pylint: disable=g-import-not-at-top
+  from onenip_jax.serving import predict as impl  # pylint: disable=g-import-not-at-top
   return _run(prog, impl.main, args)
 
 
@@ -349,8 +350,8 @@ def build_tfds(argv=None) -> None:
                 _build_tfds_flags, argv, overrides=True)
   _need_train_stack(prog)
   try:
-    args.config = config_loading.load_config(args.config, args.overrides)
-  except (FileNotFoundError, config_loading.ConfigKeyError) as e:
+    args.config = loading.load_config(args.config, args.overrides)
+  except (FileNotFoundError, loading.ConfigKeyError) as e:
     _fail(prog, str(e))
   _logging(args.verbose)
   from data_pipelines import tfds_builder as impl  # pylint: disable=g-import-not-at-top
@@ -359,23 +360,23 @@ def build_tfds(argv=None) -> None:
 
 def _check_stored(prog: str, args) -> None:
   """Before any work: a missing config file, overrides that a stored run cannot take, or override
-  values out of range (`config_checks`) fail at once, naming the file or key. The whole config
+  values out of range (`checks`) fail at once, naming the file or key. The whole config
   is checked once the stored run's is loaded."""
   try:
-    path = args.config and config_loading.expand_path(args.config.partition(":")[0], "--config")
+    path = args.config and loading.expand_path(args.config.partition(":")[0], "--config")
     if path and not os.path.isfile(path):
       _fail(prog, f"config file not found: {path}")
-    config_loading.check_stored_run_overrides(args.overrides)
-    keys = [k for k in map(config_loading.override_key, args.overrides) if k]
+    loading.check_stored_run_overrides(args.overrides)
+    keys = [k for k in map(loading.override_key, args.overrides) if k]
     if keys:
-      from onenip_jax import base_config  # pylint: disable=g-import-not-at-top
+      from onenip_jax.config import base  # pylint: disable=g-import-not-at-top
       try:
-        cfg = config_loading.apply_overrides(base_config.get_base_config(), args.overrides)
-      except config_loading.ConfigKeyError:
+        cfg = loading.apply_overrides(base.get_base_config(), args.overrides)
+      except loading.ConfigKeyError:
         cfg = None  # a key of the config file only: checked once the config is loaded
       if cfg is not None:
-        config_checks.check_config(cfg, keys)
-  except (config_loading.ConfigKeyError, errors.UserError) as e:
+        checks.check_config(cfg, keys)
+  except (loading.ConfigKeyError, errors.UserError) as e:
     _fail(prog, str(e))
 
 

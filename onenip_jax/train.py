@@ -9,7 +9,7 @@ One loop, big_vision style. Everything that decides placement is in this file:
 Per step the frozen backbone sees [normal (B); synthetic (B); prompt (B)] (or only the synthetic
 images when `cache_features=True`), the network reconstructs [normal; synthetic] from the prompt,
 and the loss fuses feature MSE (reconstruction + restoration) and the refiner's Dice loss.
-The state, optimiser and initial state are `onenip_jax.train_state`.
+The state, optimiser and initial state are `onenip_jax.training.state`.
 """
 import dataclasses
 import errno
@@ -31,14 +31,17 @@ from tqdm import tqdm
 
 from data_pipelines import indexing, input_pipeline, storage
 from data_pipelines.errors import UserError
-from onenip_jax import (after_training, checkpoints, config_checks, inference, losses,
-                        metric_logging, reports, run_control, run_status, sharding, train_state,
-                        validation, workdir_lock)
+from onenip_jax import sharding
 from onenip_jax.compile_options import compiler_options
+from onenip_jax.config import checks
+from onenip_jax.evaluation import after_training, holdout, predictor, reports
 from onenip_jax.models import mixed
 from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
-from onenip_jax.train_state import TrainState
+from onenip_jax.training import (checkpoints, finished, losses, metric_logging, run_control,
+                                 workdir_lock)
+from onenip_jax.training import state as state_lib
+from onenip_jax.training.state import TrainState
 
 log = logging.getLogger("onenip")
 
@@ -133,7 +136,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> TrainSta
   once with `WorkdirBusy`, naming the holder. A failed checkpoint save stops the run with
   `checkpoints.CheckpointSaveError`.
   """
-  config_checks.check_config(cfg)
+  checks.check_config(cfg)
   with run_control.SignalGuard() as guard:
     lock = None
     try:
@@ -196,7 +199,7 @@ def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> Tr
       run_control.check_resume(stored[1], cfg, workdir, stored[0])
     index = indexing.index_config(cfg, verify_cache=storage.join(workdir, "verified_images.json"))
     spe = input_pipeline.steps_per_epoch(index, cfg.batch_size)
-    num_steps = train_state.total_steps(cfg, spe)
+    num_steps = state_lib.total_steps(cfg, spe)
     log.info("%d classes, %d train / %d test images; %d steps (%d per epoch) on %d devices",
              len(index.classes), len(index.train), len(index.test), num_steps, spe,
              mesh.devices.size)
@@ -208,10 +211,10 @@ def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> Tr
     features = FrozenFeatures.from_config(cfg.backbone)
     backbone_vars = jax.device_put(features.load_variables(cfg.backbone), sharding.replicated(mesh))
     model = OneNIP.from_config(cfg.model)
-    tx = train_state.make_optimizer(cfg, spe)
+    tx = state_lib.make_optimizer(cfg, spe)
 
     repl = sharding.replicated(mesh)
-    state = jax.jit(functools.partial(train_state.init_state, cfg, model, tx, features),
+    state = jax.jit(functools.partial(state_lib.init_state, cfg, model, tx, features),
                     out_shardings=repl)()
     state = _resume(manager, state, cfg, workdir, num_steps, repl, stored)
     start = int(_scalar(state.step))
@@ -228,7 +231,7 @@ def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> Tr
     logger.hparams(cfg)
     state = _train_loop(run, logger, state, start, num_steps, spe, train_step, cache)
     # One Trained: the fusion constant, calibration and evaluation share its Predictor and pool.
-    trained = inference.Trained.from_state(cfg, state, index, features, backbone_vars, mesh)
+    trained = predictor.Trained.from_state(cfg, state, index, features, backbone_vars, mesh)
     if start < num_steps or math.isnan(trained.fusion_c):
       state = _add_fusion_constant(run, state, trained, num_steps)
     trained.calibration = _add_calibration(run, state, trained, num_steps, redo=start < num_steps)
@@ -239,7 +242,7 @@ def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> Tr
       logger.evaluation(num_steps, result, eval_dir)
       # The run is finished: the marker launch/sweep.py skips finished runs by.
       if jax.process_index() == 0:
-        run_status.mark_finished(workdir, num_steps, eval_dir)
+        finished.mark_finished(workdir, num_steps, eval_dir)
     guard.check()
     log.info("process %d: final params digest %s", jax.process_index(), _digest(state.params))
     failed = False
@@ -305,7 +308,7 @@ def _train_loop(run: _Run, logger, state, start, num_steps, spe, train_step, cac
                                                decode_clean=cache is None)
   log.info("training steps %d to %d", start + 1, num_steps)
   progress = _progress(start, num_steps)
-  lr = train_state.lr_schedule(cfg, spe)   # logged: the rate of the update of step s is lr(s - 1)
+  lr = state_lib.lr_schedule(cfg, spe)   # logged: the rate of the update of step s is lr(s - 1)
   keys = (("synthetic", "mask", "normal_index", "prompt_index") if cache is not None
           else ("normal", "synthetic", "prompt", "mask"))
   t0, n0, done, saved, wait, in_flight = time.perf_counter(), start, start, start, 0.0, None
@@ -341,7 +344,7 @@ def _train_loop(run: _Run, logger, state, start, num_steps, spe, train_step, cac
       if eval_every and step % eval_every == 0 and step < num_steps:
         with guard.interruptible():
           eval_dir = os.path.join(run.workdir, "eval", f"step_{step}")
-          trained = inference.Trained.from_state(cfg, state, index, run.features,
+          trained = predictor.Trained.from_state(cfg, state, index, run.features,
                                                  run.backbone_vars, run.mesh)
           result = after_training.evaluate(trained, eval_dir)
           logger.evaluation(step, result, eval_dir)
@@ -356,7 +359,7 @@ def _train_loop(run: _Run, logger, state, start, num_steps, spe, train_step, cac
   return state
 
 
-def _add_fusion_constant(run: _Run, state: TrainState, trained: inference.Trained,
+def _add_fusion_constant(run: _Run, state: TrainState, trained: predictor.Trained,
                          num_steps: int) -> TrainState:
   """Computes the frozen fusion constant of `trained` (the final state's), saves the final state
   with it (step num_steps) and sets `trained.fusion_c` (float32, as stored).
@@ -385,14 +388,14 @@ def _add_fusion_constant(run: _Run, state: TrainState, trained: inference.Traine
   return state
 
 
-def _add_calibration(run: _Run, state: TrainState, trained: inference.Trained, num_steps: int,
+def _add_calibration(run: _Run, state: TrainState, trained: predictor.Trained, num_steps: int,
                      redo: bool) -> dict | None:
-  """The calibration of `trained`, the final `state`'s (`onenip_jax.validation`), saved with
+  """The calibration of `trained`, the final `state`'s (`onenip_jax.evaluation.holdout`), saved with
   step num_steps.
 
   Computed when the final step was trained by this process (`redo`: a new or extended run), when
   its checkpoint lacks it (a signal stopped the previous run during it) or when it was made by
-  another `calibration.METHOD` or with other calibration settings (`validation.out_of_date`:
+  another `calibration.METHOD` or with other calibration settings (`holdout.out_of_date`:
   rerunning a finished run brings it up to date); else read back. None when calibration is off
   (`calibration.holdout_fraction=0`) or the model has no refiner.
   """
@@ -401,14 +404,14 @@ def _add_calibration(run: _Run, state: TrainState, trained: inference.Trained, n
     return None
   stored = None if redo else checkpoints.restore_calibration(manager, num_steps)
   if stored is not None:
-    why = validation.out_of_date(stored, cfg)
+    why = holdout.out_of_date(stored, cfg)
     if why is None:
       return stored
     log.info("the calibration stored with step %d was %s: calibrating again", num_steps, why)
   with run.guard.interruptible():  # the final state is saved: a restart calibrates again
     log.info("calibrating the scoring of step %d on %d held-out normal images", num_steps,
              len(run.index.holdout))
-    calibration = reports.json_safe(validation.calibrate(trained))
+    calibration = reports.json_safe(holdout.calibrate(trained))
   checkpoints.replace(manager, num_steps, state, cfg, calibration)
   log.info("saved the calibration with step %d", num_steps)
   run.guard.check()

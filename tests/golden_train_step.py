@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onenip_jax import losses
-from onenip_jax.base_config import get_base_config
+from onenip_jax.config.base import get_base_config
 from onenip_jax.models.onenip import OneNIP
+from onenip_jax.training import losses
 
 TINY = dict(hidden_dim=32, num_heads=4, ffn_dim=64, enc_layers=1, dec_layers=1,
             refiner_channels=8, bn_group_size=4)

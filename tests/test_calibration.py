@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onenip_jax import base_config as common
+from onenip_jax.config import base as common
 from data_pipelines import indexing, input_pipeline
-from onenip_jax import (after_training, calibration, config_loading, inference, scoring,
-                        scoring_modes, sharding, train, train_state, validation)
+from onenip_jax import sharding, train
+from onenip_jax.config import loading
+from onenip_jax.evaluation import after_training, calibration, fusion, holdout, predictor, scoring
+from onenip_jax.training import state as state_lib
 
 RES = 64
 
@@ -102,7 +104,7 @@ def test_repeated_images_stay_on_one_side_of_the_split_and_in_one_fold(tmp_path)
   assert full.train[0].path in held_paths  # the repeated image was held out by some seed
   # Copies of one image in a sample list get one source (fold) in the validation set.
   samples = [full.train[i] for i in (0, 1, 0, 3, 1, 0)]
-  np.testing.assert_array_equal(validation._image_ids(samples), [0, 1, 0, 2, 1, 0])  # pylint: disable=protected-access
+  np.testing.assert_array_equal(holdout._image_ids(samples), [0, 1, 0, 2, 1, 0])  # pylint: disable=protected-access
 
 
 def test_training_stream_and_cache_never_read_held_out_images(tmp_path):
@@ -133,11 +135,11 @@ class _TinyFeatures:
 
 
 def _state_and_backbone(cfg, mesh):
-  model, features = inference.make_model(cfg)
+  model, features = predictor.make_model(cfg)
   bb = features.load_variables(cfg.backbone)  # the cached ImageNet Lite0 weights
-  tx = train_state.make_optimizer(cfg, 10)
+  tx = state_lib.make_optimizer(cfg, 10)
   repl = sharding.replicated(mesh)
-  state = jax.jit(lambda: train_state.init_state(cfg, model, tx, features),
+  state = jax.jit(lambda: state_lib.init_state(cfg, model, tx, features),
                   out_shardings=repl)()
   state = state.replace(fusion_c=jax.device_put(jnp.float32(0.5), repl))
   return state, features, jax.device_put(bb, repl)
@@ -155,12 +157,12 @@ def test_calibration_reads_no_test_image_is_deterministic_and_is_reported(tmp_pa
   saved = {p: open(p, "rb").read() for p in test_files}
   for p in test_files:  # calibration must not open any of them
     os.remove(p)
-  trained = inference.Trained.from_state(cfg, state, index, features, bb, mesh)  # c = 0.5
+  trained = predictor.Trained.from_state(cfg, state, index, features, bb, mesh)  # c = 0.5
   pools = []  # the prompt pool is built once for the calibration and every evaluation
-  monkeypatch.setattr(inference, "build_prompt_pool",
-                      lambda *a, f=inference.build_prompt_pool: pools.append(1) or f(*a))
-  first = validation.calibrate(trained)
-  again = validation.calibrate(trained)
+  monkeypatch.setattr(predictor, "build_prompt_pool",
+                      lambda *a, f=predictor.build_prompt_pool: pools.append(1) or f(*a))
+  first = holdout.calibrate(trained)
+  again = holdout.calibrate(trained)
   assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)
   g = first["global"]
   assert set(first["per_class"]) == {"a", "b"} and g["n_normal"] == 4 and g["n_synthetic"] == 8
@@ -282,17 +284,17 @@ def test_a_calibration_made_with_other_settings_is_out_of_date():
                 synthetic_per_image=cfg.calibration.synthetic_per_image,
                 synthesis_seed=cfg.seed + cfg.calibration.seed_offset)
   stored = json.loads(json.dumps(stored))  # as read back from the checkpoint
-  assert validation.out_of_date(stored, cfg) is None
+  assert holdout.out_of_date(stored, cfg) is None
   for key, value in [("calibration.synthetic_per_image", 3), ("calibration.seed_offset", 7),
                      ("calibration.weights", (0.0, 1.0)), ("calibration.pool_sizes", (8, 16)),
                      ("eval.prompt_mode", "pool")]:
     changed = cfg.copy_and_resolve_references()
     section, name = key.split(".")
     changed[section][name] = value
-    assert name.split("_")[0] in validation.out_of_date(stored, changed), key
-  assert "another method" in validation.out_of_date(dict(stored, method="old"), cfg)
+    assert name.split("_")[0] in holdout.out_of_date(stored, changed), key
+  assert "another method" in holdout.out_of_date(dict(stored, method="old"), cfg)
   old_global = dict(stored, **{"global": dict(stored["global"], prompt_mode="class")})
-  assert "global_prompt_mode class -> pool" in validation.out_of_date(old_global, cfg)
+  assert "global_prompt_mode class -> pool" in holdout.out_of_date(old_global, cfg)
 
 
 def test_parameters_are_applied_only_with_the_prompts_they_were_fitted_with():
@@ -305,7 +307,7 @@ def test_parameters_are_applied_only_with_the_prompts_they_were_fitted_with():
   assert made["global"]["prompt_mode"] == "pool"
   assert calibration.params_for(made, "x") is made["per_class"]["x"]
   assert calibration.params_for(made, None) is made["global"]
-  assert scoring_modes.make_scoring(cfg, 1.0, made)["calibration_scope"] == "global"
+  assert fusion.make_scoring(cfg, 1.0, made)["calibration_scope"] == "global"
   with pytest.raises(calibration.PromptModeError, match="class 'y'.*fitted with pool"):
     calibration.params_for(made, "y")  # no parameters of its own: the pool-fitted global ones
   # Before this check, the global parameters were fitted on the run's eval.prompt_mode maps.
@@ -318,14 +320,14 @@ def test_parameters_are_applied_only_with_the_prompts_they_were_fitted_with():
   with pytest.raises(calibration.PromptModeError, match=refit):
     calibration.params_for(old, None)
   with pytest.raises(calibration.PromptModeError, match=refit):
-    scoring_modes.make_scoring(cfg, 1.0, old)  # an export scores pool prompts
+    fusion.make_scoring(cfg, 1.0, old)  # an export scores pool prompts
   old["prompt_mode"] = "pool"
   with pytest.raises(calibration.PromptModeError, match="prompt_mode=class"):
     calibration.params_for(old, "x")
 
 
 def test_stability_script_keeps_the_normals_and_the_chosen_copies():
-  stability = config_loading.load_python_file(
+  stability = loading.load_python_file(
       os.path.join(os.path.dirname(__file__), "..", "launch", "calibration_stability.py"))
   n, k = 3, 4  # validation_groups' rows: n normals, then copy 0 of each, copy 1, ...
   g = {"label": np.r_[np.zeros(n), np.ones(n * k)].astype(np.int32),
@@ -340,13 +342,13 @@ def test_stability_script_keeps_the_normals_and_the_chosen_copies():
 @pytest.mark.parametrize("name", ["mvtec", "visa", "btad", "mvtec_btad_visa"])
 def test_protocol_argument_of_the_paper_configs(name):
   path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py")
-  default = config_loading.load_config(path)
+  default = loading.load_config(path)
   assert (default.calibration.holdout_fraction, default.eval.fusion) == (0.1, "calibrated")
-  paper = config_loading.load_config(f"{path}:protocol=paper,res=256")
+  paper = loading.load_config(f"{path}:protocol=paper,res=256")
   assert paper.input_size == 256 and paper.calibration.holdout_fraction == 0.0
   assert (paper.eval.fusion, paper.eval.fusion_constant) == ("reference", "test")
-  frozen = config_loading.load_config(f"{path}:protocol=frozen_c")
+  frozen = loading.load_config(f"{path}:protocol=frozen_c")
   assert frozen.calibration.holdout_fraction == 0.0
   assert (frozen.eval.fusion, frozen.eval.fusion_constant) == ("reference", "frozen")
   with pytest.raises(ValueError, match="protocol='published'"):
-    config_loading.load_config(f"{path}:protocol=published")
+    loading.load_config(f"{path}:protocol=published")

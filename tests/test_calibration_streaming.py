@@ -15,7 +15,8 @@ import pytest
 
 from conftest import REPO
 from launch import bench_calibration
-from onenip_jax import base_config, calibration, calibration_figures, metrics
+from onenip_jax.config import base
+from onenip_jax.evaluation import calibration, candidates, metrics
 
 OLD_COMMIT = "6a76fd3"
 GOLDEN = pathlib.Path(__file__).parent / "data" / "calibration_6a76fd3.json"
@@ -26,7 +27,7 @@ PARAM_KEYS = ("rec_mean", "rec_std", "ref_mean", "ref_std", "ref_space", "weight
 
 def fixture_groups() -> dict:
   """Validation maps of 3 classes of different sizes where both maps see part of each defect:
-  n normals, then k synthetic copies of each (rows as `validation.validation_groups`)."""
+  n normals, then k synthetic copies of each (rows as `holdout.validation_groups`)."""
   sigmoid = lambda x: 1.0 / (1.0 + np.exp(-x))  # pylint: disable=unnecessary-lambda-assignment
   groups = {}
   for i, (cls, n, k) in enumerate([("a", 6, 3), ("b", 4, 4), ("c", 9, 2)]):
@@ -46,7 +47,7 @@ def fixture_groups() -> dict:
 
 
 def _cfg():
-  cfg = base_config.get_base_config().calibration
+  cfg = base.get_base_config().calibration
   cfg.pool_sizes = (4, 8)
   return cfg
 
@@ -119,9 +120,9 @@ def test_the_fixture_is_not_trivial():
 
 @pytest.mark.parametrize("accelerator, budget", [(False, None), (False, 1), (True, None)])
 def test_streamed_calibration_equals_the_golden_file(accelerator, budget, monkeypatch):
-  monkeypatch.setattr(calibration_figures, "on_accelerator", lambda: accelerator)  # jnp or numpy
+  monkeypatch.setattr(candidates, "on_accelerator", lambda: accelerator)  # jnp or numpy
   if budget:  # one thread scores every candidate in the same buffers
-    monkeypatch.setattr(calibration_figures, "_HOST_BUDGET", budget)
+    monkeypatch.setattr(candidates, "_HOST_BUDGET", budget)
   _assert_same(_new_output(), json.loads(GOLDEN.read_text()))
 
 
@@ -185,15 +186,15 @@ def test_device_and_host_pixel_metrics_equal_the_metrics_module(seed):
   fold = rng.integers(0, 3, n)
   order = np.argsort(-scores, kind="stable")
   for member in [np.ones(n, bool)] + [fold == k for k in range(3)]:
-    got = calibration_figures._sorted_auroc_ap(  # pylint: disable=protected-access
+    got = candidates._sorted_auroc_ap(  # pylint: disable=protected-access
         jnp.asarray(scores[order]), jnp.asarray(labels[order]), jnp.asarray(member[order]))
     want = metrics.pixel_auroc_ap(scores[member], labels[member])
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6, atol=1e-7)
-    host = calibration_figures.sorted_auroc_ap(np.sort(scores[member & ~labels]),
-                                               np.sort(scores[member & labels]))
+    host = candidates.sorted_auroc_ap(np.sort(scores[member & ~labels]),
+                                      np.sort(scores[member & labels]))
     np.testing.assert_allclose(host, want, rtol=1e-12)
-  assert np.all(np.isnan(calibration_figures.sorted_auroc_ap(np.sort(scores), scores[:0])))
-  got = calibration_figures._sorted_auroc_ap(  # pylint: disable=protected-access
+  assert np.all(np.isnan(candidates.sorted_auroc_ap(np.sort(scores), scores[:0])))
+  got = candidates._sorted_auroc_ap(  # pylint: disable=protected-access
       jnp.asarray(scores[order]), jnp.zeros(n, bool), jnp.ones(n, bool))
   assert np.all(np.isnan(np.asarray(got)))
 

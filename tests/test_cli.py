@@ -1,4 +1,4 @@
-"""The one command-line grammar (onenip_jax/cli.py, config_loading.py): flags, --help without
+"""The one command-line grammar (onenip_jax/cli.py, config/loading.py): flags, --help without
 JAX or TensorFlow, `--config.KEY=VALUE` on config files and stored runs. No training here."""
 import json
 import re
@@ -9,7 +9,8 @@ import ml_collections
 import pytest
 
 from conftest import REPO
-from onenip_jax import cli, config_loading
+from onenip_jax import cli
+from onenip_jax.config import loading
 
 HELP_PROBE = """
 import sys
@@ -62,8 +63,8 @@ def _args(monkeypatch, module, command, argv):
 
 
 def test_flags_keep_their_meaning(monkeypatch):
-  from onenip_jax import (after_training, evaluate, export,  # pylint: disable=g-import-not-at-top
-                          predict)
+  from onenip_jax.evaluation import after_training, evaluate  # pylint: disable=g-import-not-at-top
+  from onenip_jax.serving import export, predict  # pylint: disable=g-import-not-at-top
   a = _args(monkeypatch, predict, cli.predict,
             ["img1", "--exported", "E", "--heatmaps", "dir2", "--batch-size", "3", "--save-maps",
              "--threshold=0.5"])
@@ -119,7 +120,7 @@ def test_usage_errors_are_one_line(command, argv, want, capsys, monkeypatch):
 
 
 def test_overrides_parse_by_type():
-  cfg = config_loading.load_config(
+  cfg = loading.load_config(
       str(REPO / "configs" / "demo.py"),
       ["--config.eval.batch_size=4", "--config.data.classes=('a', 'b')", "--config.data.root",
        "/x", "--config.eval.heatmaps", "--noconfig.cache_features", "--config.optim.lr=1",
@@ -131,20 +132,20 @@ def test_overrides_parse_by_type():
 
 def test_stored_run_config_is_overridable_but_not_its_model():
   demo = str(REPO / "configs" / "demo.py")
-  trained = config_loading.load_config(demo, ["--config.input_size=64",
-                                              "--config.backbone.name=lite0"])
+  trained = loading.load_config(demo, ["--config.input_size=64",
+                                       "--config.backbone.name=lite0"])
   stored = ml_collections.ConfigDict(json.loads(trained.to_json_best_effort()))  # lists, as stored
-  cfg = config_loading.load_config(None, ["--config.eval.batch_size=4",
-                                          "--config.data.classes=('z',)"], base=stored)
+  cfg = loading.load_config(None, ["--config.eval.batch_size=4",
+                                   "--config.data.classes=('z',)"], base=stored)
   assert cfg.eval.batch_size == 4 and cfg.data.classes == ("z",)
   assert cfg.data.synthesis.jitter == trained.data.synthesis.jitter  # a tuple again
   assert stored.eval.batch_size == trained.eval.batch_size  # the stored config is not changed
-  with pytest.raises(config_loading.ConfigKeyError, match="'model.dropout' cannot be overridden"):
-    config_loading.load_config(None, ["--config.model.dropout=0.5"], base=stored)
-  with pytest.raises(config_loading.ConfigKeyError, match="unknown config key 'eval.nope'"):
-    config_loading.load_config(None, ["--config.eval.nope=1"], base=stored)
+  with pytest.raises(loading.ConfigKeyError, match="'model.dropout' cannot be overridden"):
+    loading.load_config(None, ["--config.model.dropout=0.5"], base=stored)
+  with pytest.raises(loading.ConfigKeyError, match="unknown config key 'eval.nope'"):
+    loading.load_config(None, ["--config.eval.nope=1"], base=stored)
   # A config file for another dataset keeps the stored model and input size.
-  other = config_loading.load_config(demo + ":", ["--config.data.root=/d"], base=stored)
+  other = loading.load_config(demo + ":", ["--config.data.root=/d"], base=stored)
   assert (other.input_size, other.backbone.name, other.data.root) == (64, "lite0", "/d")
-  with pytest.raises(config_loading.ConfigKeyError, match="'backbone.weights' cannot be overridden"):
-    config_loading.load_config(None, ["--config.backbone.weights=/w.msgpack"], base=stored)
+  with pytest.raises(loading.ConfigKeyError, match="'backbone.weights' cannot be overridden"):
+    loading.load_config(None, ["--config.backbone.weights=/w.msgpack"], base=stored)

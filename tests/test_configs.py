@@ -11,13 +11,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO
-from onenip_jax import checkpoints, config_loading, run_control
+from onenip_jax.config import loading
+from onenip_jax.training import checkpoints, run_control
 
 CONFIGS = ["mvtec", "btad", "visa", "mpdd", "mvtec_btad_visa", "ablation", "real", "demo"]
 
 
 def _load(name_and_arg: str) -> ml_collections.ConfigDict:
-  return config_loading.load_config(str(REPO / "configs" / name_and_arg))
+  return loading.load_config(str(REPO / "configs" / name_and_arg))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -50,12 +51,12 @@ def test_config_file_outside_the_repository(tmp_path, monkeypatch):
     shutil.copy(REPO / "configs" / name, tmp_path / f"my_{name}" if name == "ablation.py"
                 else tmp_path / name)
   monkeypatch.chdir(tmp_path)
-  c = config_loading.load_config(str(tmp_path / "my_ablation.py") + ":variant=uniad,res=64",
-                                 ["model.dec_layers=2"])
+  c = loading.load_config(str(tmp_path / "my_ablation.py") + ":variant=uniad,res=64",
+                          ["model.dec_layers=2"])
   assert (c.model.decoder, c.input_size, c.model.dec_layers) == ("uniad", 64, 2)
   (tmp_path / "bad.py").write_text("X = 1\n")
   with pytest.raises(ValueError, match=r"bad.py has no get_config"):
-    config_loading.load_config(str(tmp_path / "bad.py"))
+    loading.load_config(str(tmp_path / "bad.py"))
 
 
 # The `model` section as configs/common.py wrote it before `config.backbone` (stored runs hold it).
@@ -80,19 +81,19 @@ def _old_layout(cfg: ml_collections.ConfigDict) -> dict:
 
 
 def _demo():
-  return config_loading.load_config(str(REPO / "configs" / "demo.py"), ["backbone.padding=same"])
+  return loading.load_config(str(REPO / "configs" / "demo.py"), ["backbone.padding=same"])
 
 
 def test_old_stored_layout_is_translated():
   cfg = _demo()
   old = _old_layout(cfg)
-  new = config_loading.upgrade_stored_config(old)
+  new = loading.upgrade_stored_config(old)
   assert run_control.config_differences(new, cfg) == {}
   assert old["model"] == _OLD_MODEL  # the stored dict is not changed
-  assert config_loading.upgrade_stored_config(new) == new  # the current layout passes unchanged
+  assert loading.upgrade_stored_config(new) == new  # the current layout passes unchanged
   # An old run evaluated with its stored config (onenip-eval --workdir / --exported).
-  loaded = config_loading.load_config(None, ["eval.batch_size=4"],
-                                      base=ml_collections.ConfigDict(old))
+  loaded = loading.load_config(None, ["eval.batch_size=4"],
+                               base=ml_collections.ConfigDict(old))
   assert (loaded.backbone.name, loaded.backbone.padding, loaded.eval.batch_size) == ("lite0", "same", 4)
   assert "backbone" not in loaded.model and loaded.loss.restoration is True
 
@@ -121,7 +122,7 @@ def test_a_run_from_before_calibration_held_nothing_out(tmp_path):
   cfg = _demo()
   stored = json.loads(cfg.to_json_best_effort())
   del stored["calibration"]
-  new = config_loading.upgrade_stored_config(stored)
+  new = loading.upgrade_stored_config(stored)
   assert new["calibration"] == {"holdout_fraction": 0.0}
   cfg.calibration.holdout_fraction = 0.0
   run_control.check_resume(new, cfg, str(tmp_path), 7)  # the other calibration keys are harmless

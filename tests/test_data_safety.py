@@ -15,7 +15,8 @@ from PIL import Image
 
 from conftest import REPO, SHARED_DATA
 from data_pipelines import image_checks, indexing, pil_decode, storage
-from onenip_jax import base_config, report_builder
+from onenip_jax.config import base
+from onenip_jax.evaluation import protocol
 
 LOGGER = "data_pipelines.indexing"
 TINY = ["--config=configs/real.py:steps=2,backbone=lite0", "--config.input_size=64",
@@ -42,7 +43,7 @@ def _mvtec(root: pathlib.Path, classes=("a",), anomalies=True) -> pathlib.Path:
 
 
 def _cfg(**kw):
-  d = base_config.get_base_config().data
+  d = base.get_base_config().data
   for k, v in kw.items():
     d[k] = v
   return d
@@ -114,12 +115,12 @@ def test_join_inside_refuses_names_that_leave_the_folder(name):
 
 
 def test_report_heatmaps_refuse_a_class_name_that_leaves_the_folder(tmp_path):
-  cfg = base_config.get_base_config()
+  cfg = base.get_base_config()
   cfg.input_size, cfg.eval.heatmaps = 16, True
   samples = [indexing.Sample(f"/d/{i}.png", "../../x", i % 2, None, "crack" if i % 2 else "good")
              for i in range(2)]
   maps = np.random.default_rng(0).random((2, 16, 16)).astype(np.float32)
-  builder = report_builder.ReportBuilder(cfg, str(tmp_path / "eval"))
+  builder = protocol.ReportBuilder(cfg, str(tmp_path / "eval"))
   with pytest.raises(ValueError, match=r"class name '\.\./\.\./x'"):
     builder.add_class("../../x", samples, maps, maps.max(axis=(1, 2)), np.zeros_like(maps, bool),
                       np.zeros(2, bool), load_image=lambda p: np.zeros((16, 16, 3), np.uint8))
@@ -127,11 +128,11 @@ def test_report_heatmaps_refuse_a_class_name_that_leaves_the_folder(tmp_path):
 
 
 def test_heatmaps_of_one_stem_in_two_formats_do_not_overwrite_each_other(tmp_path):
-  cfg = base_config.get_base_config()
+  cfg = base.get_base_config()
   cfg.input_size, cfg.eval.heatmaps = 16, True
   samples = [indexing.Sample(p, "a", 1, None, "crack") for p in ("/d/x.png", "/d/x.jpg")]
   maps = np.random.default_rng(0).random((2, 16, 16)).astype(np.float32)
-  builder = report_builder.ReportBuilder(cfg, str(tmp_path))
+  builder = protocol.ReportBuilder(cfg, str(tmp_path))
   builder.add_class("a", samples, maps, maps.max(axis=(1, 2)), np.zeros_like(maps, bool),
                     np.zeros(2, bool), load_image=lambda p: np.zeros((16, 16, 3), np.uint8))
   names = sorted(os.listdir(tmp_path / "heatmaps" / "a"))
@@ -220,7 +221,8 @@ class _FakeScorer:
 
 
 def _predict(monkeypatch, out, *inputs):
-  from onenip_jax import cli, predict  # pylint: disable=g-import-not-at-top
+  from onenip_jax import cli  # pylint: disable=g-import-not-at-top
+  from onenip_jax.serving import predict  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(predict, "ExportedScorer", _FakeScorer)
   cli.predict(["--exported", "E", "--out", str(out), "--save-maps", "--heatmaps",
                "--batch-size=1", *map(str, inputs)])
@@ -264,7 +266,7 @@ def test_a_failed_predict_run_leaves_the_previous_outputs_as_they_were(tmp_path,
 
 
 def test_pixel_limit_has_one_home_and_a_config_setting(tmp_path):
-  assert base_config.get_base_config().data.max_pixels == pil_decode.MAX_PIXELS
+  assert base.get_base_config().data.max_pixels == pil_decode.MAX_PIXELS
   root = _mvtec(tmp_path / "d")
   big = _img(root / "a" / "train" / "good" / "002.png", size=(30, 20))
   cache = tmp_path / "v.json"

@@ -13,11 +13,13 @@ from PIL import Image
 
 from conftest import REPO
 from data_pipelines import indexing
-from onenip_jax import cli, config_loading, predict
+from onenip_jax import cli
+from onenip_jax.config import loading
+from onenip_jax.serving import predict
 
-MVTEC = config_loading.load_python_file(str(REPO / "configs" / "mvtec.py")).CLASSES
-BTAD = config_loading.load_python_file(str(REPO / "configs" / "btad.py")).CLASSES
-VISA = config_loading.load_python_file(str(REPO / "configs" / "visa.py")).CLASSES
+MVTEC = loading.load_python_file(str(REPO / "configs" / "mvtec.py")).CLASSES
+BTAD = loading.load_python_file(str(REPO / "configs" / "btad.py")).CLASSES
+VISA = loading.load_python_file(str(REPO / "configs" / "visa.py")).CLASSES
 
 
 def _img(path: pathlib.Path, seed: int = 0, size=(24, 20)) -> None:
@@ -87,7 +89,7 @@ def _visa_download(root: pathlib.Path, classes) -> pathlib.Path:
 
 
 def _index(config: str, *overrides: str) -> indexing.DatasetIndex:
-  cfg = config_loading.load_config(str(REPO / "configs" / config), list(overrides))
+  cfg = loading.load_config(str(REPO / "configs" / config), list(overrides))
   return indexing.index_dataset(cfg.data)
 
 
@@ -133,7 +135,7 @@ def test_mpdd_download(tmp_path):
                           ("bracket_black", "scratches", 1): 2, ("tubes", "good", 0): 1,
                           ("tubes", "anomalous", 1): 2}
   _masks_pair_by_stem(idx.test, "_mask")
-  assert config_loading.load_config(str(REPO / "configs" / "mpdd.py")).data.classes == (
+  assert loading.load_config(str(REPO / "configs" / "mpdd.py")).data.classes == (
       "bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes")
 
 
@@ -215,7 +217,7 @@ def home(tmp_path, monkeypatch):
 
 def test_path_settings_expand_home_and_variables(home):
   _btad_download(home / "home" / "BTech_Dataset_transformed")
-  cfg = config_loading.load_config(str(REPO / "configs" / "btad.py"), [
+  cfg = loading.load_config(str(REPO / "configs" / "btad.py"), [
       "--config.data.root=~/BTech_Dataset_transformed",
       "--config.data.textures=$ONENIP_TEST_DATA/dtd",
       "--config.backbone.weights=${ONENIP_TEST_DATA}/b4.msgpack",
@@ -232,20 +234,20 @@ def test_path_settings_expand_home_and_variables(home):
   shutil.copy(REPO / "configs" / "mvtec.py", home / "home" / "mvtec.py")
   shutil.copy(REPO / "configs" / "btad.py", home / "home" / "btad.py")
   shutil.copy(REPO / "configs" / "visa.py", home / "home" / "visa.py")
-  cfg = config_loading.load_config("~/all.py:btad=~/b,visa=$ONENIP_TEST_DATA/VisA")
+  cfg = loading.load_config("~/all.py:btad=~/b,visa=$ONENIP_TEST_DATA/VisA")
   assert [e["root"] for e in cfg.data.extra] == [str(home / "home" / "b"),
                                                 str(home / "data" / "VisA")]
 
 
 def test_unset_variable_names_the_setting(home):
-  with pytest.raises(config_loading.PathError,
+  with pytest.raises(loading.PathError,
                      match=r"^data\.root='\$ONENIP_TEST_UNSET/mvtec': environment variable "
                      r"ONENIP_TEST_UNSET is not set$"):
-    config_loading.load_config(str(REPO / "configs" / "mvtec.py"),
-                               ["--config.data.root=$ONENIP_TEST_UNSET/mvtec"])
-  with pytest.raises(config_loading.PathError, match=r"data\.extra\[1\]\.root='\$\{ONENIP_TEST_UNSET\}"):
-    config_loading.load_config(str(REPO / "configs" / "mvtec_btad_visa.py")
-                               + ":visa=${ONENIP_TEST_UNSET}/VisA")
+    loading.load_config(str(REPO / "configs" / "mvtec.py"),
+                        ["--config.data.root=$ONENIP_TEST_UNSET/mvtec"])
+  with pytest.raises(loading.PathError, match=r"data\.extra\[1\]\.root='\$\{ONENIP_TEST_UNSET\}"):
+    loading.load_config(str(REPO / "configs" / "mvtec_btad_visa.py")
+                        + ":visa=${ONENIP_TEST_UNSET}/VisA")
 
 
 def test_cli_path_flags_expand(home, monkeypatch, capsys):

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from onenip_jax import checkpoints, config_loading, workdir_lock
+from onenip_jax.config import loading
+from onenip_jax.training import checkpoints, workdir_lock
 
 CONFIG = "configs/demo.py"
 
@@ -122,7 +123,7 @@ def test_workdir_that_cannot_be_created_and_every_problem_is_named(data, tmp_pat
 
 def _checkpoint(workdir, data, *extra) -> None:
   """A checkpoint of step 1 of the config with `extra` overrides (a stand-in state)."""
-  cfg = config_loading.load_config(str(REPO / CONFIG), [*_overrides(data), *extra])
+  cfg = loading.load_config(str(REPO / CONFIG), [*_overrides(data), *extra])
   cfg.data.root = str(data)
   manager = checkpoints.make_manager(str(workdir), cfg)
   manager.save(1, args=ocp.args.Composite(

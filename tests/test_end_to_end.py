@@ -101,13 +101,15 @@ def test_two_processes_match_one(trained, tmp_path):
   # ... and so do the params. The collectives sum in another order than one device does, and
   # Adam turns round-off in near-zero gradients (e.g. of the key biases, whose true gradient is 0)
   # into updates of size ~lr, so the params are compared against the size of the update.
-  from onenip_jax import inference, restore, sharding, train_state  # pylint: disable=g-import-not-at-top
+  from onenip_jax import sharding  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import predictor, restore  # pylint: disable=g-import-not-at-top
+  from onenip_jax.training import state  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
   two, one = restore.load_checkpoint(workdir, mesh, 4), restore.load_checkpoint(trained, mesh, 4)
   assert two.step == one.step == 4
   cfg, two, one = two.cfg, two.predictor, one.predictor
-  model, features = inference.make_model(cfg)
-  init = train_state.init_state(cfg, model, train_state.make_optimizer(cfg, 1), features)
+  model, features = predictor.make_model(cfg)
+  init = state.init_state(cfg, model, state.make_optimizer(cfg, 1), features)
   p2, p1, p0 = (np.concatenate([np.ravel(x) for x in _leaves(t)])
                 for t in (two.variables["params"], one.variables["params"], init.params))
   # After 4 Adam steps that is a few per cent of the update's norm (1.1 % here with XLA:CPU's
@@ -122,7 +124,8 @@ def _leaves(tree):
 
 
 def test_export_eval_and_predict_agree_with_training(trained, tmp_path, shared_data):
-  from onenip_jax import cli, reports  # pylint: disable=g-import-not-at-top
+  from onenip_jax import cli  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import reports  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / "export")
   cli.export(["--workdir", trained, "--out", out])
   assert sorted(os.listdir(out)) == ["export.json", "predictor.jaxexport",
@@ -155,21 +158,22 @@ def test_export_eval_and_predict_agree_with_training(trained, tmp_path, shared_d
 
 
 def test_bad_exports_and_inputs_fail_clearly(trained, tmp_path):
-  from onenip_jax import cli, exported, predict  # pylint: disable=g-import-not-at-top
+  from onenip_jax import cli  # pylint: disable=g-import-not-at-top
+  from onenip_jax.serving import predict, program  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / "export")
   cli.export(["--workdir", trained, "--out", out])
-  weights = os.path.join(out, exported.WEIGHTS_FILE)
+  weights = os.path.join(out, program.WEIGHTS_FILE)
   data = open(weights, "rb").read()
   with open(weights, "wb") as f:
     f.write(data[: len(data) // 2])
   with pytest.raises(ValueError, match="predictor_weights.npz"):
-    exported.ExportedPredictor.load(out)
+    program.ExportedPredictor.load(out)
   meta_path = os.path.join(out, "export.json")
   meta = json.load(open(meta_path, encoding="utf-8"))
   meta["format_version"] = 99
   json.dump(meta, open(meta_path, "w", encoding="utf-8"))
   with pytest.raises(ValueError, match="format version 99"):
-    exported.read_meta(out)
+    program.read_meta(out)
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(ValueError, match="no images"):

@@ -6,7 +6,7 @@ calibration, and the one-line refusal of older export formats.
 
 Tiny: an untrained Lite0 network at 64 px on a generated 2-class dataset (the scores need not be
 good, only equal between the paths). The calibration is made by hand (real normal statistics of
-the held-out images, a fixed weight and box): `onenip_jax.calibration` is tested on its own."""
+the held-out images, a fixed weight and box): `onenip_jax.evaluation.calibration` is tested on its own."""
 import json
 import os
 import subprocess
@@ -67,10 +67,11 @@ def _write_dataset(root, rng):
 
 
 def _calibration(cfg, index, predictor):
-  """A calibration (`onenip_jax.calibration` layout) with the pool-mode normal statistics of the
+  """A calibration (`onenip_jax.evaluation.calibration` layout) with the pool-mode normal statistics of the
   held-out images, w = 0.3 and a box of 8 (not eval.pool_size, so the program's box is checked)."""
-  from onenip_jax import calibration as calib, eval_maps  # pylint: disable=g-import-not-at-top
-  maps = eval_maps.collect_maps(predictor, index.holdout, index, cfg)
+  from onenip_jax.evaluation import calibration as calib  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import maps as maps_lib  # pylint: disable=g-import-not-at-top
+  maps = maps_lib.collect_maps(predictor, index.holdout, index, cfg)
   params = dict(calib.normal_stats(maps["rec"], maps["ref"]), weight=0.3, pool_size=8,
                 objective=0.5, validation={k: 0.5 for k in calib.OBJECTIVE_KEYS},
                 n_normal=len(index.holdout), n_synthetic=0, candidates=[])
@@ -83,13 +84,17 @@ def _calibration(cfg, index, predictor):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
   """(cfg, index, flax predictor with pool, calibrated export dir, calibration, its
-  `inference.Trained`) of an untrained Lite0 at 64 px; the index holds out 1 of the 6 training
+  `predictor.Trained`) of an untrained Lite0 at 64 px; the index holds out 1 of the 6 training
   normals of each class."""
   import jax  # pylint: disable=g-import-not-at-top
   from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
-  from onenip_jax import (export, export_thresholds, inference,  # pylint: disable=g-import-not-at-top
-                          scoring_modes, sharding, train_state)
-  from onenip_jax.config_loading import load_config  # pylint: disable=g-import-not-at-top
+  from onenip_jax import sharding  # pylint: disable=g-import-not-at-top
+  from onenip_jax.config.loading import load_config  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import fusion  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
+  from onenip_jax.serving import export  # pylint: disable=g-import-not-at-top
+  from onenip_jax.serving import thresholds as thresholds_lib  # pylint: disable=g-import-not-at-top
+  from onenip_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   base = tmp_path_factory.mktemp("exported")
   _write_dataset(base / "data", np.random.default_rng(0))
   cfg = load_config(str(REPO / "configs" / "real.py") + ":steps=6,backbone=lite0",
@@ -100,20 +105,20 @@ def tiny(tmp_path_factory):
   index = indexing.index_config(cfg)
   assert len(index.holdout) == 2
   mesh = sharding.make_mesh()
-  model, features = inference.make_model(cfg)
-  state = jax.jit(lambda: train_state.init_state(cfg, model, train_state.make_optimizer(cfg, 1),
-                                                 features),
+  model, features = predictor_lib.make_model(cfg)
+  state = jax.jit(lambda: state_lib.init_state(cfg, model, state_lib.make_optimizer(cfg, 1),
+                                               features),
                   out_shardings=sharding.replicated(mesh))()
   backbone = jax.device_put(features.load_variables(cfg.backbone), sharding.replicated(mesh))
-  trained = inference.Trained.from_state(cfg, state, index, features, backbone, mesh)
+  trained = predictor_lib.Trained.from_state(cfg, state, index, features, backbone, mesh)
   trained.fusion_c = 0.37
   predictor = trained.predictor_for("pool")
   trained.calibration = cal = _calibration(cfg, index, predictor)
-  entry = scoring_modes.make_scoring(cfg, trained.fusion_c, cal)
-  samples, sources = export_thresholds.default_threshold_samples(index, trained.pool, 0.5,
-                                                                 cfg.seed)
-  thresholds = export_thresholds.make_thresholds(trained, entry, samples, "holdout-normals", 0.25,
-                                                 class_sources=sources)
+  entry = fusion.make_scoring(cfg, trained.fusion_c, cal)
+  samples, sources = thresholds_lib.default_threshold_samples(index, trained.pool, 0.5,
+                                                              cfg.seed)
+  thresholds = thresholds_lib.make_thresholds(trained, entry, samples, "holdout-normals", 0.25,
+                                              class_sources=sources)
   out = str(base / "export")
   export.write_export(out, trained, thresholds, scoring_entry=entry)
   return cfg, index, predictor, out, cal, trained
@@ -161,7 +166,7 @@ def test_export_layout_and_metadata(tiny):
 
 def test_preprocessing_matches_tf_pipeline(tmp_path):
   from data_pipelines import input_pipeline as ip  # pylint: disable=g-import-not-at-top
-  from onenip_jax import exported  # pylint: disable=g-import-not-at-top
+  from onenip_jax.serving import program  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(3)
   mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
   files = []
@@ -178,7 +183,7 @@ def test_preprocessing_matches_tf_pipeline(tmp_path):
   for path in files:
     for size in (SIZE, 224):
       want = ip.load_image(path, size, mean, std)
-      got = exported.normalize(exported.load_image(path, size), mean, std)
+      got = program.normalize(program.load_image(path, size), mean, std)
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=path)
   for h, w in ((50, 61), (300, 300)):
     m = (rng.integers(0, 4, (h, w)) * (rng.random((h, w)) > 0.6)).astype(np.uint8)  # VisA: 1..3
@@ -188,20 +193,21 @@ def test_preprocessing_matches_tf_pipeline(tmp_path):
       tf_mask = ip.load_mask(path, size)[..., 0]
       want = np.asarray(Image.fromarray(m).resize((size, size), Image.NEAREST)) > 0
       np.testing.assert_array_equal(tf_mask, want)
-      np.testing.assert_array_equal(exported.load_mask(path, size), want)
+      np.testing.assert_array_equal(program.load_mask(path, size), want)
       assert tf_mask.any()
 
 
 def test_predict_without_flax_tf_orbax_matches_the_checkpoint_predictor(tiny, tmp_path):
-  from onenip_jax import eval_maps, scoring_modes  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import fusion  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import maps as maps_lib  # pylint: disable=g-import-not-at-top
   cfg, index, predictor, out, cal, _ = tiny
   samples = [s for s in index.test if s.cls == "alpha" and s.defect == "crack"]
   folder = os.path.dirname(samples[-1].path)
   _run_blocked(["onenip-predict", "--exported", out, "--out", str(tmp_path / "exp"),
                 "--save-maps", "--batch-size", "3", folder], tmp_path)
-  maps = eval_maps.collect_maps(predictor, samples, index, cfg)  # tf.data and the Predictor
-  want_maps, want_scores = scoring_modes.scored_maps("calibrated", maps["rec"], maps["ref"],
-                                                     c=0.37, cfg=cfg, calibration=cal)
+  maps = maps_lib.collect_maps(predictor, samples, index, cfg)  # tf.data and the Predictor
+  want_maps, want_scores = fusion.scored_maps("calibrated", maps["rec"], maps["ref"],
+                                              c=0.37, cfg=cfg, calibration=cal)
   want_class = [CLASSES[predictor.pool.class_ids[k]] for k in maps["pool_choice"]]
   exp = {r["path"]: r for r in json.load(open(tmp_path / "exp" / "predictions.json"))["predictions"]}
   doc = json.load(open(tmp_path / "exp" / "predictions.json"))
@@ -221,7 +227,7 @@ def test_predict_without_flax_tf_orbax_matches_the_checkpoint_predictor(tiny, tm
 
 
 def test_eval_without_flax_tf_orbax_matches_the_checkpoint_eval(tiny, tmp_path):
-  from onenip_jax import after_training, reports  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import after_training, reports  # pylint: disable=g-import-not-at-top
   out, cal, trained = tiny[3:]
   # pool prompts (eval.prompt_mode): the global calibration
   theirs = after_training.evaluate(trained, str(tmp_path / "ckpt"))
@@ -247,36 +253,39 @@ def test_eval_without_flax_tf_orbax_matches_the_checkpoint_eval(tiny, tmp_path):
 
 def test_reference_fallback_without_calibration(tiny, tmp_path):
   import copy  # pylint: disable=g-import-not-at-top
-  from onenip_jax import eval_maps, export, exported, scoring_modes  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import fusion  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import maps as maps_lib  # pylint: disable=g-import-not-at-top
+  from onenip_jax.serving import export, program  # pylint: disable=g-import-not-at-top
   cfg, index, predictor, calibrated_out, _, trained = tiny
   out = str(tmp_path / "reference")
   uncalibrated = copy.copy(trained)  # the same network and pool, a run without calibration
   uncalibrated.calibration = None
   export.write_export(out, uncalibrated)
-  meta = exported.read_meta(out)
+  meta = program.read_meta(out)
   sc = meta["scoring"]
   assert sc["fusion"] == "reference" and meta["calibration"] is None
   assert "no calibration" in sc["note"] and sc["pool_size"] == cfg.eval.pool_size
   samples = [s for s in index.test if s.cls == "beta"][:3]
-  maps = eval_maps.collect_maps(predictor, samples, index, cfg)
-  _, want = scoring_modes.scored_maps("reference", maps["rec"], maps["ref"], c=0.37, cfg=cfg)
-  model = exported.ExportedPredictor.load(out)
+  maps = maps_lib.collect_maps(predictor, samples, index, cfg)
+  _, want = fusion.scored_maps("reference", maps["rec"], maps["ref"], c=0.37, cfg=cfg)
+  model = program.ExportedPredictor.load(out)
   x = np.stack([model.preprocess(s.path) for s in samples])
   got = model(x)["score"]
   np.testing.assert_allclose(got, want, rtol=1e-5)
-  calibrated = exported.ExportedPredictor.load(calibrated_out)(x)["score"]
+  calibrated = program.ExportedPredictor.load(calibrated_out)(x)["score"]
   assert np.abs(calibrated - got).min() > 1e-3  # the scoring argument is used
 
 
 @pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_an_older_export_format_fails_in_one_line_naming_the_re_export(tiny, tmp_path, capsys,
                                                                        version):
-  from onenip_jax import cli, exported  # pylint: disable=g-import-not-at-top
+  from onenip_jax import cli  # pylint: disable=g-import-not-at-top
+  from onenip_jax.serving import program  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / "old")
   os.makedirs(out)
-  meta = exported.read_meta(tiny[3])
+  meta = program.read_meta(tiny[3])
   meta["format_version"] = version
-  with open(os.path.join(out, exported.META_FILE), "w", encoding="utf-8") as f:
+  with open(os.path.join(out, program.META_FILE), "w", encoding="utf-8") as f:
     json.dump(meta, f)
   with pytest.raises(SystemExit) as e:
     cli.predict(["--exported", out, "--out", str(tmp_path / "p"), tiny[1].test[0].path])
@@ -287,22 +296,24 @@ def test_an_older_export_format_fails_in_one_line_naming_the_re_export(tiny, tmp
 
 
 def test_maskless_protocol_and_float32_maps(tiny, tmp_path):
-  from onenip_jax import eval_maps, report_builder, scoring_modes  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import fusion  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import maps as maps_lib  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import protocol as protocol_lib  # pylint: disable=g-import-not-at-top
   cfg, index, predictor = tiny[:3]
   samples = [s for s in index.test if s.cls == "alpha"]
-  maps = eval_maps.collect_maps(predictor, samples, index, cfg)
+  maps = maps_lib.collect_maps(predictor, samples, index, cfg)
   assert maps["rec"].dtype == np.float32 and maps["ref"].dtype == np.float32
-  s, scores = scoring_modes.scored_maps("reference", maps["rec"], maps["ref"], c=0.37, cfg=cfg)
+  s, scores = fusion.scored_maps("reference", maps["rec"], maps["ref"], c=0.37, cfg=cfg)
   assert s.dtype == np.float32
   labels = [x.label for x in samples]
-  protocol = report_builder.class_protocol
+  protocol = protocol_lib.class_protocol
   skip, lab, n = protocol(scores, s, maps["mask"], maps["has_mask"], labels, "skip")
   full, lab2, n2 = protocol(scores, s, maps["mask"], maps["has_mask"], labels, "full")
   assert n == n2 == 1 and lab.tolist() == lab2.tolist() and sorted(lab) == [0, 0, 0, 1, 1, 1, 1]
   assert skip["i_auroc"] == full["i_auroc"] and skip["p_auroc"] != full["p_auroc"]
   ones = maps["mask"].copy()
   ones[~maps["has_mask"] & (lab > 0)] = True
-  from onenip_jax import metrics  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
   assert full == metrics.class_metrics(scores, lab, s, ones)
   keep = maps["has_mask"] | (lab == 0)
   assert skip == metrics.class_metrics(scores, lab, s[keep], maps["mask"][keep])
@@ -311,12 +322,13 @@ def test_maskless_protocol_and_float32_maps(tiny, tmp_path):
 
 
 def test_threshold_rules():
-  from onenip_jax import cli, export_thresholds  # pylint: disable=g-import-not-at-top
+  from onenip_jax import cli  # pylint: disable=g-import-not-at-top
+  from onenip_jax.serving import thresholds as thresholds_lib  # pylint: disable=g-import-not-at-top
   s = np.arange(1.0, 11.0)  # 10 normal scores
-  assert export_thresholds.normal_quantile(s, 0.0) == 10.0      # nothing above
-  assert export_thresholds.normal_quantile(s, 0.1) == 9.0       # one of ten above
-  assert export_thresholds.normal_quantile(s, 0.25) == 8.0      # floor(2.5) = 2 above
-  e = export_thresholds._threshold_entry([1, 2, 3, 8, 9], [0, 0, 0, 1, 1], "val", 0.01)
+  assert thresholds_lib.normal_quantile(s, 0.0) == 10.0      # nothing above
+  assert thresholds_lib.normal_quantile(s, 0.1) == 9.0       # one of ten above
+  assert thresholds_lib.normal_quantile(s, 0.25) == 8.0      # floor(2.5) = 2 above
+  e = thresholds_lib._threshold_entry([1, 2, 3, 8, 9], [0, 0, 0, 1, 1], "val", 0.01)
   assert e["method"] == "f1-max" and 3 <= e["value"] < 8 and e["fpr_on_source"] == 0.0
   with pytest.raises(SystemExit):
     cli.export(["--workdir", "x", "--out", "y", "--calibrate"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onenip_jax import base_config as common
+from onenip_jax.config import base as common
 from data_pipelines import image_checks, indexing
 
 LOGGER = "data_pipelines.indexing"

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from onenip_jax import base_config as common
+from onenip_jax.config import base as common
 from data_pipelines import indexing
 from data_pipelines import input_pipeline as ip
 from data_pipelines import textures

@@ -108,7 +108,7 @@ def _version(text: str) -> tuple:
 
 def test_code_imports_only_installed_first_party_packages():
   """configs/ and launch/ are not packages: no code imports them (a script or config loads a
-  sibling file by path with `config_loading.load_python_file`)."""
+  sibling file by path with `loading.load_python_file`)."""
   offenders = [f"{p.relative_to(REPO)}: {m}" for p in SOURCES
                for m in _imports(p) & (FIRST_PARTY - INSTALLED)]
   assert not offenders

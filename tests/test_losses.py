@@ -5,9 +5,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from onenip_jax.losses import dice_loss, feature_mse, onenip_loss
-from onenip_jax import scoring
-from onenip_jax.scoring import image_scores, mid_range
+from onenip_jax.evaluation import scoring
+from onenip_jax.evaluation.scoring import image_scores, mid_range
+from onenip_jax.training.losses import dice_loss, feature_mse, onenip_loss
 
 
 def _loss_cfg(**kw):

@@ -9,8 +9,8 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 pytest.importorskip("clu")
 
-from onenip_jax import base_config as common  # noqa: E402
-from onenip_jax import metric_logging  # noqa: E402
+from onenip_jax.config import base as common  # noqa: E402
+from onenip_jax.training import metric_logging  # noqa: E402
 
 
 def _events(logdir: str) -> dict:

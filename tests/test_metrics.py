@@ -4,7 +4,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import auc, average_precision_score, roc_auc_score, roc_curve
 
-from onenip_jax import metrics as M
+from onenip_jax.evaluation import metrics as M
 
 
 def _random_case(seed, n=400, levels=None, pos_rate=0.3):

@@ -10,12 +10,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from onenip_jax.base_config import get_base_config
-from onenip_jax.losses import dice_loss
+from onenip_jax.config.base import get_base_config
 from onenip_jax.models.features import neck
 from onenip_jax.models.onenip import OneNIP
 from onenip_jax.models.resize import resize_align_corners
 from onenip_jax.models.transformer import MultiheadAttention, neighbor_mask
+from onenip_jax.training.losses import dice_loss
 
 C = 272
 SMALL = dict(enc_layers=1, dec_layers=1)   # one layer of each kind: same code paths, faster compile

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, train_losses as _losses
-from onenip_jax import run_control
+from onenip_jax.training import run_control
 
 STEPS = 5
 ARGS = [f"--config=configs/real.py:steps={STEPS},backbone=lite0", "--config.input_size=64",

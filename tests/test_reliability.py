@@ -56,7 +56,8 @@ def _checkpoints(workdir) -> list:
 
 def _stored_state(workdir, step=None):
   """(step, fusion constant) of a checkpoint, read back as onenip-eval / -export do."""
-  from onenip_jax import restore, sharding  # pylint: disable=g-import-not-at-top
+  from onenip_jax import sharding  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import restore  # pylint: disable=g-import-not-at-top
   trained = restore.load_checkpoint(str(workdir), sharding.make_mesh(), step)
   return trained.step, trained.fusion_c
 
@@ -132,7 +133,9 @@ def test_resume_with_another_model_fails_at_once(extended):
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(extended, tmp_path, caplog):
-  from onenip_jax import checkpoints, inference, restore, sharding, train_state  # pylint: disable=g-import-not-at-top
+  from onenip_jax import sharding  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import predictor, restore  # pylint: disable=g-import-not-at-top
+  from onenip_jax.training import checkpoints, state  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "copy")
   shutil.copytree(extended[0], workdir)
   data_dir = os.path.join(workdir, "checkpoints", "5", "state", "ocdbt.process_0", "d")
@@ -147,9 +150,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(extended,
   assert "checkpoint step 5" in damaged[0] and os.path.join(workdir, "checkpoints", "5") in damaged[0]
   # Training moves it aside, so that later saves and resumes do not meet it again.
   cfg = checkpoints.restore_config(workdir, 3)
-  model, features = inference.make_model(cfg)
-  template = train_state.init_state(cfg, model, train_state.make_optimizer(cfg, 1),
-                                    features)
+  model, features = predictor.make_model(cfg)
+  template = state.init_state(cfg, model, state.make_optimizer(cfg, 1),
+                              features)
   manager = checkpoints.make_manager(workdir, cfg)
   _, _, step = checkpoints.restore_latest(manager, template, move_damaged=True)
   assert step == 3 and manager.latest_step() == 3
@@ -162,7 +165,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(extended,
 
 
 def test_export_checks_out_first_and_overwrites_only_exports(extended, tmp_path, monkeypatch):
-  from onenip_jax import cli, export, restore  # pylint: disable=g-import-not-at-top
+  from onenip_jax import cli  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import restore  # pylint: disable=g-import-not-at-top
+  from onenip_jax.serving import export  # pylint: disable=g-import-not-at-top
   workdir = extended[0]
   monkeypatch.setattr(restore, "load_checkpoint", lambda *a, **k: pytest.fail("worked before --out"))
   for out in (workdir, os.path.dirname(workdir)):
@@ -245,7 +250,8 @@ def test_eval_and_export_overrides_of_a_stored_run(extended, capsys):
 
 
 def test_predict_exits_nonzero_when_nothing_is_scored(tmp_path, monkeypatch, capsys):
-  from onenip_jax import cli, predict  # pylint: disable=g-import-not-at-top
+  from onenip_jax import cli  # pylint: disable=g-import-not-at-top
+  from onenip_jax.serving import predict  # pylint: disable=g-import-not-at-top
   bad = tmp_path / "bad.png"
   bad.write_bytes(b"not an image")
 
@@ -267,9 +273,9 @@ def test_predict_exits_nonzero_when_nothing_is_scored(tmp_path, monkeypatch, cap
 
 
 def test_empty_mask_of_a_defect_image_is_warned_and_counted(tmp_path, caplog):
-  from onenip_jax import base_config as common  # pylint: disable=g-import-not-at-top
+  from onenip_jax.config import base as common  # pylint: disable=g-import-not-at-top
   from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
-  from onenip_jax import report_builder  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import protocol  # pylint: disable=g-import-not-at-top
   cfg = common.get_base_config()
   cfg.input_size, cfg.eval.pool_size = 32, 4
   samples = [indexing.Sample(f"/d/{i}.png", "a", int(i > 1), f"/d/{i}_mask.png" if i > 1 else None,
@@ -278,7 +284,7 @@ def test_empty_mask_of_a_defect_image_is_warned_and_counted(tmp_path, caplog):
   mask = np.zeros((4, 32, 32), bool)
   mask[3, 5:9, 5:9] = True  # image 2 is a defect whose mask is empty
   maps = rng.random((4, 32, 32)).astype(np.float32)
-  builder = report_builder.ReportBuilder(cfg, str(tmp_path))
+  builder = protocol.ReportBuilder(cfg, str(tmp_path))
   with caplog.at_level(logging.WARNING, logger="onenip"):
     builder.add_class("a", samples, maps, maps.max(axis=(1, 2)), mask,
                       np.array([False, False, True, True]))

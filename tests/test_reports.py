@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onenip_jax import heatmaps, reports
-from onenip_jax.metrics import ALL_KEYS, summarize
+from onenip_jax.evaluation import heatmaps, reports
+from onenip_jax.evaluation.metrics import ALL_KEYS, summarize
 
 
 def _metrics():

@@ -13,7 +13,9 @@ from PIL import Image
 
 from conftest import REPO
 from data_pipelines import errors
-from onenip_jax import checkpoints, cli, config_checks, config_loading, workdir_lock
+from onenip_jax import cli
+from onenip_jax.config import checks, loading
+from onenip_jax.training import checkpoints, workdir_lock
 
 TINY = ["--config.input_size=64", "--config.data.classes=('bottle',)", "--config.log_every_steps=1",
          "--config.eval.fusion_max_images=16", "--config.eval.heatmaps=False",
@@ -84,12 +86,12 @@ def test_eval_and_export_check_override_values_first(command, extra, tmp_path, c
 
 def test_every_config_file_passes_the_checks():
   for path in sorted((REPO / "configs").glob("*.py")):
-    config_checks.check_config(config_loading.load_config(str(path)))
-  cfg = config_loading.load_config(str(REPO / "configs" / "demo.py"),
-                                   ["--config.total_steps=0", "--config.num_epochs=0"])
-  with pytest.raises(config_checks.ConfigValueError, match="no steps"):
-    config_checks.check_config(cfg)
-  config_checks.check_config({"batch_size": 4})  # keys an older stored config lacks: unchecked
+    checks.check_config(loading.load_config(str(path)))
+  cfg = loading.load_config(str(REPO / "configs" / "demo.py"),
+                            ["--config.total_steps=0", "--config.num_epochs=0"])
+  with pytest.raises(checks.ConfigValueError, match="no steps"):
+    checks.check_config(cfg)
+  checks.check_config({"batch_size": 4})  # keys an older stored config lacks: unchecked
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,7 +137,7 @@ def test_bad_config_value_is_one_line_in_a_subprocess(tmp_path):
 
 
 def test_unexpected_errors_keep_their_traceback(monkeypatch, capsys):
-  from onenip_jax import predict  # pylint: disable=g-import-not-at-top
+  from onenip_jax.serving import predict  # pylint: disable=g-import-not-at-top
 
   def bug(args):
     raise ValueError("a bug, not a user error")

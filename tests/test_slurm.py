@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, train_losses as _losses
-from onenip_jax import run_status, sharding
+from onenip_jax import sharding
+from onenip_jax.training import finished
 from slurm_cluster import SlurmCluster, Unavailable
 
 STEPS = 6
@@ -152,7 +153,7 @@ def test_the_resubmitted_job_resumes_to_the_losses_of_one_process(runs):
   assert sorted(resumed) == sorted(uninterrupted) == list(range(1, STEPS + 1))
   np.testing.assert_array_equal([resumed[s] for s in range(1, STEPS + 1)],
                                 [uninterrupted[s] for s in range(1, STEPS + 1)])
-  assert run_status.finished(stopped)["step"] == STEPS
+  assert finished.finished(stopped)["step"] == STEPS
 
 
 def test_a_sweep_runs_as_slurm_jobs_and_a_rerun_submits_nothing(cluster, shared_data, tmp_path):
@@ -167,7 +168,7 @@ def test_a_sweep_runs_as_slurm_jobs_and_a_rerun_submits_nothing(cluster, shared_
   assert first.stdout.count("[sweep] submitted job") == 2
   for name, cls in (("data.classes=(bottle,)", "bottle"), ("data.classes=(magnetic_tile,)",
                                                            "magnetic_tile")):
-    done = run_status.finished(str(workdir / name))
+    done = finished.finished(str(workdir / name))
     assert done["step"] == 1 and done["metrics"]["config"]["data"]["classes"] == [cls]
     assert f"| {name} | finished | 1 |" in first.stdout
     assert glob.glob(str(workdir / name / "slurm-*.out"))

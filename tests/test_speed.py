@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from onenip_jax import config_loading
-from onenip_jax.base_config import get_base_config
 from onenip_jax.compile_options import compiler_options
+from onenip_jax.config import loading
+from onenip_jax.config.base import get_base_config
 from onenip_jax.models import mixed
 from onenip_jax.models.onenip import OneNIP
 from onenip_jax.models.transformer import MultiheadAttention, neighbor_mask
@@ -167,7 +167,7 @@ def test_mixed_einsum_gradients():
 
 def test_profile_step_hlo_accounting():
   """launch/profile_step.py: each compiled instruction gets its kind, dots their 2 M N K x batch."""
-  prof = config_loading.load_python_file(str(REPO / "launch" / "profile_step.py"))
+  prof = loading.load_python_file(str(REPO / "launch" / "profile_step.py"))
 
   def f(x, w, a, b, img, kernel):
     y = jnp.tanh(x @ w + 1.0)
@@ -203,7 +203,7 @@ def test_bfloat16_dots_run_in_the_library_on_cpu():
   b = jax.random.normal(jax.random.key(1), (48, 40))
   f = jax.value_and_grad(lambda a, b: jnp.tanh(mixed.einsum("nk,km->nm", a, b, jnp.bfloat16)).sum(),
                          (0, 1))
-  prof = config_loading.load_python_file(str(REPO / "launch" / "profile_step.py"))
+  prof = loading.load_python_file(str(REPO / "launch" / "profile_step.py"))
   for library_dots, expected in ((True, 2), (False, 0)):
     jitted = jax.jit(f, compiler_options=compiler_options("cpu", library_dots=library_dots))
     instrs, _ = prof.parse_hlo(jitted.lower(a, b).compile().as_text())

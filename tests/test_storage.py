@@ -83,7 +83,7 @@ def _save(path: str, array: np.ndarray) -> None:
 
 
 def _cfg(data_root: str):
-  from onenip_jax import base_config as common  # pylint: disable=g-import-not-at-top
+  from onenip_jax.config import base as common  # pylint: disable=g-import-not-at-top
   c = common.get_base_config()
   common.set_backbone(c, "lite0")
   c.input_size, c.batch_size, c.total_steps = 64, 8, 3

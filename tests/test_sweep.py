@@ -10,14 +10,15 @@ import pytest
 
 from conftest import REPO
 from launch import sweep
-from onenip_jax import run_status
+from onenip_jax.training import finished
 
 FAKE_TRAIN = r"""
 import json, os, sys
 sys.path.insert(0, {repo!r})
-from onenip_jax import config_loading, run_status
+from onenip_jax.config import loading
+from onenip_jax.training import finished
 args = dict(a.split("=", 1) for a in sys.argv[1:3])
-cfg = config_loading.load_config(args["--config"], sys.argv[3:])
+cfg = loading.load_config(args["--config"], sys.argv[3:])
 workdir = args["--workdir"]
 with open({calls!r}, "a") as f:
   f.write(os.path.basename(workdir) + "\n")
@@ -30,7 +31,7 @@ mean = {{"i_auroc": cfg.seed / 1000, "i_ap": 0.5, "p_auroc": 0.25, "p_ap": None,
 with open(os.path.join(out, "metrics.json"), "w") as f:
   json.dump({{"classes": {{}}, "mean": mean, "step": step,
              "config": json.loads(cfg.to_json_best_effort())}}, f)
-run_status.mark_finished(workdir, step, out)
+finished.mark_finished(workdir, step, out)
 """
 
 
@@ -54,7 +55,7 @@ def test_sweep_skips_finished_runs_and_goes_on_after_a_failure(tmp_path, capsys)
   assert table[2:] == ["| seed=1 | finished | 5 | 0.10 | 50.00 | 25.00 | - | 12.50 |",
                        "| seed=666 | failed (3) | - | - | - | - | - | - |",
                        "| seed=2 | finished | 5 | 0.20 | 50.00 | 25.00 | - | 12.50 |"]
-  assert run_status.finished(str(tmp_path / "runs" / "seed=1"))["step"] == 5
+  assert finished.finished(str(tmp_path / "runs" / "seed=1"))["step"] == 5
 
   rc, ran = _sweep(tmp_path)  # again: only the failed run runs
   assert rc == 1 and ran == ["seed=666"]
@@ -78,11 +79,11 @@ def test_evaluation_without_marker_is_not_finished(tmp_path):
   workdir = tmp_path / "run"
   (workdir / "eval" / "step_4").mkdir(parents=True)
   (workdir / "eval" / "step_4" / "metrics.json").write_text(json.dumps({"mean": {}}))
-  assert run_status.finished(str(workdir)) is None
-  run_status.mark_finished(str(workdir), 4, str(workdir / "eval" / "step_4"))
-  assert run_status.finished(str(workdir)) == {"step": 4, "metrics": {"mean": {}}}
+  assert finished.finished(str(workdir)) is None
+  finished.mark_finished(str(workdir), 4, str(workdir / "eval" / "step_4"))
+  assert finished.finished(str(workdir)) == {"step": 4, "metrics": {"mean": {}}}
   os.remove(workdir / "eval" / "step_4" / "metrics.json")  # the metrics it names must exist
-  assert run_status.finished(str(workdir)) is None
+  assert finished.finished(str(workdir)) is None
 
 
 def test_grid_values_split_at_top_level_commas_only():
@@ -112,7 +113,7 @@ def test_a_tuple_value_reaches_the_run_config(tmp_path, capsys):
           f"{shlex.quote(sys.executable)} {fake}", "--config.total_steps=5"]
   assert sweep.main(argv) == 0
   for name, classes in (("data.classes=(a,b)", ["a", "b"]), ("data.classes=(c,)", ["c"])):
-    assert run_status.finished(str(tmp_path / "runs" / name))["metrics"]["config"]["data"][
+    assert finished.finished(str(tmp_path / "runs" / name))["metrics"]["config"]["data"][
         "classes"] == classes
   assert sweep.main(argv + ["--status"]) == 0
   assert capsys.readouterr().out.count("| finished before | 5 |") == 2

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
-from onenip_jax.base_config import get_base_config
+from onenip_jax.config.base import get_base_config
 from data_pipelines import image_ops, imgaug_ops, perlin, synthesis, textures
 
 SIZE = 64      # smallest size docs/algorithm.md §7 allows (divisible by 32; scars are <= 25 px)

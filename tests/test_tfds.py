@@ -19,14 +19,18 @@ tfds = pytest.importorskip("tensorflow_datasets", reason="the `tfds` extra is no
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_pipelines import tfds_builder
-from onenip_jax import base_config, cli, config_loading, exported, run_control, train
+from onenip_jax import cli, train
+from onenip_jax.config import base as base_lib
+from onenip_jax.config import loading
+from onenip_jax.serving import program
+from onenip_jax.training import run_control
 
 STEPS = 4
 
 
 def _cfg(data: dict):
-  c = base_config.get_base_config()
-  base_config.set_backbone(c, "lite0")
+  c = base_lib.get_base_config()
+  base_lib.set_backbone(c, "lite0")
   c.input_size, c.batch_size, c.total_steps = 64, 8, STEPS
   c.data.update(data)
   c.data.textures = ""
@@ -185,10 +189,10 @@ def test_each_process_decodes_its_share_from_the_records(demo, monkeypatch):
   s_t, s_f = index_t.test[-1], index_f.test[-1]
   np.testing.assert_array_equal(input_pipeline.load_image(s_t.read_image(), 64),
                                 input_pipeline.load_image(s_f.path, 64))
-  np.testing.assert_array_equal(exported.load_image(s_t.read_image(), 64),
-                                exported.load_image(s_f.path, 64))
-  np.testing.assert_array_equal(exported.load_mask(s_t.read_mask(), 64),
-                                exported.load_mask(s_f.mask_path, 64))
+  np.testing.assert_array_equal(program.load_image(s_t.read_image(), 64),
+                                program.load_image(s_f.path, 64))
+  np.testing.assert_array_equal(program.load_mask(s_t.read_mask(), 64),
+                                program.load_mask(s_f.mask_path, 64))
 
 
 def _metrics(*path):
@@ -226,4 +230,4 @@ def test_a_run_stored_before_layout_tfds_resumes(tmp_path):
   cfg = _cfg({"layout": "mvtec", "root": str(tmp_path)})
   stored = json.loads(cfg.to_json_best_effort())
   del stored["data"]["tfds_name"], stored["data"]["tfds_data_dir"]
-  run_control.check_resume(config_loading.upgrade_stored_config(stored), cfg, str(tmp_path), 3)
+  run_control.check_resume(loading.upgrade_stored_config(stored), cfg, str(tmp_path), 3)

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from onenip_jax import base_config as common
-from onenip_jax import sharding, train, train_state
+from onenip_jax import sharding, train
+from onenip_jax.config import base as common
 from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
+from onenip_jax.training import state as state_lib
 
 RES, BATCH = 64, 8
 
@@ -25,9 +26,9 @@ def _setup(cfg, mesh):
   features = FrozenFeatures.from_config(cfg.backbone)
   bb = features.backbone.init(jax.random.PRNGKey(1), jnp.zeros((1, RES, RES, 3)))
   model = OneNIP.from_config(cfg.model)
-  tx = train_state.make_optimizer(cfg, 10)
+  tx = state_lib.make_optimizer(cfg, 10)
   repl = sharding.replicated(mesh)
-  state = jax.jit(lambda: train_state.init_state(cfg, model, tx, features),
+  state = jax.jit(lambda: state_lib.init_state(cfg, model, tx, features),
                   out_shardings=repl)()
   step = train.jit_train_step(cfg, model, features, tx, mesh)
   return state, step, jax.device_put(bb, repl), features
@@ -99,7 +100,7 @@ def test_feature_cache_gives_the_same_losses():
   state_b = jax.tree.map(jnp.copy, state)
   _, m_plain = step(state, sharding.to_global(batch, mesh), bb, None)
   step_cached = jax.jit(train.make_train_step(cfg, OneNIP.from_config(cfg.model), features,
-                                              train_state.make_optimizer(cfg, 10)))
+                                              state_lib.make_optimizer(cfg, 10)))
   _, m_cached = step_cached(state_b, sharding.to_global(cached, mesh), bb, cache)
   for k in ("total", "mse", "dice"):
     np.testing.assert_allclose(m_cached[k], m_plain[k], rtol=2e-5, atol=1e-7)
@@ -108,15 +109,15 @@ def test_feature_cache_gives_the_same_losses():
 def test_lr_schedule_follows_epochs():
   cfg = _cfg()
   cfg.optim.lr_drop_epochs = (3,)
-  lr = train_state.lr_schedule(cfg, spe=10)
+  lr = state_lib.lr_schedule(cfg, spe=10)
   assert float(lr(0)) == pytest.approx(1e-4) and float(lr(29)) == pytest.approx(1e-4)
   assert float(lr(30)) == pytest.approx(1e-5) and float(lr(1000)) == pytest.approx(1e-5)
   cfg.total_steps, cfg.num_epochs = 0, 2
-  assert train_state.total_steps(cfg, 121) == 2 * 121
+  assert state_lib.total_steps(cfg, 121) == 2 * 121
   cfg.total_steps = 7
-  assert train_state.total_steps(cfg, 121) == 7
+  assert state_lib.total_steps(cfg, 121) == 7
   cfg.batch_size, cfg.optim.scale_lr_with_batch = 128, True
-  assert float(train_state.lr_schedule(cfg, 10)(0)) == pytest.approx(2e-4)
+  assert float(state_lib.lr_schedule(cfg, 10)(0)) == pytest.approx(2e-4)
 
 
 def test_bad_batch_size_is_named():

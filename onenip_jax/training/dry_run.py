@@ -3,7 +3,7 @@
 It prints the resolved config, this process's devices (after `jax.distributed` starts, so on a pod
 every host reports its own), the data's classes and image counts, the steps and batch sizes, and
 then checks:
-  * config: the value checks of `config_checks` and that the batch splits over the devices;
+  * config: the value checks of `checks` and that the batch splits over the devices;
   * data: indexed and every image decoded, as training does (`indexing.index_config`, without the
     verified-images cache), and the texture folder;
   * weights: the backbone weights exist and load (the packaged Lite weights are converted into
@@ -28,9 +28,10 @@ import ml_collections
 
 from data_pipelines import demo_data, indexing, storage, textures
 from data_pipelines.errors import UserError
-from onenip_jax import (checkpoints, config_checks, run_control, run_status, sharding, train_state,
-                        workdir_lock)
+from onenip_jax import sharding
+from onenip_jax.config import checks as checks_lib
 from onenip_jax.models.features import FrozenFeatures
+from onenip_jax.training import checkpoints, finished, run_control, state, workdir_lock
 
 _PROBE = ".onenip-dry-run-"  # name prefix of the probe file / folder of the write check
 
@@ -72,7 +73,7 @@ def main(args) -> int:
   cfg, workdir = args.config, args.workdir
   rep.say(f"onenip-train dry run: nothing is compiled, trained or written to {workdir}")
   try:
-    config_checks.check_config(cfg)
+    checks_lib.check_config(cfg)
     config_ok = True
   except UserError as e:
     rep.problem("config", e)
@@ -172,7 +173,7 @@ def _steps(rep: _Report, cfg, index, mesh, config_ok: bool) -> int | None:
     return None
   batch, processes, devices = cfg.batch_size, jax.process_count(), mesh.devices.size
   spe = math.ceil(len(index.train) / batch)
-  num_steps = train_state.total_steps(cfg, spe)
+  num_steps = state.total_steps(cfg, spe)
   rep.say(f"steps: {num_steps} ({spe} per epoch, {num_steps / spe:.4g} epochs); global batch "
           f"{batch}: {batch / processes:g} per process, {batch / devices:g} per device "
           f"({processes} process(es), {devices} device(s))")
@@ -270,5 +271,5 @@ def _existing_run(rep: _Report, cfg, workdir: str, num_steps: int | None) -> Non
   if step > num_steps:
     rep.problem("existing run", f"{workdir} holds a checkpoint at step {step}, beyond the "
                 f"{num_steps} steps this config asks for (total_steps / num_epochs)")
-  elif step == num_steps and run_status.finished(workdir):
+  elif step == num_steps and finished.finished(workdir):
     rep.say(f"  the run finished at step {step}: training again only evaluates it again")

@@ -15,7 +15,8 @@ import ml_collections
 import numpy as np
 
 from data_pipelines import indexing, input_pipeline
-from onenip_jax import scoring, sharding
+from onenip_jax import sharding
+from onenip_jax.evaluation import scoring
 from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
 
@@ -168,7 +169,7 @@ class Trained:
     cfg: the config of the steps after training (the stored run's with any overrides).
     predictor: the network with class prompts (no pool).
     fusion_c: the frozen fusion constant (nan until computed); step: the checkpoint's step.
-    calibration: the run's calibration (`onenip_jax.calibration`), or None.
+    calibration: the run's calibration (`onenip_jax.evaluation.calibration`), or None.
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, predictor: Predictor, *, index=None,

@@ -1,9 +1,9 @@
 """The evaluation protocol of one class and the reports of a whole evaluation.
 
 `class_protocol` turns a class's maps and scores into its metrics (the protocol of
-`onenip_jax.evaluate`'s module doc: labels from the resized masks, the `eval.maskless` policy);
+`onenip_jax.evaluation.evaluate`'s module doc: labels from the resized masks, the `eval.maskless` policy);
 `ReportBuilder` accumulates the classes one at a time and writes metrics.json / .md / .csv
-(`onenip_jax.reports`), scores.csv and the heatmaps.
+(`onenip_jax.evaluation.reports`), scores.csv and the heatmaps.
 """
 import csv
 import io
@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from data_pipelines import storage
-from onenip_jax import heatmaps, metrics, reports
+from onenip_jax.evaluation import heatmaps, metrics, reports
 
 log = logging.getLogger("onenip")
 MASKLESS_POLICIES = ("skip", "full")

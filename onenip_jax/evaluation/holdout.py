@@ -8,7 +8,7 @@ evaluation draws them: class prompts from `index.train`, or the pool built from 
 The per-class parameters are fitted on maps made with `eval.prompt_mode`'s prompts, the global
 ones (pool-prompt evaluation, exports) always on pool-prompt maps. No test image is read. Maps are
 made one class at a time (`ValidationMaps`), so host memory holds one class's; the selection
-itself is `onenip_jax.calibration`.
+itself is `onenip_jax.evaluation.calibration`.
 """
 import logging
 from collections.abc import Mapping
@@ -16,8 +16,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from data_pipelines import indexing
-from onenip_jax import calibration as calib
-from onenip_jax import eval_maps
+from onenip_jax.evaluation import calibration as calib
+from onenip_jax.evaluation import maps as maps_lib
 
 log = logging.getLogger("onenip")
 
@@ -89,9 +89,9 @@ class ValidationMaps(Mapping):
     offset = 0
     for pass_samples, positions, seed in passes:  # written in place: one copy of the maps
       end = offset + len(pass_samples)
-      eval_maps.collect_maps(self.predictor, pass_samples, self.index, self.cfg,
-                             seed_positions=positions, synthesis_seed=seed,
-                             out={key: a[offset:end] for key, a in maps.items()})
+      maps_lib.collect_maps(self.predictor, pass_samples, self.index, self.cfg,
+                            seed_positions=positions, synthesis_seed=seed,
+                            out={key: a[offset:end] for key, a in maps.items()})
       offset = end
     source = np.tile(_image_ids(samples), k + 1)
     if self.normals_only:
@@ -108,7 +108,7 @@ def validation_groups(cfg, predictor, index, normals_only: bool = False) -> Vali
 
 
 def calibrate(trained) -> dict | None:
-  """The calibration (`onenip_jax.calibration`) of an `inference.Trained` on `index.holdout`:
+  """The calibration (`onenip_jax.evaluation.calibration`) of a `predictor.Trained` on `index.holdout`:
   per class on the validation maps of its `eval.prompt_mode` Predictor, global on those of its
   pool-prompt one (the same maps in pool mode); with a finite frozen fusion constant it also
   records the reference fusion's validation figures. None without held-out images or without a

@@ -1,6 +1,6 @@
 """The train state and what builds it: the optimiser, its schedule, the initial state.
 
-Training (`onenip_jax.train`) and checkpoint restoring (`onenip_jax.restore`, whose Orbax
+Training (`onenip_jax.train`) and checkpoint restoring (`onenip_jax.evaluation.restore`, whose Orbax
 templates are `init_state`) share it; it imports nothing above `onenip_jax.models`.
 """
 from typing import Any

@@ -1,4 +1,4 @@
-"""Self-contained export of a trained model: `onenip-export` (run by `onenip_jax.exported`).
+"""Self-contained export of a trained model: `onenip-export` (run by `onenip_jax.serving.program`).
 
   onenip-export --workdir DIR --out EXPORT_DIR [--step N] [--threshold-fraction F] [--target-fpr P]
                 [--threshold-dir DIR | --calibrate-on-test] [--config FILE] [--config.KEY=VALUE]
@@ -10,13 +10,13 @@ EXPORT_DIR holds everything inference needs and nothing of training (no optimise
                            it was made), checkpoint step, the serialised program's platforms, the
                            config
   predictor.jaxexport      `jax.export` serialisation of the whole pool-mode predictor and
-  predictor_weights.npz    its weights (see `onenip_jax.exported`, which runs them with jax,
+  predictor_weights.npz    its weights (see `onenip_jax.serving.program`, which runs them with jax,
                            numpy and Pillow only)
   prompt_pool.npz          per-class prompt features for class-agnostic (pool) prompts
 The directory is written under a temporary name and renamed, so it is complete or absent.
 
 Scoring: `eval.fusion` of the (overridable) config, as `onenip-eval` scores: "calibrated" (the
-default: the calibration stored with the checkpoint, `onenip_jax.calibration`, made at the end of
+default: the calibration stored with the checkpoint, `onenip_jax.evaluation.calibration`, made at the end of
 training on held-out normals), falling back to "reference" with a note in export.json when the run
 has none; `--config.eval.fusion=reference` for the published protocol's fusion. The serialised
 predictor scores with pool prompts, so it uses the GLOBAL calibration, which is what it was
@@ -43,7 +43,7 @@ per class and a global one, never from the test set by default:
                      the normal-score quantile.
   --calibrate-on-test  F1-optimal on the config's TEST set (optimistic; for comparisons only).
 export.json records the scoring, source, method, image counts and target of each threshold
-(`onenip_jax.export_thresholds`).
+(`onenip_jax.serving.thresholds`).
 """
 import importlib.metadata
 import io
@@ -58,10 +58,13 @@ from absl import app
 
 from data_pipelines import storage
 from data_pipelines.errors import UserError
-from onenip_jax import (export_thresholds, exported, inference, restore, scoring, scoring_modes,
-                        sharding)
+from onenip_jax import sharding
+from onenip_jax.evaluation import fusion, restore, scoring
+from onenip_jax.evaluation import predictor as predictor_lib
+from onenip_jax.serving import program as program_lib
+from onenip_jax.serving import thresholds as thresholds_lib
 
-FORMAT_VERSION = exported.FORMAT_VERSION
+FORMAT_VERSION = program_lib.FORMAT_VERSION
 log = logging.getLogger("onenip")
 
 
@@ -80,13 +83,13 @@ def _host_tree(tree):
                       else np.asarray(x), tree)
 
 
-def serialize_predictor(predictor: inference.Predictor, cfg, entry: dict,
+def serialize_predictor(predictor: predictor_lib.Predictor, cfg, entry: dict,
                         platforms=("cpu", "cuda", "tpu")) -> tuple[bytes, list, tuple]:
   """`jax.export` of `Predictor.fused` (pool prompts, scoring, image score) with symbolic B and K.
 
   The weights are the program's first argument (a flat list) and the scoring vector
-  (`scoring.SCORING_KEYS`) its last, not embedded constants: see `onenip_jax.exported` for why.
-  Only the box size of the scoring `entry` (`scoring_modes.make_scoring`) is compiled in.
+  (`scoring.SCORING_KEYS`) its last, not embedded constants: see `onenip_jax.serving.program` for why.
+  Only the box size of the scoring `entry` (`fusion.make_scoring`) is compiled in.
   Platforms the installed jax cannot lower for are left out.
 
   Returns:
@@ -161,39 +164,39 @@ def check_out_dir(out_dir: str, overwrite: bool, workdir: str | None = None) -> 
                      "export.json; choose another --out or remove it yourself")
 
 
-def write_export(out_dir: str, trained: inference.Trained, thresholds: dict | None = None,
+def write_export(out_dir: str, trained: predictor_lib.Trained, thresholds: dict | None = None,
                  overwrite: bool = False, workdir: str | None = None, *,
                  scoring_entry: dict | None = None) -> None:
   """Writes the export directory of `trained` (its pool-prompt Predictor, fusion constant, step,
   calibration and classes): built in a local staging folder, then `storage.move_dir`d (a rename
   beside a local `out_dir`; a copy to `gs://` or `ram://`, see `data_pipelines.storage`).
 
-  `scoring_entry` defaults to `scoring_modes.make_scoring(cfg, fusion_c, calibration)`;
-  `thresholds` must have been made on it (`export_thresholds.make_thresholds`)."""
+  `scoring_entry` defaults to `fusion.make_scoring(cfg, fusion_c, calibration)`;
+  `thresholds` must have been made on it (`thresholds.make_thresholds`)."""
   check_out_dir(out_dir, overwrite, workdir)
   cfg, fusion_c, step, calibration = (trained.cfg, trained.fusion_c, trained.step,
                                       trained.calibration)
   classes, predictor = trained.index.classes, trained.predictor_for("pool")
-  entry = scoring_entry or scoring_modes.make_scoring(cfg, fusion_c, calibration)
+  entry = scoring_entry or fusion.make_scoring(cfg, fusion_c, calibration)
   tmp = storage.staging_dir(out_dir)
   try:
     write = lambda name, data: storage.atomic_write(os.path.join(tmp, name), data)
     pool = predictor.pool
-    write(exported.POOL_FILE, _npz_bytes(features=pool.features, class_ids=pool.class_ids,
-                                         descriptors=pool.descriptors))
+    write(program_lib.POOL_FILE, _npz_bytes(features=pool.features, class_ids=pool.class_ids,
+                                            descriptors=pool.descriptors))
     program, leaves, platforms = serialize_predictor(predictor, cfg, entry)
-    write(exported.PROGRAM_FILE, program)
-    write(exported.WEIGHTS_FILE, _npz_bytes(**{f"w{i:05d}": x for i, x in enumerate(leaves)}))
+    write(program_lib.PROGRAM_FILE, program)
+    write(program_lib.WEIGHTS_FILE, _npz_bytes(**{f"w{i:05d}": x for i, x in enumerate(leaves)}))
     meta = {"format_version": FORMAT_VERSION, "package_version": package_version(),
             "classes": list(classes), "step": step, "input_size": cfg.input_size,
-            "preprocessing": {"resize": exported.RESIZE_METHOD, "resize_masks": "pil-nearest",
+            "preprocessing": {"resize": program_lib.RESIZE_METHOD, "resize_masks": "pil-nearest",
                               "mask_defect": "non-zero", "scale": 1 / 255,
                               "mean": list(cfg.data.mean), "std": list(cfg.data.std)},
             "mean": list(cfg.data.mean), "std": list(cfg.data.std),
             "fusion_c": fusion_c, "alpha": cfg.eval.alpha, "pool_size": cfg.eval.pool_size,
             "scoring": entry, "calibration": calibration,
             "thresholds": thresholds, "backbone": cfg.backbone.name,
-            "program": {"file": exported.PROGRAM_FILE, "weights": exported.WEIGHTS_FILE,
+            "program": {"file": program_lib.PROGRAM_FILE, "weights": program_lib.WEIGHTS_FILE,
                         "n_weights": len(leaves), "platforms": list(platforms),
                         "arguments": ["weights", "images", "pool_features", "pool_descriptors",
                                       "pool_class_ids", "scoring"],
@@ -220,18 +223,18 @@ def main(args) -> None:
   if np.isnan(trained.fusion_c):
     raise UserError(f"{args.workdir}: the checkpoint at step {step} has no frozen fusion constant "
                     "(training did not finish); finish training or pass --step of a final checkpoint")
-  entry = scoring_modes.make_scoring(cfg, trained.fusion_c, trained.calibration)
+  entry = fusion.make_scoring(cfg, trained.fusion_c, trained.calibration)
   log.info("export scoring: %s %s", entry["fusion"], entry["note"])
-  thresholds, make = None, export_thresholds.make_thresholds
+  thresholds, make = None, thresholds_lib.make_thresholds
   if args.calibrate_on_test:
     thresholds = make(trained, entry, index.test, "test-set", args.target_fpr,
                       "fitted on the test set: optimistic")
   elif args.threshold_dir:
-    samples = export_thresholds.validation_samples(args.threshold_dir, index.classes)
+    samples = thresholds_lib.validation_samples(args.threshold_dir, index.classes)
     thresholds = make(trained, entry, samples, f"validation-folder:{args.threshold_dir}",
                       args.target_fpr)
   elif args.threshold_fraction > 0:
-    samples, sources = export_thresholds.default_threshold_samples(
+    samples, sources = thresholds_lib.default_threshold_samples(
         index, trained.pool, args.threshold_fraction, cfg.seed)
     thresholds = make(trained, entry, samples, "holdout-normals", args.target_fpr,
                       class_sources=sources)

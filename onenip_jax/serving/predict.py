@@ -7,7 +7,7 @@ Each image is resized to the model's input size (any size or channel count), pai
 similar prompt of the export's prompt pool (class-agnostic: no label needed), and scored with the
 export's scoring (export.json `scoring`: the export's `eval.fusion`, by default `calibrated`,
 the run's global calibration, or the reference fusion for a run without one), by the export's
-serialised predictor (`onenip_jax.exported`: jax, numpy and Pillow only; no flax, TensorFlow or
+serialised predictor (`onenip_jax.serving.program`: jax, numpy and Pillow only; no flax, TensorFlow or
 Orbax is imported).
 
 Results are written as they come, batch by batch: `predictions.csv` (path, score, anomalous,
@@ -33,7 +33,8 @@ import numpy as np
 
 from data_pipelines import storage
 from data_pipelines.errors import UserError, UserFileNotFoundError
-from onenip_jax import exported, heatmaps
+from onenip_jax.evaluation import heatmaps
+from onenip_jax.serving import program
 
 IMAGE_EXTENSIONS = storage.IMAGE_EXTENSIONS
 log = logging.getLogger("onenip")
@@ -61,10 +62,10 @@ def find_images(inputs) -> list[str]:
 
 
 class ExportedScorer:
-  """The serialised predictor (`onenip_jax.exported`) behind the scorer interface used by `predict`."""
+  """The serialised predictor (`onenip_jax.serving.program`) behind the scorer interface used by `predict`."""
 
   def __init__(self, export_dir: str, batch_size: int):
-    self.model = exported.ExportedPredictor.load(export_dir, batch_size)
+    self.model = program.ExportedPredictor.load(export_dir, batch_size)
     meta = self.model.meta
     self.classes, self.input_size = self.model.classes, self.model.input_size
     self.fusion_c, self.step, self.thresholds = meta["fusion_c"], meta.get("step"), meta.get(
@@ -73,12 +74,12 @@ class ExportedScorer:
 
   def load(self, path: str) -> np.ndarray:
     """An image file -> uint8 (H, W, 3) model input pixels."""
-    return exported.load_image(path, self.input_size)
+    return program.load_image(path, self.input_size)
 
   def __call__(self, raw: np.ndarray):
     """uint8 (B, H, W, 3) -> (maps (B, H, W) float32, scores (B,), matched class names)."""
     pre = self.model.meta["preprocessing"]
-    out = self.model(exported.normalize(raw, pre["mean"], pre["std"]))
+    out = self.model(program.normalize(raw, pre["mean"], pre["std"]))
     return out["map"], out["score"], [self.classes[int(k)] for k in out["class_id"]]
 
 
@@ -86,7 +87,7 @@ def threshold_for(scorer, cls: str, override: float | None) -> float | None:
   """--threshold, else the export's threshold of class `cls`, else its global one, else None."""
   if override is not None:
     return override
-  return exported.threshold_value(scorer.thresholds, cls)
+  return program.threshold_value(scorer.thresholds, cls)
 
 
 def predict(scorer, paths, *, batch_size: int = 8, skip_bad: bool = False):

@@ -1,10 +1,10 @@
 """Scoring calibrated on normal training data only. Maps are (N, H, W); candidates are scoring
-vectors (`onenip_jax.scoring`), scored one class at a time by `onenip_jax.calibration_figures`
+vectors (`onenip_jax.evaluation.scoring`), scored one class at a time by `onenip_jax.evaluation.candidates`
 (jnp on a GPU or TPU, the sort in numpy on the CPU).
 
 The validation set of a class is its held-out normal training images (`index.holdout`, label 0,
 empty masks) and K synthetic anomalies made from each by the training synthesis with another seed
-(`validation.calibrate` collects its maps). Calibration then
+(`holdout.calibrate` collects its maps). Calibration then
   1. normalises each map by its pixel mean / std on the held-out NORMAL images, the refiner's in
      log-odds (its probabilities are nearly binary: their std on normals is ~1e-4, which made any
      w > 0 rank pixels by the refiner alone):
@@ -47,11 +47,12 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from onenip_jax import calibration_figures, scoring
-from onenip_jax.calibration_figures import ClassMaps, candidate_vectors, class_figures
+from onenip_jax.evaluation import candidates as candidates_lib
+from onenip_jax.evaluation import scoring
+from onenip_jax.evaluation.candidates import ClassMaps, candidate_vectors, class_figures
 
 METHOD = "zlogodds-1se5-v2"
-OBJECTIVE_KEYS = calibration_figures.FIGURE_KEYS
+OBJECTIVE_KEYS = candidates_lib.FIGURE_KEYS
 FOLDS = 5
 _STD_FLOOR = 1e-12
 _TIE = 1e-9

@@ -7,7 +7,7 @@
 Writes metrics.json / metrics.md / metrics.csv, per-image scores.csv (and heatmaps with --heatmaps) to
 `<workdir>/eval/` (or `<exported>/eval/`) unless --out says otherwise.
 
-With --exported the evaluation runs the export's serialised predictor (`onenip_jax.exported`: jax,
+With --exported the evaluation runs the export's serialised predictor (`onenip_jax.serving.program`: jax,
 numpy and Pillow; no flax, TensorFlow or Orbax is imported) with class-agnostic pool prompts and
 the export's scoring; class prompts and the other scorings need the run (--workdir).
 
@@ -19,9 +19,9 @@ were. Memory: the test set is evaluated one class at a time, so host memory grow
 class, not with the dataset.
 
 `evaluate_classes` is everything after the network, shared by the evaluation of a checkpoint
-(`onenip_jax.after_training.evaluate`: the maps of `inference.Predictor`, every scoring of
-`scoring_modes`) and of an export (`evaluate_exported`: the serialised predictor's map and score):
-one class at a time, the source gives the masks and the scored maps, and `report_builder` applies
+(`onenip_jax.evaluation.after_training.evaluate`: the maps of `predictor.Predictor`, every scoring of
+`fusion`) and of an export (`evaluate_exported`: the serialised predictor's map and score):
+one class at a time, the source gives the masks and the scored maps, and `protocol` applies
 the protocol and writes the reports. This module imports no flax, TensorFlow or Orbax, so that
 `onenip-eval --exported` runs on the plain install (`onenip_jax.cli` picks the module by flag).
 """
@@ -35,8 +35,10 @@ import numpy as np
 
 from data_pipelines import indexing
 from data_pipelines.errors import UserError
-from onenip_jax import config_checks, exported, report_builder, reports, scoring_modes
-from onenip_jax.config_loading import load_config
+from onenip_jax.config import checks
+from onenip_jax.config.loading import load_config
+from onenip_jax.evaluation import fusion, protocol, reports
+from onenip_jax.serving import program
 
 log = logging.getLogger("onenip")
 
@@ -78,7 +80,7 @@ def evaluate_classes(cfg, samples, index, out_dir: str, score_class, *, step=Non
   Returns:
     metrics.json's content.
   """
-  builder = report_builder.ReportBuilder(cfg, out_dir)
+  builder = protocol.ReportBuilder(cfg, out_dir)
   for cls, rows in indexing.class_rows(samples, index.classes):
     subset = [samples[i] for i in rows]
     scored = score_class(cls, subset, rows)
@@ -96,7 +98,7 @@ def evaluate_classes(cfg, samples, index, out_dir: str, score_class, *, step=Non
 
 
 def evaluate_exported(cfg, model, index, out_dir: str, *, samples=None) -> dict:
-  """`evaluate_classes` through the serialised predictor (`exported.ExportedPredictor`):
+  """`evaluate_classes` through the serialised predictor (`program.ExportedPredictor`):
   numpy/PIL preprocessing, pool prompts, the export's scoring (`model.scoring`) only."""
   samples = index.test if samples is None else samples
   if tuple(index.classes) != model.classes:
@@ -120,10 +122,10 @@ def evaluate_exported(cfg, model, index, out_dir: str, *, samples=None) -> dict:
     has_mask = np.asarray([bool(s.mask_path) for s in subset])
     for j, s in enumerate(subset):
       if s.mask_path:
-        masks[j] = exported.load_mask(s.read_mask(), size)
+        masks[j] = program.load_mask(s.read_mask(), size)
     return ScoredClass(masks, has_mask, np.full(n, index.class_id(cls)), picked,
                        [(scoring_entry["fusion"], maps, scores)],
-                       lambda s: exported.load_image(s.read_image(), size))
+                       lambda s: program.load_image(s.read_image(), size))
 
   extra = {"fusion": scoring_entry["fusion"], "scoring": scoring_entry, "fusion_c": c,
            "fusion_c_source": "frozen", "alpha": cfg.eval.alpha,
@@ -139,18 +141,18 @@ def evaluate_exported(cfg, model, index, out_dir: str, *, samples=None) -> dict:
 def main(args) -> None:
   """`onenip-eval --exported` with its flags parsed by `onenip_jax.cli`: the export's stored
   config with args.config / args.overrides applied (`onenip-eval --workdir` is
-  `onenip_jax.after_training.main`)."""
-  model = exported.ExportedPredictor.load(args.exported, args.batch_size)
+  `onenip_jax.evaluation.after_training.main`)."""
+  model = program.ExportedPredictor.load(args.exported, args.batch_size)
   cfg = load_config(args.config, args.overrides,
                     base=ml_collections.ConfigDict(model.meta["config"]))
-  config_checks.check_config(cfg)
+  checks.check_config(cfg)
   cfg.eval.heatmaps = cfg.eval.heatmaps or args.heatmaps
   if cfg.eval.prompt_mode != "pool":
     log.info("the serialised predictor uses pool prompts (eval.prompt_mode=%r needs the run: "
              "onenip-eval --workdir RUN)", cfg.eval.prompt_mode)
     cfg.eval.prompt_mode = "pool"
-  wanted = scoring_modes.default_scoring(cfg, model.meta.get("calibration"),
-                                         bool(cfg.model.refiner))
+  wanted = fusion.default_scoring(cfg, model.meta.get("calibration"),
+                                  bool(cfg.model.refiner))
   if wanted != model.scoring["fusion"]:
     log.warning("eval.fusion asks for the %r scoring; the serialised predictor computes the "
                 "export's %r (evaluate the run with --workdir, or re-export with "

@@ -1,4 +1,4 @@
-"""The figures of calibration candidates on one class (`onenip_jax.calibration`): each candidate's
+"""The figures of calibration candidates on one class (`onenip_jax.evaluation.calibration`): each candidate's
 fused map, image scores, and pixel AUROC and AP on all rows and on each fold.
 
 On a GPU or TPU this runs in jnp on the default device from one sort per candidate, candidates
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onenip_jax import metrics, scoring
+from onenip_jax.evaluation import metrics, scoring
 
 FIGURE_KEYS = ("i_auroc", "i_ap", "p_auroc", "p_ap")
 _PIXEL_BUDGET = 1 << 24  # accelerator: candidates scored at once, about this many pixels in all

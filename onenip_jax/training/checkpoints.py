@@ -38,7 +38,7 @@ from jax.experimental import multihost_utils
 
 from data_pipelines import storage
 from data_pipelines.errors import UserError, UserFileNotFoundError
-from onenip_jax import config_loading
+from onenip_jax.config import loading
 
 log = logging.getLogger("onenip")
 
@@ -217,7 +217,7 @@ def close(manager: ocp.CheckpointManager, *, after_error: bool = False) -> None:
 
 
 def restore_calibration(manager: ocp.CheckpointManager, step: int) -> dict | None:
-  """The calibration stored with `step` (see `onenip_jax.calibration`), None if it has none."""
+  """The calibration stored with `step` (see `onenip_jax.evaluation.calibration`), None if it has none."""
   if not storage.isdir(storage.join(str(manager.directory), str(step), "calibration")):
     return None
   restored = manager.restore(step, args=ocp.args.Composite(calibration=ocp.args.JsonRestore()))
@@ -308,7 +308,7 @@ def restore_latest(manager: ocp.CheckpointManager, template, *, move_damaged: bo
           storage.move_dir(path, path + DAMAGED)
           log.warning("moved the damaged checkpoint aside to %s", path + DAMAGED)
         manager.reload()
-    return restored.state, config_loading.upgrade_stored_config(dict(restored.config)), step
+    return restored.state, loading.upgrade_stored_config(dict(restored.config)), step
   if failures:
     raise CheckpointError("no checkpoint can be read: " + "; ".join(failures))
   return None
@@ -319,7 +319,7 @@ def latest_config(manager: ocp.CheckpointManager):
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-      return step, config_loading.upgrade_stored_config(dict(restored.config))
+      return step, loading.upgrade_stored_config(dict(restored.config))
     except Exception as e:  # pylint: disable=broad-except
       log.warning("%s; trying the previous checkpoint", describe_damage(manager, step, e))
   return None
@@ -356,7 +356,7 @@ def restore_config(workdir: str, step: int | None = None) -> ml_collections.Conf
         raise UserFileNotFoundError(f"no readable checkpoint under {workdir}/checkpoints")
       return ml_collections.ConfigDict(found[1])
     restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return ml_collections.ConfigDict(config_loading.upgrade_stored_config(dict(restored.config)))
+  return ml_collections.ConfigDict(loading.upgrade_stored_config(dict(restored.config)))
 
 
 def stored_config(workdir: str):

@@ -1,7 +1,7 @@
 """Configs from `get_config(arg)` files or stored runs, with `--config.KEY=VALUE` overrides.
 
 A config file is any Python file with `get_config(arg=None)`, loaded by its path (inside the
-repository or not; it imports its shared defaults from `onenip_jax.base_config`). A stored config
+repository or not; it imports its shared defaults from `onenip_jax.config.base`). A stored config
 (a checkpoint's or an export's) of the layout before `config.backbone` existed is translated on
 reading by `upgrade_stored_config`.
 

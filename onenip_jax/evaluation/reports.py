@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from data_pipelines import storage
-from onenip_jax.metrics import ALL_KEYS, METRIC_KEYS
+from onenip_jax.evaluation.metrics import ALL_KEYS, METRIC_KEYS
 
 PathLike = Union[str, os.PathLike]
 

@@ -1,15 +1,17 @@
 """The image-score thresholds of an export (one per class and a global one).
 
 Where their images come from (held-out normals by default, a labelled validation folder, or the
-test set) is the module doc of `onenip_jax.export`. A threshold is set on the export's scoring
-(`scoring_modes.make_scoring`, computed by `scoring.score` as the exported program does) with pool
+test set) is the module doc of `onenip_jax.serving.export`. A threshold is set on the export's scoring
+(`fusion.make_scoring`, computed by `scoring.score` as the exported program does) with pool
 prompts; an image is anomalous iff score > threshold.
 """
 import numpy as np
 
 from data_pipelines import indexing, layouts, storage
 from data_pipelines.errors import UserError, UserFileNotFoundError
-from onenip_jax import eval_maps, inference, metrics, scoring
+from onenip_jax.evaluation import maps as maps_lib
+from onenip_jax.evaluation import metrics, scoring
+from onenip_jax.evaluation import predictor as predictor_lib
 
 
 def normal_quantile(scores: np.ndarray, target_fpr: float) -> float:
@@ -39,14 +41,14 @@ def _threshold_entry(scores, labels, source: str, target_fpr: float, note: str =
   return entry
 
 
-def _class_scores(trained: inference.Trained, entry: dict, samples) -> dict:
+def _class_scores(trained: predictor_lib.Trained, entry: dict, samples) -> dict:
   """{class: (pool-mode image scores of the scoring `entry` (n,), labels (n,))}, one class at a
   time."""
   cfg, index, predictor = trained.cfg, trained.index, trained.predictor_for("pool")
   out = {}
   for cls, rows in indexing.class_rows(samples, index.classes):
     subset = [samples[i] for i in rows]
-    maps = eval_maps.collect_maps(predictor, subset, index, cfg)
+    maps = maps_lib.collect_maps(predictor, subset, index, cfg)
     _, scores = scoring.score_host(maps["rec"], maps["ref"], scoring.vector(entry["params"]),
                                    entry["pool_size"])
     labels = np.where(maps["has_mask"], maps["mask"].any(axis=(1, 2)), maps["label"] > 0)
@@ -54,10 +56,10 @@ def _class_scores(trained: inference.Trained, entry: dict, samples) -> dict:
   return out
 
 
-def make_thresholds(trained: inference.Trained, entry: dict, samples, source: str,
+def make_thresholds(trained: predictor_lib.Trained, entry: dict, samples, source: str,
                     target_fpr: float, note: str = "", class_sources: dict | None = None) -> dict:
   """{'global': entry, 'per_class': {class: entry}, 'scoring': name} from `samples` (module doc),
-  on the export's scoring `entry` (`scoring_modes.make_scoring`) with `trained`'s pool prompts.
+  on the export's scoring `entry` (`fusion.make_scoring`) with `trained`'s pool prompts.
   `class_sources`: {class: (source, note)} for classes whose samples come from elsewhere than
   `source`."""
   class_sources = class_sources or {}
@@ -74,7 +76,7 @@ def make_thresholds(trained: inference.Trained, entry: dict, samples, source: st
   return {"global": glob, "per_class": per_class, "scoring": entry["fusion"]}
 
 
-def threshold_normals(index, pool: inference.PromptPool, fraction: float, seed: int,
+def threshold_normals(index, pool: predictor_lib.PromptPool, fraction: float, seed: int,
                       classes=None) -> list:
   """A `fraction` (at least 1) of each class's normal training images, prompt images excluded."""
   rng = np.random.default_rng(seed + 1)
@@ -90,7 +92,7 @@ def threshold_normals(index, pool: inference.PromptPool, fraction: float, seed: 
   return chosen
 
 
-def default_threshold_samples(index, pool: inference.PromptPool, fraction: float,
+def default_threshold_samples(index, pool: predictor_lib.PromptPool, fraction: float,
                               seed: int) -> tuple[list, dict]:
   """(samples, {class: (source, note)}) of the default thresholds (module doc): each class's
   held-out normals, else `threshold_normals` of its training images."""

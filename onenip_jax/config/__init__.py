@@ -1,0 +1,1 @@
+"""The configuration: every default (`base`), loading and overrides (`loading`), value checks (`checks`)."""

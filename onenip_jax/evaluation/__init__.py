@@ -1,0 +1,1 @@
+"""After the network: the predictor, maps, scorings, calibration, metrics and reports."""
