@@ -298,7 +298,7 @@ def evaluate(argv=None) -> None:
   if args.workdir:  # a checkpoint (flax); an export runs without flax, TensorFlow or Orbax
     from onenip_jax.evaluation import after_training as impl  # pylint: disable=g-import-not-at-top
   else:
-    from onenip_jax.evaluation import evaluate as impl  # pylint: disable=g-import-not-at-top
+    from onenip_jax.serving import eval_export as impl  # pylint: disable=g-import-not-at-top
   return _run(prog, impl.main, args)
 
 

@@ -63,8 +63,8 @@ def _args(monkeypatch, module, command, argv):
 
 
 def test_flags_keep_their_meaning(monkeypatch):
-  from onenip_jax.evaluation import after_training, evaluate  # pylint: disable=g-import-not-at-top
-  from onenip_jax.serving import export, predict  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import after_training  # pylint: disable=g-import-not-at-top
+  from onenip_jax.serving import eval_export, export, predict  # pylint: disable=g-import-not-at-top
   a = _args(monkeypatch, predict, cli.predict,
             ["img1", "--exported", "E", "--heatmaps", "dir2", "--batch-size", "3", "--save-maps",
              "--threshold=0.5"])
@@ -77,7 +77,7 @@ def test_flags_keep_their_meaning(monkeypatch):
       "W", None, 4, None, 8, False)
   assert a.overrides == ["--config.eval.prompt_mode", "pool", "--config.eval.batch_size=4",
                          "--noconfig.eval.heatmaps"]
-  a = _args(monkeypatch, evaluate, cli.evaluate, ["--exported", "E", "--batch-size", "2"])
+  a = _args(monkeypatch, eval_export, cli.evaluate, ["--exported", "E", "--batch-size", "2"])
   assert (a.workdir, a.exported, a.batch_size) == (None, "E", 2)  # an export: flax-free
   a = _args(monkeypatch, export, cli.export, ["--workdir", "W", "--out", "O",
                                               "--threshold-fraction", "0.2", "--calibrate-on-test"])

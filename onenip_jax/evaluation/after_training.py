@@ -1,5 +1,8 @@
 """After training, one pipeline: a trained network -> fusion constant, calibration, evaluation.
 
+  onenip-eval --workdir DIR                                  # latest checkpoint of a training run
+  onenip-eval --workdir DIR --config.eval.prompt_mode=pool   # the stored config, overridden
+
   training:              predictor.Trained.from_state(final state) -> frozen_fusion_constant
                          -> holdout.calibrate -> evaluate
   onenip-eval --workdir: restore.load_checkpoint -> evaluate                    (`main`)
@@ -9,7 +12,7 @@
 Every step takes the one `predictor.Trained`, whose Predictor and prompt pool are built once. The
 evaluation's maps come from the Predictor (tf.data preprocessing, `maps`) and are scored with
 every scoring of `fusion`; everything after that is `evaluate.evaluate_classes`, as for an
-export (`evaluate.evaluate_exported`).
+export (`onenip_jax.serving.eval_export.evaluate_exported`).
 """
 import logging
 import os
@@ -115,7 +118,7 @@ def evaluate(trained: predictor_lib.Trained, out_dir: str, *, samples=None) -> d
 def main(args) -> None:
   """`onenip-eval --workdir` with its flags parsed by `onenip_jax.cli`: a checkpoint with its
   stored config, args.config / args.overrides applied (`onenip-eval --exported` is
-  `evaluate.main`)."""
+  `onenip_jax.serving.eval_export.main`)."""
   trained = restore.load_checkpoint(args.workdir, sharding.make_mesh(), args.step,
                                     config=args.config, overrides=args.overrides)
   out = args.out or os.path.join(args.workdir, "eval")
