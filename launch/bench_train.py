@@ -21,11 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onenip_jax import sharding, train
+from onenip_jax import sharding
 from onenip_jax.config import base
 from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
 from onenip_jax.training import state as state_lib
+from onenip_jax.training.step import jit_train_step
 
 
 def parse_overrides(text: str) -> dict:
@@ -44,7 +45,7 @@ def parse_overrides(text: str) -> dict:
 
 def build(backbone: str, dtype: str, cached: bool, batch: int, res: int,
           overrides: Optional[dict] = None):
-  """The jitted train step of `train.py` and its arguments, on random data and random weights;
+  """The jitted train step of `training/step.py` and its arguments, on random data and random weights;
   `dtype` sets the backbone's and the network's dtype and matmul_dtype (no 'auto': the same on
   every backend), then `overrides` set `config.model` keys.
 
@@ -76,7 +77,7 @@ def build(backbone: str, dtype: str, cached: bool, batch: int, res: int,
   else:
     cache = None
     host = {"normal": img(), "synthetic": img(), "prompt": img(), "mask": mask}
-  step = train.jit_train_step(cfg, model, features, tx, mesh)
+  step = jit_train_step(cfg, model, features, tx, mesh)
   return step, (state, sharding.to_global(host, mesh), bb, cache)
 
 

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onenip_jax.config import base as common
 from data_pipelines import indexing, input_pipeline
-from onenip_jax import sharding, train
+from onenip_jax import sharding
+from onenip_jax.config import base as common
 from onenip_jax.config import loading
 from onenip_jax.evaluation import after_training, calibration, fusion, holdout, predictor, scoring
 from onenip_jax.training import state as state_lib
+from onenip_jax.training.step import compute_feature_cache
 
 RES = 64
 
@@ -118,7 +119,7 @@ def test_training_stream_and_cache_never_read_held_out_images(tmp_path):
     b = next(batches)
     assert b["normal"].shape == (8, RES, RES, 3)
   features = _TinyFeatures()  # the feature cache decodes every image it is built from
-  cache = train.compute_feature_cache(cfg, index, features, {}, sharding.make_mesh())
+  cache = compute_feature_cache(cfg, index, features, {}, sharding.make_mesh())
   assert cache.shape[0] == len(index.train)
 
 

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from onenip_jax import sharding, train
+from onenip_jax import sharding
 from onenip_jax.config import base as common
 from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
 from onenip_jax.training import state as state_lib
+from onenip_jax.training.step import jit_train_step, make_train_step
 
 RES, BATCH = 64, 8
 
@@ -30,7 +31,7 @@ def _setup(cfg, mesh):
   repl = sharding.replicated(mesh)
   state = jax.jit(lambda: state_lib.init_state(cfg, model, tx, features),
                   out_shardings=repl)()
-  step = train.jit_train_step(cfg, model, features, tx, mesh)
+  step = jit_train_step(cfg, model, features, tx, mesh)
   return state, step, jax.device_put(bb, repl), features
 
 
@@ -99,8 +100,8 @@ def test_feature_cache_gives_the_same_losses():
             "prompt_index": np.arange(BATCH, 2 * BATCH, dtype=np.int32)}
   state_b = jax.tree.map(jnp.copy, state)
   _, m_plain = step(state, sharding.to_global(batch, mesh), bb, None)
-  step_cached = jax.jit(train.make_train_step(cfg, OneNIP.from_config(cfg.model), features,
-                                              state_lib.make_optimizer(cfg, 10)))
+  step_cached = jax.jit(make_train_step(cfg, OneNIP.from_config(cfg.model), features,
+                                        state_lib.make_optimizer(cfg, 10)))
   _, m_cached = step_cached(state_b, sharding.to_global(cached, mesh), bb, cache)
   for k in ("total", "mse", "dice"):
     np.testing.assert_allclose(m_cached[k], m_plain[k], rtol=2e-5, atol=1e-7)

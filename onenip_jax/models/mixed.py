@@ -9,7 +9,7 @@ LayerNorm, losses) stays in the caller's dtype.
 
 On CPU, XLA's own dots compute bfloat16 operands in float32 (converts plus a float32 matmul): the
 bfloat16 dots pay only in YNNPACK (`compile_options.compiler_options(library_dots=True)`, which
-`train.jit_train_step` sets with bfloat16 matmuls). GPUs and TPUs run them natively.
+`training.step.jit_train_step` sets with bfloat16 matmuls). GPUs and TPUs run them natively.
 """
 import functools
 from typing import Any
