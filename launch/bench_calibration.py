@@ -25,6 +25,7 @@ the reference fusion's figures, as a run with a fusion constant does. Scale down
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -36,7 +37,7 @@ import jax
 import numpy as np
 
 from onenip_jax.config import base as base_lib
-from onenip_jax.evaluation import calibration
+from onenip_jax.evaluation import calibration, metrics
 
 REFERENCE = (1.0, 0.5, 16)  # c, alpha, box of the reference fusion's figures
 
@@ -91,8 +92,10 @@ def class_counts(classes: int, normals: int) -> dict:
   return {f"c{i}": normals // classes + (i < normals % classes) for i in range(classes)}
 
 
-def _module_at(rev: str, path: str) -> types.ModuleType:
-  """The file `path` (e.g. onenip_jax/scoring.py) of git revision `rev`, as a module."""
+def _module_at(rev: str, path: str, given: dict | None = None) -> types.ModuleType:
+  """The file `path` (e.g. onenip_jax/scoring.py) of git revision `rev`, as a module. `given`
+  ({name: module}) stands in for the file's `from onenip_jax import name, ...` lines: that
+  revision's flat module names, which today's packages no longer have."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
     src = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True,
@@ -100,15 +103,20 @@ def _module_at(rev: str, path: str) -> types.ModuleType:
   except (OSError, subprocess.CalledProcessError) as e:
     raise RuntimeError(f"--impl old needs the git history with {rev} in {root}: {e}") from e
   module = types.ModuleType(f"{os.path.basename(path)[:-3]}_{rev}")
+  if given:
+    module.__dict__.update(given)
+    src = re.sub(r"^from onenip_jax import ([\w, ]+)$",
+                 lambda m: "" if {n.strip() for n in m.group(1).split(",")} <= set(given)
+                 else m.group(0), src, flags=re.M)
   exec(compile(src, f"{rev}:{path}", "exec"), module.__dict__)  # pylint: disable=exec-used
   return module
 
 
 def old_module(rev: str) -> types.ModuleType:
-  """onenip_jax/calibration.py of git revision `rev`, calling that revision's scoring.py."""
-  module = _module_at(rev, "onenip_jax/calibration.py")
-  module.scoring = _module_at(rev, "onenip_jax/scoring.py")
-  return module
+  """onenip_jax/calibration.py of git revision `rev`, calling that revision's scoring.py and
+  today's metrics."""
+  return _module_at(rev, "onenip_jax/calibration.py",
+                    {"metrics": metrics, "scoring": _module_at(rev, "onenip_jax/scoring.py")})
 
 
 def _figures(result: dict) -> dict:
