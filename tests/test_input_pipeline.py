@@ -17,9 +17,9 @@ from data_pipelines import textures
 S = 32  # input size of the synthetic-data tests
 
 
-def _fake_synthesize(image, seed, textures, cfg):
+def _fake_synthesize(image, seed, texture_list, cfg):
   """Stand-in for synthesis.synthesize: inverts a seed-dependent 8x8 square (mask = square)."""
-  del textures, cfg
+  del texture_list, cfg
   seed = tf.ensure_shape(seed, [2])
   yx = tf.random.stateless_uniform([2], seed=seed, minval=0, maxval=tf.shape(image)[0] - 8,
                                    dtype=tf.int32)

@@ -47,12 +47,12 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from onenip_jax.evaluation import candidates as candidates_lib
 from onenip_jax.evaluation import scoring
-from onenip_jax.evaluation.candidates import ClassMaps, candidate_vectors, class_figures
+from onenip_jax.evaluation.candidates import (FIGURE_KEYS, ClassMaps, candidate_vectors,
+                                              class_figures)
 
 METHOD = "zlogodds-1se5-v2"
-OBJECTIVE_KEYS = candidates_lib.FIGURE_KEYS
+OBJECTIVE_KEYS = FIGURE_KEYS
 FOLDS = 5
 _STD_FLOOR = 1e-12
 _TIE = 1e-9
