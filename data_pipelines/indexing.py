@@ -6,9 +6,9 @@ csv) and "demo", read by `layouts.py` (see there); "tfds": record shards written
 from the index stored with the shards: no image is read or decoded while indexing).
 
 `data.extra` holds more dataset configs (dicts with the same keys; a missing key takes the default
-of `onenip_jax/config/base.py`, `skip_bad` that of the main config) merged into one class list. A class
-name found in more than one dataset becomes `<tag>_<class>` in every dataset that has it, where
-`tag` is the dataset config's optional `tag` key, else the root folder's name (e.g.
+of `onenip_jax/config/base.py`, `skip_bad` that of the main config) merged into one class list. A
+class name found in more than one dataset becomes `<tag>_<class>` in every dataset that has it,
+where `tag` is the dataset config's optional `tag` key, else the root folder's name (e.g.
 `mvtec_bottle`, `btad_01`); tags that collide get `_<i>` appended (i = dataset position, 0 = main).
 
 Every image and mask is decoded in full once while indexing (`image_checks.py`: in threads, with

@@ -3,8 +3,8 @@ r"""The step-time stall of a checkpoint save, synchronous against asynchronous (
   python -m launch.bench_checkpoint [--backbone lite0] [--res 64] [--batch 8] [--steps 12] \
       [--every 4] [--dir /tmp/bench_ckpt]
 
-Runs `training/step.py`'s jitted step on random batches (as launch/bench_train.py) and saves the train
-state every `--every` steps, as the training loop does, into `--dir` (any path Orbax serves).
+Runs `training/step.py`'s jitted step on random batches (as launch/bench_train.py) and saves the
+train state every `--every` steps, as the training loop does, into `--dir` (any path Orbax serves).
   * sync: a CheckpointManager with `enable_async_checkpointing=False` (what every save was before);
   * async: `checkpoints.make_manager` with `checkpoints.save(..., wait=False)` (periodic saves now).
 The stall is the time of a step that saves plus the step after it (the background write shares

@@ -85,8 +85,8 @@ def main() -> None:
     state = jax.jit(lambda: state_lib.init_state(cfg, model, tx, features),
                     out_shardings=sharding.replicated(mesh))()
     bb = jax.device_put(features.load_variables(cfg.backbone), sharding.replicated(mesh))
-    predictor = predictor_lib.Predictor(model, features, {"params": state.params,
-                                                          "batch_stats": state.batch_stats}, bb, mesh)
+    predictor = predictor_lib.Predictor(
+        model, features, {"params": state.params, "batch_stats": state.batch_stats}, bb, mesh)
     frozen_c = 1.0  # a stand-in frozen fusion constant (the default "frozen" path)
   cfg.unlock()
   cfg.eval.batch_size, cfg.eval.heatmaps, cfg.eval.prompt_mode = a.batch, False, "class"

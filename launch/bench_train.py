@@ -45,9 +45,9 @@ def parse_overrides(text: str) -> dict:
 
 def build(backbone: str, dtype: str, cached: bool, batch: int, res: int,
           overrides: Optional[dict] = None):
-  """The jitted train step of `training/step.py` and its arguments, on random data and random weights;
-  `dtype` sets the backbone's and the network's dtype and matmul_dtype (no 'auto': the same on
-  every backend), then `overrides` set `config.model` keys.
+  """The jitted train step of `training/step.py` and its arguments, on random data and random
+  weights; `dtype` sets the backbone's and the network's dtype and matmul_dtype (no 'auto': the same
+  on every backend), then `overrides` set `config.model` keys.
 
   Returns (step, (state, batch, backbone_vars, cache)); `step(*args)` -> (state, metrics).
   """

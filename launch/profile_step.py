@@ -2,9 +2,9 @@ r"""Where the train step's time goes: one `jax.profiler` trace, attributed to th
 
   python -m launch.profile_step [--backbone lite2] [--batch 8] [--res 224] [--cache] [--trace DIR]
 
-Builds the step of `launch/bench_train.py`, runs it twice (compile, warm-up), traces a third run
-and attributes the wall time of every XLA operation to a part of the step through the op's
-`op_name` metadata (Flax module paths and the `named_scope`s of `training/step.py`): backbone (+ neck),
+Builds the step of `launch/bench_train.py`, runs it twice (compile, warm-up), traces a third run and
+attributes the wall time of every XLA operation to a part of the step through the op's `op_name`
+metadata (Flax module paths and the `named_scope`s of `training/step.py`): backbone (+ neck),
 encoder, decoder, final attention, refiner, dropout (mask + apply), jitter, losses, optimiser
 update, the rest. `jvp(...)` marks the forward pass of the differentiated network, `transpose(...)`
 its backward pass. Operations that overlap in time (XLA:CPU runs independent ones on several

@@ -22,7 +22,7 @@ This module imports only absl, ml_collections, the standard library and the proj
 on them; each command imports its implementation (JAX, TensorFlow, ...) after its flags are parsed:
 the plain install has no flax, TensorFlow or Orbax, and `onenip-train --help` takes 0.17 s (5.5 s
 with every command imported at the top, 2 CPU cores). Path flags (`_PATH_FLAGS`), predict's inputs
-and the --config file have `~` and `$VAR` expanded like the config's paths (`loading`).
+and the --config file have `~` and `$VAR` expanded like the config's paths (`config.loading`).
 
 The plain install (`pip install onenip-jax`) runs `onenip-predict --exported` and `onenip-eval
 --exported` only; a command that needs the training stack (flax, TensorFlow, Orbax, ...) then ends
@@ -42,8 +42,7 @@ from onenip_jax.config import checks, loading
 from onenip_jax.training import run_control
 
 _HELP = ("-h", "-?", "--help", "--helpshort", "--helpfull")
-# Flags (of any command) naming a file or folder: `~` and `$VAR` expanded as in config paths
-# (`loading.expand_path`), as are predict's inputs and the file of --config.
+# Flags (of any command) naming a file or folder: `~` and `$VAR` expanded (`loading.expand_path`).
 _PATH_FLAGS = ("workdir", "exported", "out", "threshold-dir", "input", "output")
 _CONFIG_HELP = ("config file and its argument, configs/X.py[:args]; any key of it is overridden "
                 "with --config.KEY=VALUE (or --config.KEY VALUE; --config.KEY / --noconfig.KEY "
@@ -360,8 +359,8 @@ def build_tfds(argv=None) -> None:
 
 def _check_stored(prog: str, args) -> None:
   """Before any work: a missing config file, overrides that a stored run cannot take, or override
-  values out of range (`checks`) fail at once, naming the file or key. The whole config
-  is checked once the stored run's is loaded."""
+  values out of range (`config.checks`) fail at once, naming the file or key. The whole config is
+  checked once the stored run's is loaded."""
   try:
     path = args.config and loading.expand_path(args.config.partition(":")[0], "--config")
     if path and not os.path.isfile(path):

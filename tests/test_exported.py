@@ -5,8 +5,9 @@ masks, maskless anomalies, thresholds from held-out normals, the reference fallb
 calibration, and the one-line refusal of older export formats.
 
 Tiny: an untrained Lite0 network at 64 px on a generated 2-class dataset (the scores need not be
-good, only equal between the paths). The calibration is made by hand (real normal statistics of
-the held-out images, a fixed weight and box): `onenip_jax.evaluation.calibration` is tested on its own."""
+good, only equal between the paths). The calibration is made by hand (real normal statistics of the
+held-out images, a fixed weight and box): `onenip_jax.evaluation.calibration` is tested on its
+own."""
 import json
 import os
 import subprocess
@@ -67,8 +68,9 @@ def _write_dataset(root, rng):
 
 
 def _calibration(cfg, index, predictor):
-  """A calibration (`onenip_jax.evaluation.calibration` layout) with the pool-mode normal statistics of the
-  held-out images, w = 0.3 and a box of 8 (not eval.pool_size, so the program's box is checked)."""
+  """A calibration (`onenip_jax.evaluation.calibration` layout) with the pool-mode normal statistics
+  of the held-out images, w = 0.3 and a box of 8 (not eval.pool_size, so the program's box is
+  checked)."""
   from onenip_jax.evaluation import calibration as calib  # pylint: disable=g-import-not-at-top
   from onenip_jax.evaluation import maps as maps_lib  # pylint: disable=g-import-not-at-top
   maps = maps_lib.collect_maps(predictor, index.holdout, index, cfg)

@@ -1,1 +1,1 @@
-"""The configuration: every default (`base`), loading and overrides (`loading`), value checks (`checks`)."""
+"""The config: every default (`base`), files and overrides (`loading`), value checks (`checks`)."""

@@ -129,7 +129,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.heatmaps = False
   c.eval.max_heatmaps_per_class = 16
 
-  # Calibration of the scoring on held-out normal training images (onenip_jax/evaluation/calibration.py).
+  # Calibration of the scoring on held-out normal training images (evaluation/calibration.py).
   c.calibration = ml_collections.ConfigDict()
   c.calibration.holdout_fraction = 0.1   # of each class's train/good images, kept out of training; 0 = off (reference)
   c.calibration.synthetic_per_image = 8  # synthetic anomalies made from each held-out image (2 made

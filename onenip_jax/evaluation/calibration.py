@@ -1,6 +1,6 @@
 """Scoring calibrated on normal training data only. Maps are (N, H, W); candidates are scoring
-vectors (`onenip_jax.evaluation.scoring`), scored one class at a time by `onenip_jax.evaluation.candidates`
-(jnp on a GPU or TPU, the sort in numpy on the CPU).
+vectors (`onenip_jax.evaluation.scoring`), scored one class at a time by
+`onenip_jax.evaluation.candidates` (jnp on a GPU or TPU, the sort in numpy on the CPU).
 
 The validation set of a class is its held-out normal training images (`index.holdout`, label 0,
 empty masks) and K synthetic anomalies made from each by the training synthesis with another seed

@@ -1,5 +1,5 @@
-"""The figures of calibration candidates on one class (`onenip_jax.evaluation.calibration`): each candidate's
-fused map, image scores, and pixel AUROC and AP on all rows and on each fold.
+"""The figures of calibration candidates on one class (`onenip_jax.evaluation.calibration`): each
+candidate's fused map, image scores, and pixel AUROC and AP on all rows and on each fold.
 
 On a GPU or TPU this runs in jnp on the default device from one sort per candidate, candidates
 mapped over in batches of about `_PIXEL_BUDGET` pixels (float32 sums in blocks). On the CPU

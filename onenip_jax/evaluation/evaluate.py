@@ -4,8 +4,8 @@ export alike.
   onenip-eval --workdir DIR     # a checkpoint: `onenip_jax.evaluation.after_training.main`
   onenip-eval --exported DIR    # an export: `onenip_jax.serving.eval_export.main`
 
-Writes metrics.json / metrics.md / metrics.csv, per-image scores.csv (and heatmaps with --heatmaps) to
-`<workdir>/eval/` (or `<exported>/eval/`) unless --out says otherwise.
+Writes metrics.json / metrics.md / metrics.csv, per-image scores.csv (and heatmaps with --heatmaps)
+to `<workdir>/eval/` (or `<exported>/eval/`) unless --out says otherwise.
 
 Protocol: maps are float32 from the network to the metrics. A mask pixel is a defect iff non-zero;
 an image's label is that of its resized mask (its own label without a mask). Anomalous test images

@@ -1,6 +1,6 @@
 """The named scorings of SCORINGS: which one `eval.fusion` picks, and the vector of each.
 
-  calibrated      the run's calibration (`onenip_jax.evaluation.calibration`): z-scored rec and refiner maps
+  calibrated      the run's calibration (`calibration`): z-scored rec and refiner maps
   reference       the reference fusion (1 - alpha) rec + alpha c ref
   refiner         the refiner probability alone
   reconstruction  the reconstruction error alone
@@ -18,8 +18,8 @@ SCORINGS = ("calibrated", "reference", "refiner", "reconstruction")
 
 
 def default_scoring(cfg, calibration, has_refiner: bool) -> str:
-  """The scoring `eval.fusion` asks for (module doc of `onenip_jax.evaluation.calibration`), with the
-  fallbacks: 'calibrated' without a calibration -> 'reference' (logged); no refiner ->
+  """The scoring `eval.fusion` asks for (module doc of `onenip_jax.evaluation.calibration`), with
+  the fallbacks: 'calibrated' without a calibration -> 'reference' (logged); no refiner ->
   'reconstruction'. The legacy value 'frozen' means 'reference'."""
   mode = {"frozen": "reference"}.get(cfg.eval.fusion, cfg.eval.fusion)
   if mode not in SCORINGS:
@@ -54,10 +54,11 @@ def scored_maps(name, rec, ref, *, c, cfg, calibration=None, cls=None):
 
 
 def make_scoring(cfg, fusion_c: float, calibration: dict | None) -> dict:
-  """export.json's `scoring`: the `eval.fusion` scoring (`default_scoring`, with its
-  fallbacks) as {"fusion", "params": {scoring.SCORING_KEYS}, "pool_size", "calibration_scope",
-  "requested", "note"}; calibrated uses the GLOBAL calibration (pool prompts: module doc of
-  `onenip_jax.serving.export`), which must have been fitted with pool prompts (else PromptModeError)."""
+  """export.json's `scoring`: the `eval.fusion` scoring (`default_scoring`, with its fallbacks) as
+  {"fusion", "params": {scoring.SCORING_KEYS}, "pool_size", "calibration_scope", "requested",
+  "note"}; calibrated uses the GLOBAL calibration (pool prompts: module doc of
+  `onenip_jax.serving.export`), which must have been fitted with pool prompts (else
+  PromptModeError)."""
   requested = {"frozen": "reference"}.get(cfg.eval.fusion, cfg.eval.fusion)
   name = default_scoring(cfg, calibration, bool(cfg.model.refiner))
   scope, note = None, ""

@@ -1,8 +1,8 @@
 """The maps of a set of samples through a Flax `predictor.Predictor`, on the host.
 
 Shared by evaluation (`onenip_jax.evaluation.after_training`), the calibration's validation set
-(`onenip_jax.evaluation.holdout`) and the export's thresholds (`onenip_jax.serving.thresholds`). Maps are
-(N, H, W) float32 at `input_size`.
+(`onenip_jax.evaluation.holdout`) and the export's thresholds (`onenip_jax.serving.thresholds`).
+Maps are (N, H, W) float32 at `input_size`.
 """
 import jax
 import numpy as np

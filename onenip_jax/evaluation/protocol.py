@@ -1,8 +1,8 @@
 """The evaluation protocol of one class and the reports of a whole evaluation.
 
 `class_protocol` turns a class's maps and scores into its metrics (the protocol of
-`onenip_jax.evaluation.evaluate`'s module doc: labels from the resized masks, the `eval.maskless` policy);
-`ReportBuilder` accumulates the classes one at a time and writes metrics.json / .md / .csv
+`onenip_jax.evaluation.evaluate`'s module doc: labels from the resized masks, the `eval.maskless`
+policy); `ReportBuilder` accumulates the classes one at a time and writes metrics.json / .md / .csv
 (`onenip_jax.evaluation.reports`), scores.csv and the heatmaps.
 """
 import csv

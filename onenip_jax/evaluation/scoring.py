@@ -42,8 +42,8 @@ def scoring_params(name: str, *, alpha: float = 0.5, c: float = 1.0,
 
   reference: (1 - alpha) rec + alpha c ref (weights rounded to float32 as products of float32);
   refiner / reconstruction: that map alone; calibrated: the PARAMS of a calibration
-  (`onenip_jax.evaluation.calibration`): (1 - w) z_rec + w z_ref, ref in its `ref_space` (a calibration
-  without one: probability).
+  (`onenip_jax.evaluation.calibration`): (1 - w) z_rec + w z_ref, ref in its `ref_space` (a
+  calibration without one: probability).
   """
   if name == "reference":
     values = (0.0, 1.0, 0.0, 1.0, float(np.float32(1.0 - alpha)),

@@ -1,1 +1,1 @@
-"""The export and its consumers: the serialised predictor, its thresholds, onenip-predict, onenip-eval --exported."""
+"""The export (`export`, `thresholds`) and what runs it: `program`, `predict`, `eval_export`."""

@@ -16,17 +16,16 @@ EXPORT_DIR holds everything inference needs and nothing of training (no optimise
 The directory is written under a temporary name and renamed, so it is complete or absent.
 
 Scoring: `eval.fusion` of the (overridable) config, as `onenip-eval` scores: "calibrated" (the
-default: the calibration stored with the checkpoint, `onenip_jax.evaluation.calibration`, made at the end of
-training on held-out normals), falling back to "reference" with a note in export.json when the run
-has none; `--config.eval.fusion=reference` for the published protocol's fusion. The serialised
-predictor scores with pool prompts, so it uses the GLOBAL calibration, which is what it was
-fitted for (on pool-prompt maps; one fitted with other prompts is an error naming the refit; one
+default: the calibration stored with the checkpoint, `onenip_jax.evaluation.calibration`, made at
+the end of training on held-out normals), falling back to "reference" with a note in export.json
+when the run has none; `--config.eval.fusion=reference` for the published protocol's fusion. The
+serialised predictor scores with pool prompts, so it uses the GLOBAL calibration, which is what it
+was fitted for (on pool-prompt maps; one fitted with other prompts is an error naming the refit; one
 set of statistics and weight over all classes, chosen on the mean objective of the classes): an
 image's map and score then do not depend on which class its prompt matched (a wrong match changes
-the prompt, not the normalisation), pool-mode
-`onenip-eval --workdir` reports the same numbers, and the program has one box size. export.json
-keeps the whole calibration (per class and global: the choice, its validation figures, every
-candidate, the held-out images, the synthesis seed).
+the prompt, not the normalisation), pool-mode `onenip-eval --workdir` reports the same numbers, and
+the program has one box size. export.json keeps the whole calibration (per class and global: the
+choice, its validation figures, every candidate, the held-out images, the synthesis seed).
 
 Thresholds on the image score of that scoring (an image is anomalous iff score > threshold), one
 per class and a global one, never from the test set by default:
@@ -88,9 +87,9 @@ def serialize_predictor(predictor: predictor_lib.Predictor, cfg, entry: dict,
   """`jax.export` of `Predictor.fused` (pool prompts, scoring, image score) with symbolic B and K.
 
   The weights are the program's first argument (a flat list) and the scoring vector
-  (`scoring.SCORING_KEYS`) its last, not embedded constants: see `onenip_jax.serving.program` for why.
-  Only the box size of the scoring `entry` (`fusion.make_scoring`) is compiled in.
-  Platforms the installed jax cannot lower for are left out.
+  (`scoring.SCORING_KEYS`) its last, not embedded constants: see `onenip_jax.serving.program` for
+  why. Only the box size of the scoring `entry` (`fusion.make_scoring`) is compiled in. Platforms
+  the installed jax cannot lower for are left out.
 
   Returns:
     (serialised program, weight leaves in the program's order, platforms lowered for).

@@ -5,10 +5,10 @@
 
 Each image is resized to the model's input size (any size or channel count), paired with the most
 similar prompt of the export's prompt pool (class-agnostic: no label needed), and scored with the
-export's scoring (export.json `scoring`: the export's `eval.fusion`, by default `calibrated`,
-the run's global calibration, or the reference fusion for a run without one), by the export's
-serialised predictor (`onenip_jax.serving.program`: jax, numpy and Pillow only; no flax, TensorFlow or
-Orbax is imported).
+export's scoring (export.json `scoring`: the export's `eval.fusion`, by default `calibrated`, the
+run's global calibration, or the reference fusion for a run without one), by the export's serialised
+predictor (`onenip_jax.serving.program`: jax, numpy and Pillow only; no flax, TensorFlow or Orbax is
+imported).
 
 Results are written as they come, batch by batch: `predictions.csv` (path, score, anomalous,
 matched class, threshold), with --heatmaps one PNG per image (one colour scale for the run, set by
@@ -62,7 +62,8 @@ def find_images(inputs) -> list[str]:
 
 
 class ExportedScorer:
-  """The serialised predictor (`onenip_jax.serving.program`) behind the scorer interface used by `predict`."""
+  """The serialised predictor (`program.ExportedPredictor`) behind the scorer interface of
+  `predict`."""
 
   def __init__(self, export_dir: str, batch_size: int):
     self.model = program.ExportedPredictor.load(export_dir, batch_size)

@@ -2,9 +2,9 @@
 
 This module imports nothing of flax, TensorFlow, Orbax or `onenip_jax.models` (only
 `data_pipelines.pil_decode`, the pipeline's numpy/PIL decoder, `data_pipelines.storage`, which
-imports TensorFlow only for a non-local path such as `gs://`, and `onenip_jax.evaluation.scoring`, jax and
-numpy): it scores images on any machine with jax, numpy and Pillow. What it reads (written by
-`onenip-export`, format version FORMAT_VERSION; an export of an older format is refused with the
+imports TensorFlow only for a non-local path such as `gs://`, and `onenip_jax.evaluation.scoring`,
+jax and numpy): it scores images on any machine with jax, numpy and Pillow. What it reads (written
+by `onenip-export`, format version FORMAT_VERSION; an export of an older format is refused with the
 command that re-exports it):
 
   export.json                 format and package version, classes, input size, preprocessing
@@ -21,12 +21,12 @@ command that re-exports it):
   predictor_weights.npz       the weights, leaves `w00000`, `w00001`, ... in the program's order
   prompt_pool.npz             features, descriptors and class_ids of the prompt pool
 
-The map and image score are `onenip_jax.evaluation.scoring.score` of the `scoring` argument (the vector of
-`scoring.SCORING_KEYS`): S = rec_weight (rec - rec_mean) / rec_std + ref_weight (g(ref) -
+The map and image score are `onenip_jax.evaluation.scoring.score` of the `scoring` argument (the
+vector of `scoring.SCORING_KEYS`): S = rec_weight (rec - rec_mean) / rec_std + ref_weight (g(ref) -
 ref_mean) / ref_std, g the refiner's log-odds or the identity, and the max of its stride-1
-`scoring.pool_size` box mean. This one form holds every scoring of `onenip-eval`: the calibrated
-one (normal-data statistics, w; `onenip_jax.evaluation.calibration`), the reference fusion (means 0, stds 1,
-weights 1 - alpha and alpha c), refiner or reconstruction only.
+`scoring.pool_size` box mean. This one form holds every scoring of `onenip-eval`: the calibrated one
+(normal-data statistics, w; `onenip_jax.evaluation.calibration`), the reference fusion (means 0,
+stds 1, weights 1 - alpha and alpha c), refiner or reconstruction only.
 
 The weights and the scoring numbers are arguments stored beside the program rather than
 constants inside it: the program stays small (a few hundred kB) whatever the backbone, its

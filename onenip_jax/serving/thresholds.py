@@ -1,9 +1,9 @@
 """The image-score thresholds of an export (one per class and a global one).
 
-Where their images come from (held-out normals by default, a labelled validation folder, or the
-test set) is the module doc of `onenip_jax.serving.export`. A threshold is set on the export's scoring
-(`fusion.make_scoring`, computed by `scoring.score` as the exported program does) with pool
-prompts; an image is anomalous iff score > threshold.
+Where their images come from (held-out normals by default, a labelled validation folder, or the test
+set) is the module doc of `onenip_jax.serving.export`. A threshold is set on the export's scoring
+(`fusion.make_scoring`, computed by `scoring.score` as the exported program does) with pool prompts;
+an image is anomalous iff score > threshold.
 """
 import numpy as np
 

@@ -217,7 +217,8 @@ def close(manager: ocp.CheckpointManager, *, after_error: bool = False) -> None:
 
 
 def restore_calibration(manager: ocp.CheckpointManager, step: int) -> dict | None:
-  """The calibration stored with `step` (see `onenip_jax.evaluation.calibration`), None if it has none."""
+  """The calibration stored with `step` (see `onenip_jax.evaluation.calibration`), None if it has
+  none."""
   if not storage.isdir(storage.join(str(manager.directory), str(step), "calibration")):
     return None
   restored = manager.restore(step, args=ocp.args.Composite(calibration=ocp.args.JsonRestore()))

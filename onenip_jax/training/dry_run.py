@@ -3,7 +3,7 @@
 It prints the resolved config, this process's devices (after `jax.distributed` starts, so on a pod
 every host reports its own), the data's classes and image counts, the steps and batch sizes, and
 then checks:
-  * config: the value checks of `checks` and that the batch splits over the devices;
+  * config: the value checks of `config.checks` and that the batch splits over the devices;
   * data: indexed and every image decoded, as training does (`indexing.index_config`, without the
     verified-images cache), and the texture folder;
   * weights: the backbone weights exist and load (the packaged Lite weights are converted into
