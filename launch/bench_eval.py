@@ -28,7 +28,7 @@ from data_pipelines import indexing
 from onenip_jax import sharding
 from onenip_jax.config.loading import load_config
 from onenip_jax.evaluation import after_training, maps, restore
-from onenip_jax.evaluation import predictor as predictor_lib
+from onenip_jax.evaluation import inference
 from onenip_jax.training import state as state_lib
 
 
@@ -80,12 +80,12 @@ def main() -> None:
     cfg, predictor, frozen_c = loaded.cfg, loaded.predictor, loaded.fusion_c
   else:
     cfg = load_config(a.config)
-    model, features = predictor_lib.make_model(cfg)
+    model, features = inference.make_model(cfg)
     tx = state_lib.make_optimizer(cfg, 1)
     state = jax.jit(lambda: state_lib.init_state(cfg, model, tx, features),
                     out_shardings=sharding.replicated(mesh))()
     bb = jax.device_put(features.load_variables(cfg.backbone), sharding.replicated(mesh))
-    predictor = predictor_lib.Predictor(
+    predictor = inference.Predictor(
         model, features, {"params": state.params, "batch_stats": state.batch_stats}, bb, mesh)
     frozen_c = 1.0  # a stand-in frozen fusion constant (the default "frozen" path)
   cfg.unlock()
@@ -96,7 +96,7 @@ def main() -> None:
   index = indexing.index_dataset(cfg.data)
   warm = index.test[:a.batch]
   maps.collect_maps(predictor, warm, index, cfg)  # compile
-  trained = predictor_lib.Trained(cfg, predictor, index=index, fusion_c=frozen_c)  # no calibration
+  trained = inference.Trained(cfg, predictor, index=index, fusion_c=frozen_c)  # no calibration
   t = time.perf_counter()
   after_training.evaluate(trained, a.out)
   dt = time.perf_counter() - t

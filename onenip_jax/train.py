@@ -32,7 +32,7 @@ from data_pipelines import indexing, input_pipeline, storage
 from data_pipelines.errors import UserError
 from onenip_jax import sharding
 from onenip_jax.config import checks
-from onenip_jax.evaluation import after_training, holdout, predictor, reports
+from onenip_jax.evaluation import after_training, holdout, inference, reports
 from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
 from onenip_jax.training import checkpoints, finished, metric_logging, run_control, workdir_lock
@@ -154,7 +154,7 @@ def _train_and_evaluate(cfg, workdir: str, guard: run_control.SignalGuard) -> Tr
     logger.hparams(cfg)
     state = _train_loop(run, logger, state, start, num_steps, spe, train_step, cache)
     # One Trained: the fusion constant, calibration and evaluation share its Predictor and pool.
-    trained = predictor.Trained.from_state(cfg, state, index, features, backbone_vars, mesh)
+    trained = inference.Trained.from_state(cfg, state, index, features, backbone_vars, mesh)
     if start < num_steps or math.isnan(trained.fusion_c):
       state = _add_fusion_constant(run, state, trained, num_steps)
     trained.calibration = _add_calibration(run, state, trained, num_steps, redo=start < num_steps)
@@ -267,7 +267,7 @@ def _train_loop(run: _Run, logger, state, start, num_steps, spe, train_step, cac
       if eval_every and step % eval_every == 0 and step < num_steps:
         with guard.interruptible():
           eval_dir = os.path.join(run.workdir, "eval", f"step_{step}")
-          trained = predictor.Trained.from_state(cfg, state, index, run.features,
+          trained = inference.Trained.from_state(cfg, state, index, run.features,
                                                  run.backbone_vars, run.mesh)
           result = after_training.evaluate(trained, eval_dir)
           logger.evaluation(step, result, eval_dir)
@@ -282,7 +282,7 @@ def _train_loop(run: _Run, logger, state, start, num_steps, spe, train_step, cac
   return state
 
 
-def _add_fusion_constant(run: _Run, state: TrainState, trained: predictor.Trained,
+def _add_fusion_constant(run: _Run, state: TrainState, trained: inference.Trained,
                          num_steps: int) -> TrainState:
   """Computes the frozen fusion constant of `trained` (the final state's), saves the final state
   with it (step num_steps) and sets `trained.fusion_c` (float32, as stored).
@@ -311,7 +311,7 @@ def _add_fusion_constant(run: _Run, state: TrainState, trained: predictor.Traine
   return state
 
 
-def _add_calibration(run: _Run, state: TrainState, trained: predictor.Trained, num_steps: int,
+def _add_calibration(run: _Run, state: TrainState, trained: inference.Trained, num_steps: int,
                      redo: bool) -> dict | None:
   """The calibration of `trained`, the final `state`'s (`onenip_jax.evaluation.holdout`), saved with
   step num_steps.

@@ -12,7 +12,7 @@ from data_pipelines import indexing, input_pipeline
 from onenip_jax import sharding
 from onenip_jax.config import base as common
 from onenip_jax.config import loading
-from onenip_jax.evaluation import after_training, calibration, fusion, holdout, predictor, scoring
+from onenip_jax.evaluation import after_training, calibration, fusion, holdout, inference, scoring
 from onenip_jax.training import state as state_lib
 from onenip_jax.training.step import compute_feature_cache
 
@@ -136,7 +136,7 @@ class _TinyFeatures:
 
 
 def _state_and_backbone(cfg, mesh):
-  model, features = predictor.make_model(cfg)
+  model, features = inference.make_model(cfg)
   bb = features.load_variables(cfg.backbone)  # the cached ImageNet Lite0 weights
   tx = state_lib.make_optimizer(cfg, 10)
   repl = sharding.replicated(mesh)
@@ -158,10 +158,10 @@ def test_calibration_reads_no_test_image_is_deterministic_and_is_reported(tmp_pa
   saved = {p: open(p, "rb").read() for p in test_files}
   for p in test_files:  # calibration must not open any of them
     os.remove(p)
-  trained = predictor.Trained.from_state(cfg, state, index, features, bb, mesh)  # c = 0.5
+  trained = inference.Trained.from_state(cfg, state, index, features, bb, mesh)  # c = 0.5
   pools = []  # the prompt pool is built once for the calibration and every evaluation
   monkeypatch.setattr(predictor, "build_prompt_pool",
-                      lambda *a, f=predictor.build_prompt_pool: pools.append(1) or f(*a))
+                      lambda *a, f=inference.build_prompt_pool: pools.append(1) or f(*a))
   first = holdout.calibrate(trained)
   again = holdout.calibrate(trained)
   assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)

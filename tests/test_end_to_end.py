@@ -102,13 +102,13 @@ def test_two_processes_match_one(trained, tmp_path):
   # Adam turns round-off in near-zero gradients (e.g. of the key biases, whose true gradient is 0)
   # into updates of size ~lr, so the params are compared against the size of the update.
   from onenip_jax import sharding  # pylint: disable=g-import-not-at-top
-  from onenip_jax.evaluation import predictor, restore  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import inference, restore  # pylint: disable=g-import-not-at-top
   from onenip_jax.training import state  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh()
   two, one = restore.load_checkpoint(workdir, mesh, 4), restore.load_checkpoint(trained, mesh, 4)
   assert two.step == one.step == 4
   cfg, two, one = two.cfg, two.predictor, one.predictor
-  model, features = predictor.make_model(cfg)
+  model, features = inference.make_model(cfg)
   init = state.init_state(cfg, model, state.make_optimizer(cfg, 1), features)
   p2, p1, p0 = (np.concatenate([np.ravel(x) for x in _leaves(t)])
                 for t in (two.variables["params"], one.variables["params"], init.params))

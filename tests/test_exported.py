@@ -86,14 +86,14 @@ def _calibration(cfg, index, predictor):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
   """(cfg, index, flax predictor with pool, calibrated export dir, calibration, its
-  `predictor.Trained`) of an untrained Lite0 at 64 px; the index holds out 1 of the 6 training
+  `inference.Trained`) of an untrained Lite0 at 64 px; the index holds out 1 of the 6 training
   normals of each class."""
   import jax  # pylint: disable=g-import-not-at-top
   from data_pipelines import indexing  # pylint: disable=g-import-not-at-top
   from onenip_jax import sharding  # pylint: disable=g-import-not-at-top
   from onenip_jax.config.loading import load_config  # pylint: disable=g-import-not-at-top
   from onenip_jax.evaluation import fusion  # pylint: disable=g-import-not-at-top
-  from onenip_jax.evaluation import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import inference  # pylint: disable=g-import-not-at-top
   from onenip_jax.serving import export  # pylint: disable=g-import-not-at-top
   from onenip_jax.serving import thresholds as thresholds_lib  # pylint: disable=g-import-not-at-top
   from onenip_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
@@ -107,12 +107,12 @@ def tiny(tmp_path_factory):
   index = indexing.index_config(cfg)
   assert len(index.holdout) == 2
   mesh = sharding.make_mesh()
-  model, features = predictor_lib.make_model(cfg)
+  model, features = inference.make_model(cfg)
   state = jax.jit(lambda: state_lib.init_state(cfg, model, state_lib.make_optimizer(cfg, 1),
                                                features),
                   out_shardings=sharding.replicated(mesh))()
   backbone = jax.device_put(features.load_variables(cfg.backbone), sharding.replicated(mesh))
-  trained = predictor_lib.Trained.from_state(cfg, state, index, features, backbone, mesh)
+  trained = inference.Trained.from_state(cfg, state, index, features, backbone, mesh)
   trained.fusion_c = 0.37
   predictor = trained.predictor_for("pool")
   trained.calibration = cal = _calibration(cfg, index, predictor)

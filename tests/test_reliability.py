@@ -134,7 +134,7 @@ def test_resume_with_another_model_fails_at_once(extended):
 
 def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(extended, tmp_path, caplog):
   from onenip_jax import sharding  # pylint: disable=g-import-not-at-top
-  from onenip_jax.evaluation import predictor, restore  # pylint: disable=g-import-not-at-top
+  from onenip_jax.evaluation import inference, restore  # pylint: disable=g-import-not-at-top
   from onenip_jax.training import checkpoints, state  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "copy")
   shutil.copytree(extended[0], workdir)
@@ -150,7 +150,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(extended,
   assert "checkpoint step 5" in damaged[0] and os.path.join(workdir, "checkpoints", "5") in damaged[0]
   # Training moves it aside, so that later saves and resumes do not meet it again.
   cfg = checkpoints.restore_config(workdir, 3)
-  model, features = predictor.make_model(cfg)
+  model, features = inference.make_model(cfg)
   template = state.init_state(cfg, model, state.make_optimizer(cfg, 1),
                               features)
   manager = checkpoints.make_manager(workdir, cfg)

@@ -3,13 +3,13 @@
   onenip-eval --workdir DIR                                  # latest checkpoint of a training run
   onenip-eval --workdir DIR --config.eval.prompt_mode=pool   # the stored config, overridden
 
-  training:              predictor.Trained.from_state(final state) -> frozen_fusion_constant
+  training:              inference.Trained.from_state(final state) -> frozen_fusion_constant
                          -> holdout.calibrate -> evaluate
   onenip-eval --workdir: restore.load_checkpoint -> evaluate                    (`main`)
   onenip-export:         restore.load_checkpoint -> thresholds.make_thresholds
                          -> export.write_export
 
-Every step takes the one `predictor.Trained`, whose Predictor and prompt pool are built once. The
+Every step takes the one `inference.Trained`, whose Predictor and prompt pool are built once. The
 evaluation's maps come from the Predictor (tf.data preprocessing, `maps`) and are scored with
 every scoring of `fusion`; everything after that is `evaluate.evaluate_classes`, as for an
 export (`onenip_jax.serving.eval_export.evaluate_exported`).
@@ -27,12 +27,12 @@ from onenip_jax.evaluation import calibration as calib
 from onenip_jax.evaluation import evaluate as evaluate_lib
 from onenip_jax.evaluation import fusion, restore, scoring
 from onenip_jax.evaluation import maps as maps_lib
-from onenip_jax.evaluation import predictor as predictor_lib
+from onenip_jax.evaluation import inference
 
 log = logging.getLogger("onenip")
 
 
-def fusion_constant(trained: predictor_lib.Trained, predictor: predictor_lib.Predictor,
+def fusion_constant(trained: inference.Trained, predictor: inference.Predictor,
                     samples) -> tuple[float, str]:
   """c of the reference fusion and where it came from: the stored frozen one ('frozen'), or the
   test-set mid-range ('test': `eval.fusion_constant="test"` or no frozen one; one extra streamed
@@ -47,7 +47,7 @@ def fusion_constant(trained: predictor_lib.Trained, predictor: predictor_lib.Pre
   return float(scoring.mid_range(lo, hi)), "test"
 
 
-def frozen_fusion_constant(trained: predictor_lib.Trained) -> float:
+def frozen_fusion_constant(trained: inference.Trained) -> float:
   """Mid-range of the reconstruction map over (up to `eval.fusion_max_images`) normal TRAINING
   images with class-mode prompts: a fusion constant that uses no test-set statistics."""
   cfg, index = trained.cfg, trained.index
@@ -58,7 +58,7 @@ def frozen_fusion_constant(trained: predictor_lib.Trained) -> float:
   return float(scoring.mid_range(lo, hi))
 
 
-def evaluate(trained: predictor_lib.Trained, out_dir: str, *, samples=None) -> dict:
+def evaluate(trained: inference.Trained, out_dir: str, *, samples=None) -> dict:
   """Scores `samples` (default: the test set) with `eval.prompt_mode`'s prompts one class at a
   time; writes the reports to `out_dir` (`evaluate.evaluate_classes`).
 

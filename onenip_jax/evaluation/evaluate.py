@@ -15,7 +15,7 @@ were. Memory: the test set is evaluated one class at a time, so host memory grow
 class, not with the dataset.
 
 `evaluate_classes` is everything after the network, shared by the evaluation of a checkpoint
-(`after_training.evaluate`: the maps of `predictor.Predictor`, every scoring of `fusion`) and of an
+(`after_training.evaluate`: the maps of `inference.Predictor`, every scoring of `fusion`) and of an
 export (`onenip_jax.serving.eval_export.evaluate_exported`: the serialised predictor's map and
 score): one class at a time, the source gives the masks and the scored maps, and `protocol`
 applies the protocol and writes the reports. This module imports no flax, TensorFlow or Orbax, so

@@ -108,7 +108,7 @@ def validation_groups(cfg, predictor, index, normals_only: bool = False) -> Vali
 
 
 def calibrate(trained) -> dict | None:
-  """The calibration (`onenip_jax.evaluation.calibration`) of a `predictor.Trained` on
+  """The calibration (`onenip_jax.evaluation.calibration`) of a `inference.Trained` on
   `index.holdout`: per class on the validation maps of its `eval.prompt_mode` Predictor, global on
   those of its pool-prompt one (the same maps in pool mode); with a finite frozen fusion constant it
   also records the reference fusion's validation figures. None without held-out images or without a

@@ -1,4 +1,4 @@
-"""The maps of a set of samples through a Flax `predictor.Predictor`, on the host.
+"""The maps of a set of samples through a Flax `inference.Predictor`, on the host.
 
 Shared by evaluation (`onenip_jax.evaluation.after_training`), the calibration's validation set
 (`onenip_jax.evaluation.holdout`) and the export's thresholds (`onenip_jax.serving.thresholds`).
@@ -9,7 +9,7 @@ import numpy as np
 
 from data_pipelines import input_pipeline
 from onenip_jax import sharding
-from onenip_jax.evaluation import predictor as predictor_lib
+from onenip_jax.evaluation import inference
 
 
 def iterate_maps(predictor, samples, index, cfg, seed_positions=None, synthesis_seed=None):
@@ -25,7 +25,7 @@ def iterate_maps(predictor, samples, index, cfg, seed_positions=None, synthesis_
   keys = ("image", "mask", "has_mask", "label", "class_id", "index", "valid")
   keys += ("prompt",) if class_mode else ()
   for batch in input_pipeline.make_eval_iterator(
-      samples, index, cfg, batch_size=predictor_lib.eval_batch_size(cfg),
+      samples, index, cfg, batch_size=inference.eval_batch_size(cfg),
       process_index=jax.process_index(), process_count=jax.process_count(), with_prompt=class_mode,
       seed_positions=seed_positions, synthesis_seed=synthesis_seed):
     g = sharding.to_global({k: batch[k] for k in keys}, predictor.mesh)

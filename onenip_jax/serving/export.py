@@ -59,7 +59,7 @@ from data_pipelines import storage
 from data_pipelines.errors import UserError
 from onenip_jax import sharding
 from onenip_jax.evaluation import fusion, restore, scoring
-from onenip_jax.evaluation import predictor as predictor_lib
+from onenip_jax.evaluation import inference
 from onenip_jax.serving import program as program_lib
 from onenip_jax.serving import thresholds as thresholds_lib
 
@@ -82,7 +82,7 @@ def _host_tree(tree):
                       else np.asarray(x), tree)
 
 
-def serialize_predictor(predictor: predictor_lib.Predictor, cfg, entry: dict,
+def serialize_predictor(predictor: inference.Predictor, cfg, entry: dict,
                         platforms=("cpu", "cuda", "tpu")) -> tuple[bytes, list, tuple]:
   """`jax.export` of `Predictor.fused` (pool prompts, scoring, image score) with symbolic B and K.
 
@@ -163,7 +163,7 @@ def check_out_dir(out_dir: str, overwrite: bool, workdir: str | None = None) -> 
                      "export.json; choose another --out or remove it yourself")
 
 
-def write_export(out_dir: str, trained: predictor_lib.Trained, thresholds: dict | None = None,
+def write_export(out_dir: str, trained: inference.Trained, thresholds: dict | None = None,
                  overwrite: bool = False, workdir: str | None = None, *,
                  scoring_entry: dict | None = None) -> None:
   """Writes the export directory of `trained` (its pool-prompt Predictor, fusion constant, step,

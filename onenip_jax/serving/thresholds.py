@@ -11,7 +11,7 @@ from data_pipelines import indexing, layouts, storage
 from data_pipelines.errors import UserError, UserFileNotFoundError
 from onenip_jax.evaluation import maps as maps_lib
 from onenip_jax.evaluation import metrics, scoring
-from onenip_jax.evaluation import predictor as predictor_lib
+from onenip_jax.evaluation import inference
 
 
 def normal_quantile(scores: np.ndarray, target_fpr: float) -> float:
@@ -41,7 +41,7 @@ def _threshold_entry(scores, labels, source: str, target_fpr: float, note: str =
   return entry
 
 
-def _class_scores(trained: predictor_lib.Trained, entry: dict, samples) -> dict:
+def _class_scores(trained: inference.Trained, entry: dict, samples) -> dict:
   """{class: (pool-mode image scores of the scoring `entry` (n,), labels (n,))}, one class at a
   time."""
   cfg, index, predictor = trained.cfg, trained.index, trained.predictor_for("pool")
@@ -56,7 +56,7 @@ def _class_scores(trained: predictor_lib.Trained, entry: dict, samples) -> dict:
   return out
 
 
-def make_thresholds(trained: predictor_lib.Trained, entry: dict, samples, source: str,
+def make_thresholds(trained: inference.Trained, entry: dict, samples, source: str,
                     target_fpr: float, note: str = "", class_sources: dict | None = None) -> dict:
   """{'global': entry, 'per_class': {class: entry}, 'scoring': name} from `samples` (module doc),
   on the export's scoring `entry` (`fusion.make_scoring`) with `trained`'s pool prompts.
@@ -76,7 +76,7 @@ def make_thresholds(trained: predictor_lib.Trained, entry: dict, samples, source
   return {"global": glob, "per_class": per_class, "scoring": entry["fusion"]}
 
 
-def threshold_normals(index, pool: predictor_lib.PromptPool, fraction: float, seed: int,
+def threshold_normals(index, pool: inference.PromptPool, fraction: float, seed: int,
                       classes=None) -> list:
   """A `fraction` (at least 1) of each class's normal training images, prompt images excluded."""
   rng = np.random.default_rng(seed + 1)
@@ -92,7 +92,7 @@ def threshold_normals(index, pool: predictor_lib.PromptPool, fraction: float, se
   return chosen
 
 
-def default_threshold_samples(index, pool: predictor_lib.PromptPool, fraction: float,
+def default_threshold_samples(index, pool: inference.PromptPool, fraction: float,
                               seed: int) -> tuple[list, dict]:
   """(samples, {class: (source, note)}) of the default thresholds (module doc): each class's
   held-out normals, else `threshold_normals` of its training images."""
