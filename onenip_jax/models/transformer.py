@@ -87,43 +87,6 @@ class HeadProjection(nn.Module):
     return y.astype(self.dtype) + bias.reshape(nh, d // nh)
 
 
-def _rows(x: Array, combine: Callable, reduce: Callable) -> Array:
-  """`reduce(x, axis=-1, keepdims=True)` for an associative `combine`, as `combine` of 16-column
-  blocks first, then `reduce` over 16 columns: XLA:CPU runs a long reduction along the minor axis
-  as a scalar loop, and the elementwise `combine` of blocks as vector code."""
-  n, w = x.shape[-1], 16
-  if n < 2 * w:
-    return reduce(x, axis=-1, keepdims=True)
-  acc = x[..., :w]
-  for start in range(w, n - n % w, w):
-    acc = combine(acc, x[..., start:start + w])
-  if n % w:
-    tail = combine(acc[..., :n % w], x[..., n - n % w:])
-    acc = jnp.concatenate([tail, acc[..., n % w:]], axis=-1)
-  return reduce(acc, axis=-1, keepdims=True)
-
-
-@jax.custom_jvp
-def _softmax_rows(x: Array) -> Array:
-  unnormalized = jnp.exp(x - _rows(x, jnp.maximum, jnp.max))
-  return unnormalized / _rows(unnormalized, jnp.add, jnp.sum)
-
-
-@_softmax_rows.defjvp
-def _softmax_rows_jvp(primals, tangents):
-  (x,), (x_dot,) = primals, tangents
-  y = _softmax_rows(x)
-  return y, y * (x_dot - _rows(y * x_dot, jnp.add, jnp.sum))
-
-
-def softmax(x: Array) -> Array:
-  """`jax.nn.softmax(x, axis=-1)`, the same formula and derivative; on the CPU backend its row
-  maximum and sums are computed blockwise (`_rows`; the sums equal to float32 round-off)."""
-  if jax.default_backend() != "cpu":
-    return jax.nn.softmax(x, axis=-1)
-  return _softmax_rows(x)
-
-
 class MultiheadAttention(nn.Module):
   """`torch.nn.MultiheadAttention` semantics (docs/algorithm.md §5.3), batch-first.
 
@@ -197,7 +160,7 @@ class MultiheadAttention(nn.Module):
       logits = mixed.einsum(spec_qk, q, k, mm).astype(jnp.float32)
       if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-      probs = softmax(logits).astype(self.dtype)
+      probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
       probs = dropout_lib.Dropout(self.dropout)(probs, deterministic=deterministic)
       out = mixed.einsum(spec_pv, probs, v, mm).astype(self.dtype)
       if head_major:
