@@ -236,3 +236,13 @@ def test_bfloat16_attention_gradients_run_in_the_library_on_cpu():
   xla = jax.jit(grad, compiler_options=compiler_options("cpu", library_dots=False))
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-2, atol=2e-3),
                library(variables, q), xla(variables, q))
+
+
+def test_bench_train_xla_options():
+  """`bench_train --xla`: typed XLA:CPU options; anything not named xla_... is refused."""
+  bench = config_loading.load_python_file(str(REPO / "launch" / "bench_train.py"))
+  assert bench.parse_xla_options("xla_cpu_enable_fast_min_max=true,xla_cpu_a=3,"
+                                 "xla_cpu_experimental_ynn_fusion_type=") == {
+      "xla_cpu_enable_fast_min_max": True, "xla_cpu_a": 3, "xla_cpu_experimental_ynn_fusion_type": ""}
+  with pytest.raises(ValueError, match="fast_min_max"):
+    bench.parse_xla_options("fast_min_max=true")
