@@ -1,14 +1,15 @@
 r"""Train-step throughput (images/s) of the jitted, sharded step on this machine's devices.
 
   python -m launch.bench_train [--backbones lite2,b4] [--batch 8] [--res 224] [--steps 5] \
-      [--model attention=einsum,matmul_dtype=bfloat16]
+      [--model attention=einsum,matmul_dtype=bfloat16] [--xla xla_cpu_enable_fast_min_max=true]
 
 Times the full step (backbone, network, losses, AdamW update) on random batches, for each backbone,
 with and without the frozen-feature cache, in float32 and bfloat16; prints the median over
 `--steps` timed steps after one compiling step. Backbone weights are random (speed does not depend
 on them), so B4 needs no checkpoint. An image counts once per training sample (its synthetic twin and
 its prompt are part of the step's work). `--model KEY=VALUE,...` overrides `config.model` keys
-(e.g. `attention`, `matmul_dtype`) to time the switches of the step against each other.
+(e.g. `attention`, `matmul_dtype`) to time the switches of the step against each other, and
+`--xla KEY=VALUE,...` adds XLA:CPU options to the project's own (`onenip_jax.compile_options`).
 """
 import argparse
 import platform
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onenip_jax import sharding
+from onenip_jax import compile_options, sharding
 from onenip_jax.config import base
 from onenip_jax.models.features import FrozenFeatures
 from onenip_jax.models.onenip import OneNIP
@@ -40,6 +41,18 @@ def parse_overrides(text: str) -> dict:
       raise ValueError(f"--model {item!r}: expected KEY=VALUE with KEY one of {sorted(model)}")
     kind = type(model[key])
     out[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
+  return out
+
+
+def parse_xla_options(text: str) -> dict:
+  """'xla_cpu_a=true,xla_cpu_b=4,xla_cpu_c=X' -> {'xla_cpu_a': True, 'xla_cpu_b': 4, 'xla_cpu_c': 'X'}."""
+  out = {}
+  for item in filter(None, text.split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or not key.startswith("xla_"):
+      raise ValueError(f"--xla {item!r}: expected xla_...=VALUE")
+    out[key] = (value.lower() == "true" if value.lower() in ("true", "false")
+                else int(value) if value.lstrip("-").isdigit() else value)
   return out
 
 
@@ -105,12 +118,14 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--model", default="", help="config.model overrides KEY=VALUE,...")
   p.add_argument("--cache", default="off,on", help="feature cache settings timed: off,on")
+  p.add_argument("--xla", default="", help="XLA:CPU options KEY=VALUE,... added to the project's")
   a = p.parse_args()
   overrides = parse_overrides(a.model)
+  compile_options._CPU_OPTIONS.update(parse_xla_options(a.xla))  # pylint: disable=protected-access
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
   print(f"# train step, batch {a.batch} at {a.res}px, {jax.device_count()} x {jax.devices()[0].device_kind}"
         f" ({platform.processor() or platform.machine()}), jax {jax.__version__}, commit {commit or '?'}"
-        + (f", model {a.model}" if a.model else ""))
+        + (f", model {a.model}" if a.model else "") + (f", XLA {a.xla}" if a.xla else ""))
   print("| backbone | feature cache | dtype | images/s | s/step |")
   print("|---|---|---|---|---|")
   for backbone in a.backbones.split(","):

@@ -214,3 +214,35 @@ def test_bfloat16_dots_run_in_the_library_on_cpu():
   # float32 accumulation in another order; the bfloat16 cotangent may round the other way
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-3),
                library(a, b), jitted(a, b))
+
+
+def test_bfloat16_attention_gradients_run_in_the_library_on_cpu():
+  """The attention's backward products in bfloat16 (they contract the query axis of both operands)
+  run in YNNPACK on CPU: the compiled gradient executes, every bfloat16 dot is a library fusion,
+  and it equals the gradient of XLA's own dots (bfloat16 operands computed in float32)."""
+  q = jax.random.normal(jax.random.key(0), (3, 16, 32))
+  mha = MultiheadAttention(32, 4, dropout=0.1, matmul_dtype=jnp.bfloat16)
+  variables = mha.init(jax.random.key(1), q, q, q)
+  grad = jax.grad(lambda var, q: mha.apply(var, q, q, q, deterministic=False,
+                                           rngs={"dropout": jax.random.key(2)}).sum(), (0, 1))
+  prof = loading.load_python_file(str(REPO / "launch" / "profile_step.py"))
+  library = jax.jit(grad, compiler_options=compiler_options("cpu", library_dots=True))
+  instrs, comps = prof.parse_hlo(library.lower(variables, q).compile().as_text())
+  in_library = {n for i in instrs.values() if i["opcode"] == "fusion" and "ynn" in i["attrs"]
+                for n in prof._called(i, comps, instrs)}
+  bf16_dots = [n for n, i in instrs.items() if i["opcode"] == "dot"
+               and instrs[i["operands"][0]]["shape"].startswith("bf16")]
+  assert bf16_dots and set(bf16_dots) <= in_library
+  xla = jax.jit(grad, compiler_options=compiler_options("cpu", library_dots=False))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-2, atol=2e-3),
+               library(variables, q), xla(variables, q))
+
+
+def test_bench_train_xla_options():
+  """`bench_train --xla`: typed XLA:CPU options; anything not named xla_... is refused."""
+  bench = loading.load_python_file(str(REPO / "launch" / "bench_train.py"))
+  assert bench.parse_xla_options("xla_cpu_enable_fast_min_max=true,xla_cpu_a=3,"
+                                 "xla_cpu_experimental_ynn_fusion_type=") == {
+      "xla_cpu_enable_fast_min_max": True, "xla_cpu_a": 3, "xla_cpu_experimental_ynn_fusion_type": ""}
+  with pytest.raises(ValueError, match="fast_min_max"):
+    bench.parse_xla_options("fast_min_max=true")

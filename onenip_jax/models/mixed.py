@@ -12,6 +12,7 @@ bfloat16 dots pay only in YNNPACK (`compile_options.compiler_options(library_dot
 `training.step.jit_train_step` sets with bfloat16 matmuls). GPUs and TPUs run them natively.
 """
 import functools
+import math
 from typing import Any
 
 import jax
@@ -38,13 +39,48 @@ def _einsum_lowp_fwd(spec, a, b, dtype):
   return out, (a_l, b_l, jnp.zeros((), a.dtype), jnp.zeros((), b.dtype))
 
 
+def _batched_matmul(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
+  """`jnp.einsum(spec, x, y)` with float32 results, as one (batch, M, K) x (batch, K, N) product.
+
+  The attention's backward products contract a non-minor axis of both operands (the query axis of
+  the probabilities and of the output's cotangent). Left as einsums, XLA:CPU keeps them as strided
+  batched dots, which YNNPACK does not take and XLA's own CPU dot cannot run with bfloat16 operands
+  and a float32 result. Transposed into this form first, they run in YNNPACK.
+  """
+  ins, out = spec.split("->")
+  sx, sy = ins.split(",")
+  batch = [c for c in out if c in sx and c in sy]
+  m = [c for c in sx if c in out and c not in batch]
+  n = [c for c in sy if c in out and c not in batch]
+  k = [c for c in sx if c in sy and c not in out]
+  size = {**dict(zip(sx, x.shape)), **dict(zip(sy, y.shape))}
+  prod = lambda cs: math.prod(size[c] for c in cs)
+
+  def arrange(a, sa, order):
+    perm = [sa.index(c) for c in order]
+    if perm != sorted(perm):
+      a = jnp.transpose(a, perm)
+    return a
+
+  x3 = arrange(x, sx, batch + m + k).reshape(prod(batch), prod(m), prod(k))
+  y3 = arrange(y, sy, batch + k + n).reshape(prod(batch), prod(k), prod(n))
+  z = jax.lax.dot_general(x3, y3, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+  z_spec = "".join(batch + m + n)
+  return jnp.einsum(f"{z_spec}->{out}", z.reshape([size[c] for c in z_spec]))
+
+
 def _einsum_lowp_bwd(spec, dtype, res, ct):
   a_l, b_l, a_proto, b_proto = res
   ins, out = spec.split("->")
   sa, sb = ins.split(",")
   ct_l = ct.astype(dtype)
-  da = jnp.einsum(f"{out},{sb}->{sa}", ct_l, b_l, preferred_element_type=jnp.float32)
-  db = jnp.einsum(f"{sa},{out}->{sb}", a_l, ct_l, preferred_element_type=jnp.float32)
+  batched = any(c in sa and c in sb for c in out)
+  if batched and jax.default_backend() == "cpu":
+    product = _batched_matmul
+  else:
+    product = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+  da = product(f"{out},{sb}->{sa}", ct_l, b_l)
+  db = product(f"{sa},{out}->{sb}", a_l, ct_l)
   return da.astype(a_proto.dtype), db.astype(b_proto.dtype)
 
 
