@@ -160,7 +160,7 @@ def test_calibration_reads_no_test_image_is_deterministic_and_is_reported(tmp_pa
     os.remove(p)
   trained = inference.Trained.from_state(cfg, state, index, features, bb, mesh)  # c = 0.5
   pools = []  # the prompt pool is built once for the calibration and every evaluation
-  monkeypatch.setattr(predictor, "build_prompt_pool",
+  monkeypatch.setattr(inference, "build_prompt_pool",
                       lambda *a, f=inference.build_prompt_pool: pools.append(1) or f(*a))
   first = holdout.calibrate(trained)
   again = holdout.calibrate(trained)
