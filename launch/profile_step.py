@@ -256,6 +256,8 @@ def main() -> None:
   p.add_argument("--model", default="", help="config.model overrides KEY=VALUE,... (bench_train)")
   p.add_argument("--trace", default="", help="keep the trace here (default: a temporary folder)")
   p.add_argument("--top", type=int, default=10, help="dots listed")
+  p.add_argument("--ops", type=int, default=0, help="also list the N costliest operations that are not dots")
+  p.add_argument("--hlo", default="", help="write the compiled step's HLO text to this file")
   a = p.parse_args()
   if jax.default_backend() != "cpu":
     raise SystemExit("profile_step reads XLA:CPU traces; on GPU/TPU open the trace in XProf")
@@ -263,6 +265,9 @@ def main() -> None:
   step, args = bench_train.build(a.backbone, a.dtype, a.cache, a.batch, a.res, overrides)
   hlo = step.lower(*args).compile().as_text()
   names, (instrs, comps) = op_names(hlo), parse_hlo(hlo)
+  if a.hlo:
+    with open(a.hlo, "w") as f:
+      f.write(hlo)
   for _ in range(2):
     state, m = step(*args)
     jax.block_until_ready(m)
@@ -278,11 +283,13 @@ def main() -> None:
   peak = {"float32": matmul_speed(jnp.float32), "bfloat16": matmul_speed(jnp.bfloat16)}
 
   total = collections.Counter()
-  kinds, dots = collections.Counter(), []
+  kinds, dots, others = collections.Counter(), [], []
   for n, us in per_op.items():
     total[part_of(names.get(n, ""))] += us
     kind, dot = kind_of(n, instrs, comps) if n in instrs else ("other", None)
     kinds[kind] += us
+    if dot is None:
+      others.append((us, n, kind, names.get(n, "")))
     if dot is not None:
       flops, shapes = dot_cost(dot, instrs)
       dots.append((us, flops * count[n], n, shapes, names.get(n, "")))
@@ -314,6 +321,14 @@ def main() -> None:
     print(f"| {n} | {part}{' ' + phase if phase else ''} | {shapes} | {us / 1e3:.1f} | "
           f"{flops / 1e9:.2f} | {flops / max(us, 1e-9) / 1e3:.0f} | {100 * us / attributed:.1f} |")
   print()
+  if a.ops:
+    print(f"| not a dot (the {a.ops} costliest) | kind | part | calls | ms | % of step |")
+    print("|---|---|---|---|---|---|")
+    for us, n, kind, op in sorted(others, key=lambda o: -o[0])[:a.ops]:
+      part, phase = part_of(op)
+      print(f"| {n} | {kind} | {part}{' ' + phase if phase else ''} | {count[n]} | {us / 1e3:.1f} | "
+            f"{100 * us / attributed:.1f} |")
+    print()
   if dot_us:
     achieved = dot_flops / dot_us / 1e3
     ref = "bfloat16" if overrides.get("matmul_dtype") == "bfloat16" or a.dtype == "bfloat16" else "float32"

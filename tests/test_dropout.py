@@ -1,5 +1,7 @@
 """The unrolled threefry stream (XLA:CPU) equals jax.random's (every other backend): the same bits,
 dropout masks and jitter noise on either path."""
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -70,3 +72,49 @@ def test_mask_is_fused_not_a_rolled_loop():
   assert "while" not in hlo
   ref = jax.jit(lambda k: jax.random.bernoulli(k, 0.9, (64, 64))).lower(jax.random.key(0)).as_text()
   assert "while" in ref   # jax's CPU lowering of threefry (if this fails, the module may be moot)
+
+
+def _computations_with_hash(hlo: str) -> tuple:
+  """(computations that contain threefry's xors, computations reachable from conditional branches)
+  of compiled HLO text."""
+  bodies, name = {}, None
+  for line in hlo.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if head:
+      name = head.group(1)
+      bodies[name] = []
+    elif name:
+      bodies[name].append(line)
+  called = {n: set(re.findall(r"(?:calls|to_apply|branch_computations)=\{?%([\w.\-]+)", "\n".join(b)))
+            | set(re.findall(r", %([\w.\-]+)\}", "\n".join(l for l in b if "branch_computations" in l)))
+            for n, b in bodies.items()}
+  hashed = {n for n, b in bodies.items() if sum(" xor(" in l for l in b) >= 20}
+  reach = set()
+  todo = [c for b in bodies.values() for l in b if "branch_computations" in l
+          for c in re.findall(r"%([\w.\-]+)", l.split("branch_computations=")[1])]
+  while todo:
+    c = todo.pop()
+    if c not in reach:
+      reach.add(c)
+      todo += list(called.get(c, ()))
+  return hashed, reach
+
+
+def test_a_differentiated_mask_is_hashed_once():
+  """The mask is drawn into a buffer (a conditional) that the forward product and both backward
+  fusions read, instead of XLA hashing it again in each of them; the gradient is flax's."""
+  x = jnp.linspace(-1.0, 1.0, 4 * 16 * 32, dtype=jnp.float32).reshape(4, 16, 32)
+  w = jnp.linspace(-0.5, 0.5, 32 * 32, dtype=jnp.float32).reshape(32, 32)
+
+  def loss(module, x, w, key):
+    y = module.apply({}, x, deterministic=False, rngs={"dropout": key})
+    return jnp.sum(jnp.tanh(y @ w) * y)
+
+  grad = jax.jit(jax.grad(lambda x, w, k: loss(dropout.Dropout(0.3, unrolled=True), x, w, k),
+                          argnums=(0, 1)))
+  want = jax.grad(lambda x, w, k: loss(nn.Dropout(0.3), x, w, k), argnums=(0, 1))(x, w, KEYS[0])
+  for g, r in zip(grad(x, w, KEYS[0]), want):
+    np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)
+  hashed, in_branches = _computations_with_hash(grad.lower(x, w, KEYS[0]).compile().as_text())
+  assert hashed, "no threefry found in the compiled gradient"
+  assert hashed <= in_branches, f"the mask is hashed outside the conditional: {hashed - in_branches}"

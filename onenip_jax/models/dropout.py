@@ -7,6 +7,12 @@ here as plain uint32 arithmetic, which XLA fuses into one elementwise loop (and 
 consumer). On GPU and TPU, whose lowerings of threefry are already fused, every function here is the
 `jax.random` one (`unrolled_by_default`).
 
+XLA fuses the hash into every consumer of a mask, and a differentiated dropout has three: the
+forward product and two backward fusions (the masked gradient and the dropped values that the next
+product's gradient reads). `Dropout` therefore draws its CPU mask inside a conditional whose two
+branches are the same function: XLA cannot fuse across a conditional, so the mask is hashed once
+into a bool buffer that all three read (the Lite2 train step takes ~6 % less time).
+
 The unrolled bits are identical to `jax.random.bits(key, shape)` for threefry keys (the default
 `jax_threefry_partitionable` counter layout), and `bernoulli`, `normal` and `Dropout` repeat
 `jax.random.bernoulli`, `jax.random.normal` and `flax.linen.Dropout` operation for operation: both
@@ -58,6 +64,15 @@ def _key_words(key: jax.Array) -> Optional[tuple]:
   elif jax.config.jax_default_prng_impl != "threefry2x32" or key.shape != (2,):
     return None
   return key[0], key[1]
+
+
+def _materialized(fn, key: jax.Array) -> jax.Array:
+  """fn(key), computed once into a buffer that XLA cannot fuse into its consumers (module doc).
+
+  Both branches of the conditional are fn, so its (runtime) predicate does not change the result.
+  """
+  k1, k2 = _key_words(key)
+  return jax.lax.cond(k1 <= k2, fn, fn, key)
 
 
 def unrolled_by_default() -> bool:
@@ -136,5 +151,8 @@ class Dropout(nn.Module):
       return jnp.zeros_like(x)
     keep = 1.0 - self.rate
     key = self.make_rng("dropout") if rng is None else rng
-    mask = bernoulli(key, keep, x.shape, unrolled=self.unrolled)
+    if _use_unrolled(key, self.unrolled):
+      mask = _materialized(lambda k: bernoulli(k, keep, x.shape, unrolled=True), key)
+    else:   # jax.random's lowering on GPU and TPU
+      mask = bernoulli(key, keep, x.shape, unrolled=False)
     return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
