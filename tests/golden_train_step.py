@@ -8,6 +8,7 @@ by this script from the code before the train-step speed changes (only APIs that
 import json
 import os
 import sys
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +33,9 @@ def inputs():
   return q, p, m
 
 
-def loss_and_grads(model: OneNIP):
+def loss_and_grads(model: OneNIP, compiler_options: Optional[dict] = None):
   """(loss terms, gradients) of the train step's objective (docs/algorithm.md §9) at the model's
-  initial parameters, with fixed dropout and jitter keys."""
+  initial parameters, with fixed dropout and jitter keys, compiled with `compiler_options`."""
   q, p, m = inputs()
   variables = model.init({"params": jax.random.key(0)}, q[:B], p, train=False)
   rngs = {"dropout": jax.random.key(1), "jitter": jax.random.key(2)}
@@ -46,7 +47,8 @@ def loss_and_grads(model: OneNIP):
     total, parts = losses.onenip_loss(out, q, m, loss_cfg=loss_cfg)
     return total, parts
 
-  (_, parts), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+  step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), compiler_options=compiler_options)
+  (_, parts), grads = step(variables["params"])
   return {k: float(v) for k, v in parts.items()}, grads
 
 

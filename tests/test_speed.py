@@ -48,6 +48,35 @@ def test_train_step_loss_and_gradients_unchanged(attention):
   _close(golden.summary(*golden.loss_and_grads(model)), old)
 
 
+def test_train_step_compiler_options_keep_loss_and_gradients():
+  """The XLA:CPU options of the train step (reductions in YNNPACK) change only float32 round-off:
+  the golden loss terms and gradients hold when compiled with them."""
+  with open(golden.GOLDEN, encoding="utf-8") as f:
+    old = json.load(f)
+  model = OneNIP(matmul_dtype="float32", **golden.TINY)
+  options = compiler_options()
+  assert options or jax.default_backend() != "cpu"
+  _close(golden.summary(*golden.loss_and_grads(model, options)), old)
+
+
+def test_reductions_run_in_the_library_on_cpu():
+  """compiler_options(): the softmax's and LayerNorm's reductions compile to YNNPACK fusions, not
+  XLA:CPU's tree of reduce-windows (scalar loops)."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 196, 196)), jnp.float32)
+
+  def f(x):
+    centred = x - x.mean(-1, keepdims=True)
+    return jax.nn.softmax(x, axis=-1) + centred * jax.lax.rsqrt((centred ** 2).mean(-1, keepdims=True))
+
+  own = jax.jit(f, compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})
+  assert "reduce-window" in own.lower(x).compile().as_text()   # XLA:CPU's own reductions
+  for library_dots in (False, True):
+    jitted = jax.jit(f, compiler_options=compiler_options("cpu", library_dots=library_dots))
+    hlo = jitted.lower(x).compile().as_text()
+    assert "reduce-window" not in hlo and "ynn_fusion" in hlo
+    np.testing.assert_allclose(jitted(x), own(x), rtol=1e-5, atol=1e-6)
+
+
 def _dots(jaxpr) -> list:
   """Every dot_general equation of a closed jaxpr, sub-jaxprs included."""
   out = []
