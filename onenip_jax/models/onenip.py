@@ -123,11 +123,14 @@ class OneNIP(nn.Module):
         x = self._jitter(x)
     x = dense(d, dt, "input_proj", mm)(x.astype(dt))
     pos = PositionEmbedding(h, w, d, name="pos_embed")().astype(dt)
-
+    # Broadcast over the batch once, not at each of its ~20 uses: the gradient then adds the uses
+    # elementwise and sums over the batch once, instead of once per use.
+    pos_x = jnp.broadcast_to(pos, (x.shape[0], n_tok, d))
     for i in range(self.enc_layers):
       x = EncoderLayer(d, self.num_heads, self.ffn_dim, self.dropout, dt, att, mm,
-                       name=f"encoder_layer{i}")(x, pos, mask, deterministic=det)
+                       name=f"encoder_layer{i}")(x, pos_x, mask, deterministic=det)
     tgt = x[:bq]
+    pos = jnp.broadcast_to(pos, (bq, n_tok, d))
 
     if use_prompt:
       p = x[bq:]

@@ -211,7 +211,7 @@ class EncoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, pos: Array, mask: Optional[Array], *, deterministic: bool) -> Array:
-    """x: (B, N, D); pos: (N, D); mask: (N, N) bool or None. Returns (B, N, D)."""
+    """x: (B, N, D); pos: (N, D) or (B, N, D); mask: (N, N) bool or None. Returns (B, N, D)."""
     drop = lambda y: dropout_lib.Dropout(self.dropout)(y, deterministic=deterministic)
     qk = x + pos
     a = MultiheadAttention(self.hidden_dim, self.num_heads, self.dropout, self.dtype,
@@ -237,7 +237,9 @@ class PromptDecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, p: Array, x: Array, pos: Array, mask: Optional[Array], *,
                deterministic: bool) -> Tuple[Array, Array]:
-    """p, x: (B, N, D); pos: (N, D); mask: (N, N) bool or None. Returns the updated (p, x)."""
+    """p, x: (B, N, D); pos: (N, D) or (B, N, D); mask: (N, N) bool or None.
+
+    Returns the updated (p, x)."""
     drop = lambda y: dropout_lib.Dropout(self.dropout)(y, deterministic=deterministic)
     mha = lambda name: MultiheadAttention(self.hidden_dim, self.num_heads, self.dropout, self.dtype,
                                           self.attention, self.matmul_dtype, name=name)
@@ -268,7 +270,9 @@ class UniADDecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, out: Array, memory: Array, pos: Array, mask: Optional[Array], *,
                deterministic: bool) -> Array:
-    """out, memory: (B, N, D); pos: (N, D); mask: (N, N) bool or None. Returns (B, N, D)."""
+    """out, memory: (B, N, D); pos: (N, D) or (B, N, D); mask: (N, N) bool or None.
+
+    Returns (B, N, D)."""
     drop = lambda y: dropout_lib.Dropout(self.dropout)(y, deterministic=deterministic)
     mha = lambda name: MultiheadAttention(self.hidden_dim, self.num_heads, self.dropout, self.dtype,
                                           self.attention, self.matmul_dtype, name=name)
