@@ -9,7 +9,9 @@ with and without the frozen-feature cache, in float32 and bfloat16; prints the m
 on them), so B4 needs no checkpoint. An image counts once per training sample (its synthetic twin and
 its prompt are part of the step's work). `--model KEY=VALUE,...` overrides `config.model` keys
 (e.g. `attention`, `matmul_dtype`) to time the switches of the step against each other, and
-`--xla KEY=VALUE,...` adds XLA:CPU options to the project's own (`onenip_jax.compile_options`).
+`--xla KEY=VALUE,...` adds XLA:CPU options to the project's own (`onenip_jax.compile_options`);
+`+` separates the items of a list value, e.g. `xla_cpu_experimental_ynn_fusion_type=` (XLA's own
+reductions) or `...=LIBRARY_FUSION_TYPE_REDUCE+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION`.
 """
 import argparse
 import platform
@@ -45,14 +47,15 @@ def parse_overrides(text: str) -> dict:
 
 
 def parse_xla_options(text: str) -> dict:
-  """'xla_cpu_a=true,xla_cpu_b=4,xla_cpu_c=X' -> {'xla_cpu_a': True, 'xla_cpu_b': 4, 'xla_cpu_c': 'X'}."""
+  """'xla_cpu_a=true,xla_cpu_b=4,xla_cpu_c=X+Y' -> {'xla_cpu_a': True, 'xla_cpu_b': 4,
+  'xla_cpu_c': 'X,Y'} ('+' joins the items of a list value)."""
   out = {}
   for item in filter(None, text.split(",")):
     key, sep, value = item.partition("=")
     if not sep or not key.startswith("xla_"):
       raise ValueError(f"--xla {item!r}: expected xla_...=VALUE")
     out[key] = (value.lower() == "true" if value.lower() in ("true", "false")
-                else int(value) if value.lstrip("-").isdigit() else value)
+                else int(value) if value.lstrip("-").isdigit() else value.replace("+", ","))
   return out
 
 

@@ -19,8 +19,8 @@ from typing import Optional
 
 import jax
 
-_YNN_REDUCE = "LIBRARY_FUSION_TYPE_REDUCE"
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": _YNN_REDUCE}
+_YNN = "xla_cpu_experimental_ynn_fusion_type"   # a comma-separated list
+_CPU_OPTIONS = {_YNN: "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 # YNNPACK's dots run bfloat16 operands on the CPU's bfloat16 units (AVX512-BF16, AMX).
@@ -37,5 +37,5 @@ def compiler_options(backend: Optional[str] = None, library_dots: bool = False) 
     return {}
   options = dict(_CPU_OPTIONS)
   if library_dots:
-    options["xla_cpu_experimental_ynn_fusion_type"] = f"{_YNN_DOTS},{_YNN_REDUCE}"
+    options[_YNN] = ",".join([t for t in options[_YNN].split(",") if t] + [_YNN_DOTS])
   return options

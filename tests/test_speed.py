@@ -273,5 +273,7 @@ def test_bench_train_xla_options():
   assert bench.parse_xla_options("xla_cpu_enable_fast_min_max=true,xla_cpu_a=3,"
                                  "xla_cpu_experimental_ynn_fusion_type=") == {
       "xla_cpu_enable_fast_min_max": True, "xla_cpu_a": 3, "xla_cpu_experimental_ynn_fusion_type": ""}
+  assert bench.parse_xla_options("xla_cpu_experimental_ynn_fusion_type=A+B") == {
+      "xla_cpu_experimental_ynn_fusion_type": "A,B"}
   with pytest.raises(ValueError, match="fast_min_max"):
     bench.parse_xla_options("fast_min_max=true")
