@@ -7,8 +7,8 @@ else in the process. Only XLA:CPU gets any; GPU and TPU compile with XLA's defau
 - reductions (`LIBRARY_FUSION_TYPE_REDUCE`): the softmax's maxima and sums, LayerNorm's
   statistics, bias gradients. XLA:CPU's own rewrite long reductions into trees of
   `reduce-window`s that run as scalar loops; YNNPACK's are vectorised, and the Lite2 train step
-  takes ~9 % less time (docs/speed.md), with the golden losses and gradients unchanged
-  (tests/test_speed.py).
+  takes ~10 % less time on an Intel Xeon (docs/speed.md), with the golden losses and gradients
+  unchanged (tests/test_speed.py).
 - not jaxlib 0.10's default set, which also takes elementwise chains and runs them several times
   slower than XLA's own loops (that step 8-25 % slower), nor the float32 dots, which are no
   faster than the Eigen ones.

@@ -70,6 +70,7 @@ def _materialized(fn, key: jax.Array) -> jax.Array:
   """fn(key), computed once into a buffer that XLA cannot fuse into its consumers (module doc).
 
   Both branches of the conditional are fn, so its (runtime) predicate does not change the result.
+  Under `vmap` over keys a conditional becomes a select of both branches (twice the work).
   """
   k1, k2 = _key_words(key)
   return jax.lax.cond(k1 <= k2, fn, fn, key)
