@@ -290,7 +290,7 @@ def main() -> None:
     kinds[kind] += us
     if dot is None:
       others.append((us, n, kind, names.get(n, "")))
-    if dot is not None:
+    else:
       flops, shapes = dot_cost(dot, instrs)
       dots.append((us, flops * count[n], n, shapes, names.get(n, "")))
   attributed = sum(total.values())

@@ -1,5 +1,6 @@
 """The unrolled threefry stream (XLA:CPU) equals jax.random's (every other backend): the same bits,
 dropout masks and jitter noise on either path."""
+import collections
 import re
 
 import flax.linen as nn
@@ -8,7 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from onenip_jax.config import loading
 from onenip_jax.models import dropout
+
+from conftest import REPO
+
+PROFILE = loading.load_python_file(str(REPO / "launch" / "profile_step.py"))
 
 KEYS = [jax.random.key(3), jax.random.PRNGKey(7), jax.random.fold_in(jax.random.key(1), 5)]
 SHAPES = [(), (5,), (3, 7), (2, 3, 33, 17)]
@@ -75,29 +81,20 @@ def test_mask_is_fused_not_a_rolled_loop():
 
 
 def _computations_with_hash(hlo: str) -> tuple:
-  """(computations that contain threefry's xors, computations reachable from conditional branches)
-  of compiled HLO text."""
-  bodies, name = {}, None
-  for line in hlo.splitlines():
-    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-    if head:
-      name = head.group(1)
-      bodies[name] = []
-    elif name:
-      bodies[name].append(line)
-  called = {n: set(re.findall(r"(?:calls|to_apply|branch_computations)=\{?%([\w.\-]+)", "\n".join(b)))
-            | set(re.findall(r", %([\w.\-]+)\}", "\n".join(l for l in b if "branch_computations" in l)))
-            for n, b in bodies.items()}
-  hashed = {n for n, b in bodies.items() if sum(" xor(" in l for l in b) >= 20}
-  reach = set()
-  todo = [c for b in bodies.values() for l in b if "branch_computations" in l
-          for c in re.findall(r"%([\w.\-]+)", l.split("branch_computations=")[1])]
-  while todo:
-    c = todo.pop()
-    if c not in reach:
-      reach.add(c)
-      todo += list(called.get(c, ()))
-  return hashed, reach
+  """(computations with threefry's ~20 xors, computations run inside a conditional's branches) of
+  compiled HLO text, parsed by `launch/profile_step.py`."""
+  instrs, comps = PROFILE.parse_hlo(hlo)
+  xors = collections.Counter(i["computation"] for i in instrs.values() if i["opcode"] == "xor")
+  hashed = {c for c, k in xors.items() if k >= 20}
+  in_branches = set()
+  for ins in instrs.values():
+    if ins["opcode"] == "conditional":
+      branches = re.search(r"branch_computations=\{([^}]*)\}", ins["attrs"])[1]
+      for c in re.findall(r"%([\w.\-]+)", branches):
+        in_branches.add(c)
+        in_branches |= {instrs[n]["computation"] for b in comps[c]  # pylint: disable=protected-access
+                        for n in PROFILE._called(instrs[b], comps, instrs)}
+  return hashed, in_branches
 
 
 def test_a_differentiated_mask_is_hashed_once():
